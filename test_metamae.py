@@ -1,0 +1,336 @@
+"""Tests of metamae.py: each asserts a property that the paper or the math implies. CPU, well under a minute."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metamae import (MetaMAE, MetaMAEConfig, nt_xent, random_masking, recon_loss, sincos_1d, sincos_table,
+                     support_set)
+
+TINY = dict(embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+            mlp_ratio=2.0, dropout=0.0)
+MODALITIES = {  # name: (config kwargs, input maker)
+    "2d": (dict(input_shape=(3, 8, 12), patch_size=(2, 4)), lambda B: torch.rand(B, 3, 8, 12)),
+    "1d": (dict(input_shape=(5, 24), patch_size=(3,)), lambda B: torch.randn(B, 5, 24)),
+    "tokens": (dict(input_shape=(20,), patch_size=(), vocab_size=7), lambda B: torch.randint(0, 7, (B, 20))),
+    "tabular": (dict(input_shape=(9,), patch_size=()), lambda B: torch.randn(B, 9)),
+}
+
+
+def make(kind="2d", **kw):
+    cfg_kw, make_x = MODALITIES[kind]
+    torch.manual_seed(0)
+    return MetaMAE(MetaMAEConfig(**{**TINY, **cfg_kw, **kw})), make_x
+
+# ----------------------------------------------------------------------------- shapes and layouts
+
+
+@pytest.mark.parametrize("kind", list(MODALITIES))
+def test_shapes_every_modality(kind):
+    model, make_x = make(kind)
+    x = make_x(6)
+    N = model.cfg.num_tokens
+    loss, logs = model(x)
+    assert loss.shape == () and torch.isfinite(loss)
+    assert set(logs) == {"amortized", "support", "adapted", "contrast"}
+    assert all(v.shape == () and not v.requires_grad for v in logs.values())
+    assert model.encode(x).shape == (6, 32)
+    rec = model.reconstruct(x)
+    assert rec["mask"].shape == (6, N) and rec["mask"].sum(1).eq(N - model.cfg.num_visible).all()
+    assert rec["amortized"].shape == x.shape and rec["adapted"].shape == x.shape
+    if kind == "tokens":
+        assert rec["adapted"].dtype == torch.long
+
+
+def test_logs_follow_the_configuration():
+    x = torch.rand(4, 3, 8, 12)
+    assert set(make(inner_steps=0, contrast_weight=0)[0](x)[1]) == {"amortized"}
+    assert set(make(contrast_weight=0)[0](x)[1]) == {"amortized", "support", "adapted"}
+
+
+def test_patchify_is_mae_order_and_unpatchify_inverts_it():
+    model, make_x = make("2d")
+    tok = model.encoder.tokenizer
+    x = make_x(2)
+    t = tok.patchify(x)  # (B, N, ph * pw * C), grid 4 x 3 of 2 x 4 patches
+    assert t.shape == (2, 12, 24)
+    # token 4 is grid cell (row 1, col 1); value index (i, j, c) = (i * 4 + j) * 3 + c
+    for i, j, c in [(0, 0, 0), (1, 3, 2), (0, 2, 1)]:
+        assert t[1, 4, (i * 4 + j) * 3 + c] == x[1, c, 2 + i, 4 + j]
+    assert torch.equal(tok.unpatchify(t), x)
+    model1d, make_x1d = make("1d")
+    x = make_x1d(2)
+    t = model1d.encoder.tokenizer.patchify(x)  # (B, 8, 3 * 5): values in (p, C) order
+    assert t[0, 2, 1 * 5 + 4] == x[0, 4, 2 * 3 + 1]
+    assert torch.equal(model1d.encoder.tokenizer.unpatchify(t), x)
+
+
+def test_sincos_tables_hand_values():
+    t = sincos_1d(4, torch.tensor([0.0, 1.0, 2.0]))  # frequencies 1 and 1/100
+    expected = torch.tensor([[0, 0, 1, 1], [math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01)],
+                             [math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)]], dtype=torch.float64)
+    assert torch.allclose(t, expected, atol=1e-12)
+    table = sincos_table(8, (2, 3))  # non-square grid, row-major: token k is (row k // 3, col k % 3)
+    assert table.shape == (6, 8)
+    for k in range(6):  # first half encodes the column, second half the row
+        assert torch.allclose(table[k, :4], sincos_1d(4, torch.tensor([k % 3.0])).float()[0])
+        assert torch.allclose(table[k, 4:], sincos_1d(4, torch.tensor([k // 3.0])).float()[0])
+
+# ----------------------------------------------------------------------------- masking and support set
+
+
+def test_random_masking():
+    noise = torch.rand(5, 10)
+    ids_keep, ids_restore, mask = random_masking(noise, 3)
+    assert ids_keep.shape == (5, 3) and mask.sum(1).eq(7).all()
+    # the kept positions are the lowest-noise ones, and exactly the unmasked ones
+    assert torch.equal(ids_keep.sort(1).values, noise.argsort(1)[:, :3].sort(1).values)
+    assert mask.gather(1, ids_keep).eq(0).all()
+    # ids_restore inverts the shuffle
+    shuffled = noise.gather(1, noise.argsort(1))
+    assert torch.equal(shuffled.gather(1, ids_restore), noise)
+    # the same noise gives the same mask
+    assert torch.equal(random_masking(noise.clone(), 3)[2], mask)
+
+
+def test_noise_fixes_the_mask_and_seed_fixes_the_support():
+    model, make_x = make()
+    x, noise = make_x(4), torch.rand(4, 12)
+    torch.manual_seed(1)
+    a = model(x, noise)[0]
+    torch.manual_seed(1)
+    b = model(x, noise)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(model(x, torch.rand(4, 12))[0], a)
+
+
+def test_support_set_2d():
+    # 3 x 4 grid, visible cells marked V: masked neighbours of V are the candidates
+    visible = torch.tensor([[1, 0, 0, 0],
+                            [0, 0, 0, 0],
+                            [0, 0, 0, 1]], dtype=torch.float).flatten()[None]
+    mask = 1 - visible
+    neighbours = torch.tensor([[0, 1, 0, 0],
+                               [1, 0, 0, 1],
+                               [0, 0, 1, 0]], dtype=torch.float).flatten()[None]
+    assert torch.equal(support_set(mask, (3, 4), 1.0, torch.rand(1, 12)), visible + neighbours)
+    assert torch.equal(support_set(mask, (3, 4), 0.0, torch.rand(1, 12)), visible)
+    # with ratio 0.5, exactly the neighbours whose draw is below 0.5 join
+    rand = torch.rand(1, 12)
+    assert torch.equal(support_set(mask, (3, 4), 0.5, rand), visible + neighbours * (rand < 0.5))
+
+
+def test_support_set_1d_contains_visible_and_adds_only_masked_neighbours():
+    torch.manual_seed(0)
+    mask = (torch.rand(64, 30) < 0.7).float()
+    s = support_set(mask, (30,), 0.5, torch.rand(64, 30))
+    visible = 1 - mask
+    assert (s >= visible).all() and s.max() <= 1
+    added = (s - visible).bool()
+    left = F.pad(visible, (1, 0))[:, :-1].bool()
+    right = F.pad(visible, (0, 1))[:, 1:].bool()
+    assert (mask.bool() | ~added).all() and ((left | right) | ~added).all()
+    assert added.any()
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_nt_xent_hand_computation():
+    a = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=1)
+    b = F.normalize(torch.tensor([[0.8, 0.6], [0.0, 1.0]]), dim=1)
+    z, t = [a[0], a[1], b[0], b[1]], 0.5
+    positive = {0: 2, 1: 3, 2: 0, 3: 1}
+    total = 0.0
+    for i in range(4):
+        sims = {j: float(z[i] @ z[j]) / t for j in range(4) if j != i}
+        total += -sims[positive[i]] + math.log(sum(math.exp(s) for s in sims.values()))
+    assert nt_xent(a, b, t).item() == pytest.approx(total / 4, rel=1e-6)
+
+
+def test_mae_loss_is_masked_mse():
+    model, make_x = make(inner_steps=0, contrast_weight=0)
+    x, noise = make_x(3), torch.rand(3, 12)
+    loss, _ = model(x, noise)
+    rec = model.reconstruct(x, noise)
+    # mask per pixel: (B, 4, 3) grid of 2 x 4 patches -> (B, 8, 12)
+    pixel_mask = rec["mask"].view(3, 4, 3).repeat_interleave(2, 1).repeat_interleave(4, 2)[:, None]
+    se = ((rec["amortized"] - x) ** 2 * pixel_mask).sum()
+    assert loss.item() == pytest.approx((se / (rec["mask"].sum() * 24)).item(), rel=1e-5)
+
+
+def test_token_loss_is_cross_entropy_against_tied_embedding():
+    model, make_x = make("tokens", inner_steps=0, contrast_weight=0)
+    x, noise = make_x(2), torch.rand(2, 20)
+    loss, _ = model(x, noise)
+    _, ids_restore, mask = random_masking(noise, model.cfg.num_visible)
+    z = model.encoder(x, random_masking(noise, model.cfg.num_visible)[0])
+    head = model.decoder(z, ids_restore)  # (B, N, D) vectors before scoring
+    logits = head @ model.encoder.tokenizer.embedding.weight.t()
+    ce = F.cross_entropy(logits[mask.bool()], x[mask.bool()])
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-5)
+
+# ----------------------------------------------------------------------------- the inner loop
+
+
+def test_one_inner_step_lowers_the_support_loss():
+    model, make_x = make()
+    model.eval()
+    x, noise = make_x(8), torch.rand(8, 12)
+    target = model.encoder.tokenizer.patchify(x)
+    ids_keep, ids_restore, mask = random_masking(noise, model.cfg.num_visible)
+    z = model.encoder(target, ids_keep)
+    z_star, _, before = model.adapt(z, ids_restore, target, 1 - mask)
+    after = recon_loss(model.decode(z_star, ids_restore), target, 1 - mask)
+    assert after < before
+    assert not torch.equal(z_star, z)
+
+
+def test_inner_step_is_per_sample():
+    # the factor B makes the step independent of the batch: a sample adapts the same alone or in a batch
+    model, make_x = make(inner_lr=3.0)
+    x, noise = make_x(4), torch.rand(4, 12)
+    target = model.encoder.tokenizer.patchify(x)
+    ids_keep, ids_restore, mask = random_masking(noise, model.cfg.num_visible)
+    z = model.encoder(target, ids_keep)
+    z_batch = model.adapt(z, ids_restore, target, 1 - mask)[0]
+    z_one = model.adapt(z[:1], ids_restore[:1], target[:1], 1 - mask[:1])[0]
+    assert torch.allclose(z_batch[:1], z_one, atol=1e-6)
+    assert (z_batch[:1] - z[:1]).abs().max() > 1e-3
+
+
+def test_adaptation_works_under_no_grad():
+    model, make_x = make(inner_lr=3.0)
+    model.eval()
+    x, noise = make_x(4), torch.rand(4, 12)
+    torch.manual_seed(0)
+    with_grad = model(x, noise)[0]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        without = model(x, noise)[0]
+        rec = model.reconstruct(x, noise)
+    assert without.item() == pytest.approx(with_grad.item(), rel=1e-6)
+    assert not torch.allclose(rec["adapted"], rec["amortized"])
+
+
+def _grad_vector(model, x, noise):
+    model.zero_grad()
+    torch.manual_seed(0)  # the support-set draw
+    model(x, noise)[0].backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_second_order_gradient_matches_finite_differences():
+    # A large inner_lr makes the second-order term a sizable part of the gradient; in float64 the
+    # central difference along a random direction is accurate to ~1e-9, so it tells the two apart.
+    model, make_x = make("1d", inner_lr=20.0)
+    model.double()
+    x, noise = make_x(4).double(), torch.rand(4, 8)
+    second = _grad_vector(model, x, noise)
+    model.cfg.first_order = True
+    first = _grad_vector(model, x, noise)
+    model.cfg.first_order = False
+    torch.manual_seed(123)
+    v = torch.randn_like(second)
+    params = list(model.parameters())
+
+    def loss_at(eps):
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p += eps * v[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+        torch.manual_seed(0)
+        out = model(x, noise)[0].item()
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p -= eps * v[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+        return out
+
+    eps = 1e-5
+    fd = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    assert (second @ v).item() == pytest.approx(fd, rel=1e-6)
+    gap = abs((first @ v).item() - fd)
+    assert gap > 1e-4 * abs(fd) and gap > 1e3 * abs((second @ v).item() - fd)
+
+
+def test_first_and_second_order_differ_but_share_the_loss():
+    model, make_x = make()
+    x, noise = make_x(4), torch.rand(4, 12)
+    second = _grad_vector(model, x, noise)
+    model.cfg.first_order = True
+    first = _grad_vector(model, x, noise)
+    assert not torch.allclose(first, second)
+    assert (first - second).norm() < 0.1 * second.norm()  # at initialization, a small correction
+
+
+def test_every_parameter_gets_a_finite_nonzero_gradient():
+    for kind in MODALITIES:
+        model, make_x = make(kind, dropout=0.1)
+        model(make_x(6))[0].backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_tiny_model_overfits_one_batch():
+    model, make_x = make(inner_lr=0.5)
+    x = make_x(8)
+    noise = torch.rand(8, 12)  # the same task every step
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(150):
+        torch.manual_seed(step)
+        loss, logs = model(x, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(logs["adapted"].item())
+    assert losses[-1] < 0.5 * losses[0]
+
+# ----------------------------------------------------------------------------- encode, MAE, validation
+
+
+def test_encode_is_deterministic_and_unmasked():
+    model, make_x = make(dropout=0.5)
+    x = make_x(3)
+    a = model.encode(x)
+    model.eval()
+    assert torch.equal(model.encode(x), a)
+    # the mean over all N patch tokens: changing one input patch changes the features
+    x2 = x.clone()
+    x2[:, :, :2, :4] += 1
+    assert not torch.allclose(model.encode(x2), a)
+
+
+def test_mae_configuration_has_no_projector():
+    mae = make(inner_steps=0, contrast_weight=0)[0]
+    meta = make()[0]
+    mae_keys, meta_keys = set(mae.state_dict()), set(meta.state_dict())
+    assert not any(k.startswith("projector") for k in mae_keys)
+    assert mae_keys == {k for k in meta_keys if not k.startswith("projector")}
+
+
+@pytest.mark.parametrize("field,kw", [
+    ("mask_ratio", dict(mask_ratio=0.99)),      # keeps no token of 12
+    ("mask_ratio", dict(mask_ratio=0.0)),       # masks none
+    ("patch_size", dict(patch_size=(3, 4))),    # 3 does not divide 8
+    ("patch_size", dict(patch_size=(4,))),      # wrong length for a 2-D input
+    ("embed_dim", dict(embed_dim=30)),          # not divisible by 4 heads
+    ("decoder_embed_dim", dict(decoder_embed_dim=18)),
+    ("contrast_weight", dict(inner_steps=0)),   # two identical views
+    ("depth", dict(depth=-1)),
+    ("inner_steps", dict(inner_steps=-1)),
+    ("num_heads", dict(num_heads=0)),
+    ("vocab_size", dict(vocab_size=-3)),
+    ("dropout", dict(dropout=1.0)),
+    ("support_ratio", dict(support_ratio=1.5)),
+    ("temperature", dict(temperature=0.0)),
+    ("input_shape", dict(input_shape=(1, 2, 3, 4))),
+])
+def test_invalid_config_raises_naming_the_field(field, kw):
+    with pytest.raises(ValueError, match=field):
+        make(**kw)
