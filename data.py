@@ -1,0 +1,942 @@
+"""
+DABS datasets in their genuine on-disk formats: download, verify, parse, preprocess.
+
+The file reads top to bottom: shared helpers first (download, verify, extract, parse), then one
+section per domain. A section holds the dataset's constants (URL, size, md5), a
+`load(data_dir, download) -> Splits` and a `Domain` saying what the model sees. To add a domain,
+copy the CIFAR-10 section, adapt it, and add its Domain to DOMAINS at the bottom.
+
+Notable choices:
+- Splits hold compact CPU tensors (uint8 images). `Domain.to_input` turns a batch into model input
+  on whatever device the batch is on, so train.py can move a whole dataset to the accelerator once.
+- No mean/std normalisation: DABS and MetaMAE both feed images in [0, 1] (DABS.md section 0).
+- Test split = the official test split, which is what MetaMAE reports on. `train_val_split` carves a
+  fixed validation set out of train for anything that must not look at test.
+- Archives are streamed to a temporary name, checked (size + md5), then renamed into place, and
+  extracted into a temporary folder that is renamed into place: an interrupted run leaves nothing
+  that looks complete. Members that would land outside the folder are refused.
+- Pickles are read with an allow-list (numpy arrays only): unpickling can run code, and a folder
+  placed by hand, or ImageNet32 (no published checksum), is not verified.
+- ImageNet32 is the Chrabaszcz et al. (2017) pickle release, not MetaMAE's torchvision ImageNet
+  resized to 32x32: same images, box-filter downsampled, so close but not bit-identical.
+- Every failure the user can fix is a DataError with one line: what is wrong, and what to do.
+"""
+import csv
+import dataclasses
+import functools
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import struct
+import tarfile
+import tempfile
+import urllib.request
+import wave
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(Exception):
+    """One-line, actionable message (what is wrong + what to do). train.py prints it and exits 1."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    input_shape: tuple          # model input of one example, e.g. (3, 32, 32); (L,) for tokens / tabular
+    patch_size: tuple           # (4, 4) for 2-D, (5,) for 1-D series, () for tokens / tabular
+    vocab_size: int             # > 0 for integer-token inputs, else 0
+    num_classes: int
+    metric: str                 # 'accuracy' for now
+    batch_size: int             # pretraining batch size default for this domain
+    mask_ratio: float           # pretraining mask ratio default for this domain
+    load: Callable              # load(data_dir: Path, download: bool) -> Splits
+    to_input: Callable          # stored batch (on any device) -> model input; e.g. uint8 -> float in [0,1]
+
+
+@dataclass
+class Splits:
+    train_x: torch.Tensor       # compact CPU tensors: images uint8 (N, 3, 32, 32)
+    train_y: torch.Tensor       # labels int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-seed split of range(n) into sorted (train_idx, val_idx): disjoint, together all of it."""
+    if n < 0 or not 0 <= val_frac < 1:
+        raise ValueError(f"need n >= 0 and 0 <= val_frac < 1, got n={n}, val_frac={val_frac}")
+    # a private generator: the split is the same whatever the caller did to the global RNG, and
+    # taking it does not change the global RNG either
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = round(n * val_frac)
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def images_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) uint8 -> float32 in [0, 1], on x's device. No mean/std, as DABS and MetaMAE."""
+    return x.float() / 255
+
+
+# -----------------------------------------------------------------------------
+# shared helpers: download, verify, extract, parse
+
+def _oneline(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _check(path: Path, size, digest):
+    """None if `path` has the expected size and md5 (32 hex digits) or sha256 (64) digest, else what is wrong
+    (got vs expected). A size or digest of None is not checked: some sources publish neither."""
+    got = path.stat().st_size
+    if size is not None and got != size:  # cheap, and catches the usual truncated download before hashing
+        return f"size {got:,} bytes, expected {size:,}"
+    if digest is None:
+        return None
+    algo = 'md5' if len(digest) == 32 else 'sha256'
+    h = hashlib.new(algo, usedforsecurity=False)  # an integrity check, so allowed on FIPS systems too
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    if h.hexdigest() != digest:
+        return f"{algo} {h.hexdigest()}, expected {digest}"
+    return None
+
+
+def fetch_archive(url: str, path: Path, size, digest, download: bool, folder: str) -> Path:
+    """Make sure `path` holds the verified archive from `url`; download it only if it is absent."""
+    extracted = f" or the extracted {folder}/" if folder else ""  # folder None: the file is used as it is
+    place = (f"place {path.name} (from {url}){extracted} in {path.parent}, "
+             f"or pass --data-dir with the folder that holds them")
+    if path.exists():  # already downloaded, or placed by hand: verify, never overwrite
+        problem = _check(path, size, digest)
+        if problem:
+            raise DataError(f"{path} is not the expected archive ({problem}): delete it and run again to "
+                            f"re-download it, or place a good copy from {url}")
+        return path
+    if not download:
+        raise DataError(f"{f'{folder}/' if folder else path.name} not found in {path.parent} and downloading is off: "
+                        f"{place}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # stream to a temporary name in the same folder (same filesystem, so the rename is atomic):
+    # `path` only ever appears complete and verified
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
+    tmp = Path(tmp)
+    try:
+        print(f"downloading {url} ({f'{size / 1e6:.0f} MB' if size else 'size not published'}) to {path}")
+        try:
+            with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
+                shutil.copyfileobj(r, f, 1 << 20)
+        except OSError as e:  # URLError, HTTPError, timeouts, resets, disk full: all OSErrors
+            raise DataError(f"could not download {url} ({_oneline(e)}): {place}") from e
+        problem = _check(tmp, size, digest)
+        if problem:
+            raise DataError(f"downloaded {path.name} failed verification ({problem}) and was deleted: "
+                            f"run again, or {place}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after os.replace; otherwise leave nothing behind
+    return path
+
+
+def _escapes(name: str) -> bool:
+    # absolute, or with a '..' part: could land outside the target folder
+    return name.startswith('/') or '..' in name.split('/')
+
+
+def _tar_member_unsafe(m: tarfile.TarInfo) -> bool:
+    # Datasets need only files and folders. Links are refused even when they point inside: a link
+    # through a link ('a/l1' -> '..', then 'a/l1/l2' -> '..') escapes although every path looks inside.
+    return _escapes(m.name) or not (m.isfile() or m.isdir())
+
+
+def _refuse(archive: Path, target: Path, bad: list):
+    if bad:
+        raise DataError(f"refusing to extract {archive}: member {bad[0]!r} could land outside {target} (absolute "
+                        f"path, '..', a link or a device); delete it and download it again from the official source")
+
+
+def extract_archive(archive: Path, target: Path):
+    """Extract a .tar(.gz) or .zip into the folder `target`, all or nothing, refusing members that
+    would land outside it. The archive may hold the folder itself (cifar-10-batches-py/...) or its files."""
+    print(f"extracting {archive} to {target}")
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.', suffix='.part'))
+    try:
+        try:
+            if archive.suffix == '.zip':
+                with zipfile.ZipFile(archive) as z:  # zipfile writes links as plain files: names suffice
+                    _refuse(archive, target, [n for n in z.namelist() if _escapes(n)])
+                    z.extractall(tmp)
+            else:
+                with tarfile.open(archive) as t:
+                    _refuse(archive, target, [m.name for m in t.getmembers() if _tar_member_unsafe(m)])
+                    # the 'data' filter (Python >= 3.11.4) checks again while writing: a backstop
+                    t.extractall(tmp, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+            raise DataError(f"cannot extract {archive} ({_oneline(e)}): delete it and download it again") from e
+        top = list(tmp.iterdir())
+        src = top[0] if len(top) == 1 and top[0].name == target.name and top[0].is_dir() else tmp
+        try:
+            os.replace(src, target)
+        except OSError:
+            if not target.is_dir():  # else another process got there first, which is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    # what a pickled numpy array needs (numpy 1 and 2 names; _codecs for Python-3 protocol-2 bytes)
+    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+               ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_image_batch(path: Path, num_classes: int, first_label: int = 0):
+    """A CIFAR-layout batch pickle -> (x uint8 (N, 3, 32, 32), y int64 (N,) in 0..num_classes-1).
+
+    The dict's 'data' is uint8 (N, 3072): 1024 red, then 1024 green, then 1024 blue values, each
+    plane row-major 32x32, so a plain reshape gives (N, C, H, W). N comes from the file."""
+    fix = f"delete {path.parent} and run again to re-extract or re-download it"
+    try:
+        with open(path, 'rb') as f:
+            # encoding='bytes': CIFAR-10 was pickled by Python 2, whose str is bytes
+            d = _NumpyOnlyUnpickler(f, encoding='bytes').load()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {fix}") from None
+    except Exception as e:  # UnpicklingError, EOFError (truncated), ValueError, ...: a broken file
+        raise DataError(f"{path} is corrupt or truncated ({_oneline(e)}): {fix}") from e
+    # CIFAR-10 has bytes keys (Python 2); the ImageNet32 pickles have str keys (Python 3)
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()} if isinstance(d, dict) else {}
+    x, y = d.get('data'), np.asarray(d.get('labels'))
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3 * 32 * 32):
+        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise DataError(f"{path}: 'data' should be a uint8 (N, 3072) array, got {got}: {fix}")
+    if y.ndim != 1 or len(y) != len(x) or (len(y) and y.dtype.kind not in 'iu'):
+        raise DataError(f"{path}: expected {len(x)} integer labels, got shape {y.shape} dtype {y.dtype}: {fix}")
+    y = y.astype(np.int64) - first_label
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"{path}: labels should be in {first_label}..{first_label + num_classes - 1}, got "
+                        f"{y.min() + first_label}..{y.max() + first_label}: {fix}")
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def to_splits(train: list, test: list) -> Splits:
+    """Lists of (x, y) numpy batches -> one contiguous CPU tensor per array."""
+    def cat(batches, i):
+        return torch.from_numpy(np.concatenate([b[i] for b in batches]))
+    return Splits(cat(train, 0), cat(train, 1), cat(test, 0), cat(test, 1))
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10: 32x32 RGB photos, 10 classes, 50k train / 10k test. The python pickles of the official
+# archive. MetaMAE uses them as they are: 32x32 in [0, 1], patch 4, batch 64, mask ratio 0.5.
+
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+CIFAR10_SIZE = 170_498_071
+CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
+
+
+def load_cifar10(data_dir: Path, download: bool) -> Splits:
+    data_dir = Path(data_dir)
+    folder = data_dir / 'cifar-10-batches-py'
+    if not folder.is_dir():  # already extracted: no network, no hashing
+        archive = fetch_archive(CIFAR10_URL, data_dir / 'cifar-10-python.tar.gz', CIFAR10_SIZE, CIFAR10_MD5,
+                                download, folder.name)
+        extract_archive(archive, folder)
+    train = [read_image_batch(folder / f'data_batch_{i}', 10) for i in range(1, 6)]
+    test = [read_image_batch(folder / 'test_batch', 10)]
+    return to_splits(train, test)
+
+
+CIFAR10 = Domain(name='cifar10', input_shape=(3, 32, 32), patch_size=(4, 4), vocab_size=0, num_classes=10,
+                 metric='accuracy', batch_size=64, mask_ratio=0.5, load=load_cifar10, to_input=images_to_unit)
+
+# -----------------------------------------------------------------------------
+# ImageNet32 (Chrabaszcz et al. 2017, "A downsampled variant of ImageNet"): 1,281,167 train / 50,000
+# val images, 1000 classes, in the CIFAR plane layout with labels 1..1000. MetaMAE pretrains on
+# ImageNet resized to 32x32; this release is the light equivalent. It needs an image-net.org login,
+# so there is no download: the user places the two zips (or their extracted folders) in data_dir.
+# The full train set is 3.9 GB as uint8, and loading briefly needs about twice that in RAM.
+
+def load_imagenet32(data_dir: Path, download: bool) -> Splits:
+    data_dir = Path(data_dir)  # `download` is unused: there is no public URL
+    for name in ('Imagenet32_train', 'Imagenet32_val'):
+        folder, archive = data_dir / name, data_dir / f'{name}.zip'
+        if not folder.is_dir():
+            if not archive.is_file():
+                raise DataError(
+                    f"{folder}/ not found, and ImageNet32 needs an image-net.org login, so it cannot be downloaded "
+                    f"automatically: log in at https://image-net.org/download-images.php, download "
+                    f"Imagenet32_train.zip and Imagenet32_val.zip (Downsampled ImageNet 32x32, the pickle version, "
+                    f"not *_npz), put both in {data_dir} (they are extracted on first use), "
+                    f"or pass --data-dir with the folder that holds them")
+            extract_archive(archive, folder)
+    train = [read_image_batch(data_dir / 'Imagenet32_train' / f'train_data_batch_{i}', 1000, first_label=1)
+             for i in range(1, 11)]
+    test = [read_image_batch(data_dir / 'Imagenet32_val' / 'val_data', 1000, first_label=1)]
+    return to_splits(train, test)
+
+
+IMAGENET32 = Domain(name='imagenet32', input_shape=(3, 32, 32), patch_size=(4, 4), vocab_size=0, num_classes=1000,
+                    metric='accuracy', batch_size=64, mask_ratio=0.5, load=load_imagenet32, to_input=images_to_unit)
+
+# -----------------------------------------------------------------------------
+# helpers for the domains below: model inputs, token tables, cached arrays, streamed JSON
+
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """Stored float16/float32 batch (spectrograms, sensor windows, tabular rows) -> float32, on x's device."""
+    return x.float()
+
+
+def as_token_ids(x: torch.Tensor) -> torch.Tensor:
+    """Stored uint8 token ids -> int64, on x's device (what nn.Embedding takes)."""
+    return x.long()
+
+
+def _tokenize(text: bytes, alphabet: str, width: int, what: str, first: int = 0) -> np.ndarray:
+    """Concatenated sequences of `width` letters -> uint8 (N, width) token ids (index in `alphabet`).
+    `first`: the number of the first sequence, for messages."""
+    table = np.full(256, 255, np.uint8)
+    table[np.frombuffer(alphabet.encode(), np.uint8)] = np.arange(len(alphabet))
+    ids = table[np.frombuffer(text, np.uint8)]
+    bad = np.flatnonzero(ids == 255)
+    if len(bad):
+        raise DataError(f"{what}: sequence {first + bad[0] // width} has the letter {chr(text[bad[0]])!r}, which is not one "
+                        f"of {alphabet}: the file is not the expected dataset; delete it and download it again")
+    return ids.reshape(-1, width)
+
+
+def _write_npy(path: Path, chunks) -> Path:
+    """Stream arrays of equal row shape and dtype into the .npy `path`, which only appears once complete.
+
+    The row count is known only at the end, so a header for 0 rows is written first and rewritten; numpy
+    pads every header to the same size whatever the row count, which the assert checks."""
+    def header(a, n):
+        b = io.BytesIO()
+        np.lib.format.write_array_header_1_0(b, {'descr': np.lib.format.dtype_to_descr(a.dtype),
+                                                 'fortran_order': False, 'shape': (n, *a.shape[1:])})
+        return b.getvalue()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            n, first = 0, None
+            for a in chunks:
+                if first is None:
+                    first = a
+                    f.write(header(a, 0))
+                f.write(np.ascontiguousarray(a, first.dtype).tobytes())
+                n += len(a)
+            if first is None:
+                raise ValueError(f"nothing to write to {path}")
+            f.seek(0)
+            h = header(first, n)
+            assert len(h) == len(header(first, 0))
+            f.write(h)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    # memory-mapped copy-on-write: nothing is read until used, and the file is never written
+    return np.load(path, mmap_mode='c')
+
+
+def iter_json_array(path: Path, chunk_chars: int = 1 << 22):
+    """Yield the elements of the JSON array in `path` one at a time, never holding the whole file.
+
+    json.JSONDecoder.raw_decode parses one element from a buffer of `chunk_chars` characters. An element
+    cut by the buffer's end fails to parse and is tried again with the next chunk appended; a margin
+    of unread text is kept ahead so that no number can be cut short and still parse."""
+    decoder = json.JSONDecoder()
+    fix = "the file is not the expected dataset or is truncated: delete it and download it again"
+    with open(path, encoding='utf-8') as f:
+        buf, pos, n, expect, eof = '', 0, 0, '[', False  # expect: '[', 'element', or ',' (or ']')
+
+        def read_more():
+            nonlocal buf, pos, eof
+            if len(buf) - pos > 1 << 28:  # a syntax error must not read the whole file into memory
+                raise DataError(f"{path}: element {n} is over 256 MB, so it is no dataset record: {fix}")
+            more = f.read(chunk_chars)
+            buf, pos, eof = buf[pos:] + more, 0, not more
+
+        while True:
+            if len(buf) - pos < 1 << 16 and not eof:
+                read_more()
+                continue
+            while pos < len(buf) and buf[pos] in ' \t\r\n':
+                pos += 1
+            if pos == len(buf):
+                if eof:
+                    raise DataError(f"{path}: the JSON array ends early, after {n} elements: {fix}")
+            elif expect == '[' and buf[pos] == '[':
+                pos, expect = pos + 1, 'element'
+            elif buf[pos] == ']' and (expect == ',' or expect == 'element' and n == 0):
+                return
+            elif expect == ',' and buf[pos] == ',':
+                pos, expect = pos + 1, 'element'
+            elif expect == 'element':
+                try:
+                    obj, pos = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError:
+                    if eof:
+                        raise DataError(f"{path}: element {n} is not valid JSON: {fix}") from None
+                    read_more()
+                    continue
+                yield obj
+                n, expect = n + 1, ','
+            else:
+                raise DataError(f"{path}: expected {expect!r} after element {n}, found {buf[pos]!r}: {fix}")
+
+
+# -----------------------------------------------------------------------------
+# speech: 16-bit PCM wav files -> the log-mel spectrogram DABS feeds its models (DABS.md section 5).
+# DABS: pad (or crop) each clip to 150,526 samples, librosa.feature.melspectrogram(y, sr, hop_length=672,
+# n_mels=224) with its defaults (n_fft 2048, periodic Hann, centred frames with reflect padding as
+# librosa < 0.10 did, power 2, Slaney mels with Slaney norm, fmax sr/2), then power_to_db(S**2) (the
+# power squared again, so twice the usual dB), top_db 80, then (x - mean) / std with dataset constants:
+# (1, 224, 224), patches 16x16. Here: torch.stft and our own filterbank (no librosa); test_domains.py
+# checks them against a direct DFT. Spectrograms are computed once at load and stored as float16
+# (~0.002 std of rounding, 0.04 dB), 100 KB per clip.
+
+SPEECH_SAMPLES = 150_526  # every clip is zero-padded (or cropped) to this many samples
+N_FFT, HOP, N_MELS = 2048, 672, 224
+N_FRAMES = 1 + SPEECH_SAMPLES // HOP  # 224
+
+
+def read_wav(path: Path, sample_rate: int) -> np.ndarray:
+    """A mono 16-bit PCM wav -> int16 samples (of the first channel, as DABS takes)."""
+    fix = "delete it and download the dataset again"
+    try:
+        with wave.open(str(path), 'rb') as w:
+            channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            raw = w.readframes(n)
+    except wave.Error as e:
+        if 'unknown format: 65534' not in str(e):  # WAVE_FORMAT_EXTENSIBLE: Python < 3.12's wave refuses it
+            raise DataError(f"{path} is not a PCM wav file ({_oneline(e)}): {fix}") from None
+        channels, width, rate, n, raw = _read_wav_extensible(path)
+    except (EOFError, OSError) as e:
+        raise DataError(f"{path} is truncated or unreadable ({_oneline(e)}): {fix}") from None
+    if width != 2:
+        raise DataError(f"{path} has {8 * width}-bit samples, expected 16-bit PCM: {fix}")
+    if rate != sample_rate:
+        raise DataError(f"{path} is sampled at {rate} Hz, expected {sample_rate} Hz: {fix}")
+    if len(raw) != n * channels * width:
+        raise DataError(f"{path} is truncated: {len(raw):,} of {n * channels * width:,} sample bytes: {fix}")
+    return np.frombuffer(raw, '<i2').reshape(n, channels)[:, 0]
+
+
+def _read_wav_extensible(path: Path):
+    """The RIFF chunks of a WAVE_FORMAT_EXTENSIBLE file -> (channels, bytes per sample, rate, frames, data)."""
+    raw, pos, fmt = path.read_bytes(), 12, None
+    while pos + 8 <= len(raw):
+        chunk, size = struct.unpack_from('<4sI', raw, pos)
+        body = raw[pos + 8:pos + 8 + size]
+        if chunk == b'fmt ' and len(body) >= 26:
+            _, channels, rate, _, _, bits = struct.unpack_from('<HHIIHH', body)
+            if body[24:26] != b'\x01\x00':  # the sub-format GUID starts with the format code; 1 = PCM
+                raise DataError(f"{path} is not PCM (WAVE_FORMAT_EXTENSIBLE with another sub-format)")
+            fmt = channels, bits // 8, rate
+        elif chunk == b'data' and fmt:
+            channels, width, rate = fmt
+            return channels, width, rate, size // (channels * width), body
+        pos += 8 + size + (size & 1)  # chunks are padded to an even size
+    raise DataError(f"{path} is truncated: no 'fmt ' and 'data' chunk: delete it and download the dataset again")
+
+
+@functools.lru_cache(maxsize=4)
+def mel_filterbank(sample_rate: int) -> torch.Tensor:
+    """(224, 1025) float64 triangles on the Slaney mel scale, Slaney-normalised: librosa.filters.mel's default.
+
+    The Slaney scale is linear below 1 kHz (3 mels per 200 Hz) and logarithmic above; each triangle is
+    scaled by 2 / its width in Hz, so that every filter has the same area."""
+    f_sp, brk, logstep = 200 / 3, 1000.0, math.log(6.4) / 27
+
+    def hz_to_mel(f):
+        return torch.where(f >= brk, brk / f_sp + torch.log(f.clamp(min=1e-10) / brk) / logstep, f / f_sp)
+
+    def mel_to_hz(m):
+        return torch.where(m >= brk / f_sp, brk * torch.exp(logstep * (m - brk / f_sp)), f_sp * m)
+
+    fft_hz = torch.linspace(0, sample_rate / 2, 1 + N_FFT // 2, dtype=torch.float64)
+    top = hz_to_mel(torch.tensor(sample_rate / 2, dtype=torch.float64))
+    edges = mel_to_hz(torch.linspace(0, float(top), N_MELS + 2, dtype=torch.float64))  # (226,) in Hz
+    ramps = edges[:, None] - fft_hz[None]  # (226, 1025)
+    width = edges.diff()
+    rising, falling = -ramps[:-2] / width[:-1, None], ramps[2:] / width[1:, None]
+    return torch.minimum(rising, falling).clamp(min=0) * (2 / (edges[2:] - edges[:-2]))[:, None]
+
+
+def log_mel(y: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """(B, T) float waveforms in [-1, 1] -> (B, 224, 224) dB, as DABS computes it (before mean/std).
+
+    Clips are zero-padded to 150,526 samples, so frames past the clip's end hold only zeros: their power
+    is 0, and only the frames that reach the clip are transformed (5x faster for 1 s clips)."""
+    n = min(y.shape[1], SPEECH_SAMPLES)
+    frames = min(N_FRAMES, -(-(n + N_FFT // 2) // HOP))  # frame t covers samples t*HOP -+ N_FFT/2
+    m = min(SPEECH_SAMPLES, (frames - 1) * HOP + N_FFT // 2)  # the samples those frames cover
+    y = F.pad(y[:, :n].float(), (0, m - n))
+    # centred frames: reflect N_FFT/2 samples at the start (and at the end, if the frames reach it)
+    y = F.pad(y[:, None], (N_FFT // 2, N_FFT // 2 if m == SPEECH_SAMPLES else 0), mode='reflect')[:, 0]
+    y = y[:, :(frames - 1) * HOP + N_FFT].contiguous()
+    window = torch.hann_window(N_FFT, device=y.device)  # periodic, as librosa's
+    power = torch.stft(y, N_FFT, HOP, window=window, center=False, return_complex=True).abs() ** 2  # (B, 1025, frames)
+    mel = mel_filterbank(sample_rate).to(y.device, torch.float32) @ power  # (B, 224, frames)
+    mel = F.pad(mel, (0, N_FRAMES - frames))  # (B, 224, 224)
+    db = 10 * torch.log10((mel ** 2).clamp(min=1e-10))  # power_to_db(S**2): DABS squares the power again
+    return torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - 80)  # top_db=80
+
+
+def speech_spectrograms(files: list, sample_rate: int, mean: float, std: float, cache: Path = None) -> torch.Tensor:
+    """wav files -> float16 (N, 1, 224, 224) normalised log-mels, in file order.
+
+    With `cache`, they are computed once into that .npy and memory-mapped afterwards (a full dataset
+    is GBs); a cache whose row count no longer matches the files is rebuilt."""
+    def batches(size=256):
+        for i in range(0, len(files), size):
+            clips = [read_wav(f, sample_rate)[:SPEECH_SAMPLES] for f in files[i:i + size]]
+            y = torch.zeros(len(clips), max(len(c) for c in clips))
+            for row, c in zip(y, clips):
+                row[:len(c)] = torch.from_numpy(c.astype(np.float32) / 32768)  # the scale torchaudio.load uses
+            yield ((log_mel(y, sample_rate) - mean) / std).half().unsqueeze(1).numpy()
+
+    if cache is None:
+        return torch.from_numpy(np.concatenate(list(batches())))
+    if not (cache.exists() and len(_load_npy(cache)) == len(files)):
+        print(f"computing {len(files):,} spectrograms into {cache} (once)")
+        _write_npy(cache, batches())
+    return torch.from_numpy(_load_npy(cache))
+
+
+def _speech_splits(train: list, test: list, labels: list, sample_rate: int, mean: float, std: float,
+                   cache: Path = None) -> Splits:
+    """Train rows first, then test rows, so that both splits are slices of one (cached) array."""
+    x = speech_spectrograms(train + test, sample_rate, mean, std, cache)
+    y = torch.tensor(labels, dtype=torch.int64)
+    return Splits(x[:len(train)], y[:len(train)], x[len(train):], y[len(train):])
+
+
+# -----------------------------------------------------------------------------
+# Google Speech Commands v0.02: 105,829 one-second clips (16 kHz) of 35 words, plus 6 long recordings in
+# _background_noise_, which DABS keeps as a 36th class. The tar holds <word>/<speaker>_nohash_<n>.wav and
+# the official validation_list.txt and testing_list.txt (split by speaker).
+# DABS's split code never removes the listed files from train (its readlines() entries keep their '\n'),
+# so DABS and MetaMAE train on the test clips (and on the validation clips twice). Here train = every clip
+# in neither list + validation_list (what DABS meant: it adds validation_list back), test = testing_list:
+# no clip, and no speaker, in both. The validation clips are the last rows of train.
+# Label = the folder's index in DABS's list below, which is not alphabetical.
+
+GOOGLE_SPEECH_URL = 'http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz'
+GOOGLE_SPEECH_SIZE = 2_428_923_189
+GOOGLE_SPEECH_SHA256 = 'af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58'
+GOOGLE_SPEECH_WORDS = [
+    'eight', 'right', 'happy', 'three', 'yes', 'up', 'no', 'stop', 'on', 'four', 'nine', 'zero', 'down', 'go', 'six',
+    'two', 'left', 'five', 'off', 'seven', 'one', 'cat', 'bird', 'marvin', 'wow', 'tree', 'dog', 'sheila', 'bed',
+    'house', 'follow', 'visual', 'backward', 'forward', 'learn', '_background_noise_']
+GOOGLE_SPEECH_MEAN, GOOGLE_SPEECH_STD = -46.847, 19.151
+
+
+def speech_commands_splits(root: Path, cache: Path = None) -> Splits:
+    """A Speech Commands folder (v0.02, or v0.01 whose 30 words are among v0.02's) -> Splits."""
+    files = sorted(p.relative_to(root).as_posix() for p in root.glob('*/*.wav'))
+    lists = {}
+    for name in ('validation_list.txt', 'testing_list.txt'):
+        try:
+            lists[name] = set((root / name).read_text().split())
+        except OSError as e:
+            raise DataError(f"{root / name} is missing or unreadable ({_oneline(e)}): it comes with the dataset; "
+                            f"delete {root} and download it again") from None
+    for f in files:
+        if f.split('/')[0].lower() not in GOOGLE_SPEECH_WORDS:
+            raise DataError(f"{root / f}: unknown word {f.split('/')[0]!r}; expected one of the 35 Speech Commands "
+                            f"v0.02 words or _background_noise_: is {root} a Speech Commands folder?")
+    val, test = lists['validation_list.txt'], lists['testing_list.txt']
+    train = [f for f in files if f not in val and f not in test] + [f for f in files if f in val and f not in test]
+    test = [f for f in files if f in test]
+    for name, split in (('train', train), ('test', test)):
+        if not split:
+            raise DataError(f"{root}: no wav files for the {name} split ({len(files)} wavs, {len(lists['testing_list.txt'])}"
+                            f" in testing_list.txt): delete {root} and download the dataset again")
+    labels = [GOOGLE_SPEECH_WORDS.index(f.split('/')[0].lower()) for f in train + test]
+    return _speech_splits([root / f for f in train], [root / f for f in test], labels, 16_000,
+                          GOOGLE_SPEECH_MEAN, GOOGLE_SPEECH_STD, cache)
+
+
+def load_google_speech(data_dir: Path, download: bool) -> Splits:
+    data_dir = Path(data_dir)
+    folder = data_dir / 'speech_commands_v0.02'
+    if not folder.is_dir():
+        archive = fetch_archive(GOOGLE_SPEECH_URL, data_dir / 'speech_commands_v0.02.tar.gz', GOOGLE_SPEECH_SIZE,
+                                GOOGLE_SPEECH_SHA256, download, folder.name)
+        extract_archive(archive, folder)  # the tar has no top folder: its words land in `folder`
+    return speech_commands_splits(folder, cache=data_dir / 'speech_commands_v0.02.logmel.npy')
+
+
+def load_google_speech_sample(data_dir: Path, download: bool) -> Splits:
+    """The 300 real v0.01 clips shipped in shared/data (no download): a quick real run, nothing written."""
+    folder = Path(data_dir) / 'speech_commands_v0.01_sample'
+    if not folder.is_dir():
+        raise DataError(f"{folder}/ not found: it ships with the project in shared/data; "
+                        f"pass --data-dir with the folder that holds it")
+    return speech_commands_splits(folder)
+
+
+GOOGLE_SPEECH = Domain(name='google_speech', input_shape=(1, 224, 224), patch_size=(16, 16), vocab_size=0,
+                       num_classes=36, metric='accuracy', batch_size=64, mask_ratio=0.5, load=load_google_speech,
+                       to_input=as_float32)
+GOOGLE_SPEECH_SAMPLE = dataclasses.replace(GOOGLE_SPEECH, name='google_speech_sample', load=load_google_speech_sample)
+
+# -----------------------------------------------------------------------------
+# AudioMNIST: 30,000 clips (48 kHz, <= 1 s) of the digits 0-9 by 60 speakers, data/<NN>/<digit>_<NN>_<rep>.wav.
+# Split by speaker as DABS: test = its 12 test speakers; train = its train + val speakers (48).
+# No download URL: it is a git repository (MIT licence).
+
+AUDIO_MNIST_REPO = 'https://github.com/soerenab/AudioMNIST'
+AUDIO_MNIST_TEST_SPEAKERS = {26, 52, 60, 18, 32, 42, 5, 13, 22, 33, 45, 51}
+AUDIO_MNIST_MEAN, AUDIO_MNIST_STD = -90.293, 11.799
+
+
+def load_audio_mnist(data_dir: Path, download: bool) -> Splits:
+    data_dir = Path(data_dir)
+    folder = data_dir / 'AudioMNIST' / 'data'
+    if not folder.is_dir():
+        raise DataError(f"{folder}/ not found, and AudioMNIST is a git repository, not an archive: run "
+                        f"'git clone {AUDIO_MNIST_REPO} {data_dir / 'AudioMNIST'}' (about 1 GB), "
+                        f"or pass --data-dir with the folder that holds AudioMNIST/")
+    train, test, labels = [], [], {}
+    for f in sorted(folder.glob('*/*.wav')):
+        m = re.fullmatch(r'(\d)_(\d\d)_\d+', f.stem)  # <digit>_<speaker>_<repetition>
+        if not (m and m[2] == f.parent.name and 1 <= int(m[2]) <= 60):
+            raise DataError(f"{f}: expected data/<speaker 01-60>/<digit>_<speaker>_<repetition>.wav: "
+                            f"is {data_dir / 'AudioMNIST'} a clone of {AUDIO_MNIST_REPO}?")
+        (test if int(m[2]) in AUDIO_MNIST_TEST_SPEAKERS else train).append(f)
+        labels[f] = int(m[1])
+    for name, split in (('train', train), ('test', test)):
+        if not split:
+            raise DataError(f"{folder}: no wav files of the {name} speakers: is it a complete clone of {AUDIO_MNIST_REPO}?")
+    return _speech_splits(train, test, [labels[f] for f in train + test], 48_000, AUDIO_MNIST_MEAN,
+                          AUDIO_MNIST_STD, cache=data_dir / 'AudioMNIST.logmel.npy')
+
+
+AUDIO_MNIST = Domain(name='audio_mnist', input_shape=(1, 224, 224), patch_size=(16, 16), vocab_size=0, num_classes=10,
+                     metric='accuracy', batch_size=64, mask_ratio=0.5, load=load_audio_mnist, to_input=as_float32)
+
+# -----------------------------------------------------------------------------
+# PAMAP2: 9 subjects wearing 3 IMUs and a heart-rate monitor, 100 Hz. PAMAP2_Dataset/Protocol/subject1NN.dat
+# is space-separated text with 54 columns (timestamp, activity ID, heart rate, 3 IMUs x 17) and NaN where
+# a value is missing. As DABS: each column's NaNs are interpolated over the whole file as pandas'
+# DataFrame.interpolate() does, and the input is columns 2: (heart rate + 51 IMU columns, raw, the invalid
+# orientation columns included) = 52 channels. The 12 activities of MetaMAE: DABS's 11 + 17 (ironing).
+# Subjects: train 101-104 and 107-109, test 105 + 106 (MetaMAE; DABS validates on 105 alone).
+# DABS draws 320-step windows at random from all rows of an activity; a fixed dataset needs fixed windows:
+# here every contiguous run of one activity is cut into consecutive, non-overlapping 320-step windows from
+# its start (the rest of the run is dropped), and a window that still holds a NaN (the NaNs before a
+# column's first value stay NaN) is dropped. Model input (52, 320), channels first as MetaMAE; patches of 5.
+
+PAMAP2_URL = 'https://archive.ics.uci.edu/ml/machine-learning-databases/00231/PAMAP2_Dataset.zip'
+PAMAP2_ACTIVITIES = [1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 17, 24]  # label = index
+PAMAP2_UNUSED_ACTIVITIES = {0, 9, 10, 11, 18, 19, 20}  # 0 = transient; the rest are optional activities
+PAMAP2_TRAIN_SUBJECTS, PAMAP2_TEST_SUBJECTS = (101, 102, 103, 104, 107, 108, 109), (105, 106)
+PAMAP2_WINDOW = 320
+
+
+def interpolate_nans(a: np.ndarray) -> np.ndarray:
+    """Fill each column's NaNs in place as pandas' DataFrame.interpolate(): linearly in the row number,
+    NaNs before the first value kept, NaNs after the last value given the last value."""
+    rows = np.arange(len(a))
+    for col in a.T:  # each a view into a
+        ok = ~np.isnan(col)
+        if ok.any() and not ok.all():
+            first = ok.argmax()
+            col[:] = np.interp(rows, rows[ok], col[ok])
+            col[:first] = np.nan
+    return a
+
+
+def read_pamap2(path: Path):
+    """A Protocol/subject1NN.dat file -> (windows float32 (N, 52, 320), labels int64 (N,))."""
+    fix = "delete the PAMAP2_Dataset folder and download it again"
+    try:
+        a = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {fix}") from None
+    except ValueError as e:  # a row with another number of columns, or a value that is no number
+        raise DataError(f"{path} is not a PAMAP2 .dat file ({_oneline(e)}): {fix}") from None
+    if a.shape[1] != 54:
+        raise DataError(f"{path} has {a.shape[1]} columns, expected 54: {fix}")
+    activity = a[:, 1]
+    unknown = set(activity.tolist()) - set(PAMAP2_ACTIVITIES) - PAMAP2_UNUSED_ACTIVITIES
+    if unknown:
+        raise DataError(f"{path}: unknown activity ID {min(unknown):g}: {fix}")
+    a = interpolate_nans(a)
+    x, y = [], []
+    starts = np.flatnonzero(np.diff(activity, prepend=-1))  # where each run of one activity begins
+    for start, end in zip(starts, [*starts[1:], len(a)]):
+        if activity[start] in PAMAP2_ACTIVITIES:
+            for t in range(start, end - PAMAP2_WINDOW + 1, PAMAP2_WINDOW):
+                window = a[t:t + PAMAP2_WINDOW, 2:].T  # (52, 320)
+                if not np.isnan(window).any():
+                    x.append(window)
+                    y.append(PAMAP2_ACTIVITIES.index(activity[start]))
+    return np.array(x, np.float32).reshape(-1, 52, PAMAP2_WINDOW), np.array(y, np.int64)
+
+
+def load_pamap2(data_dir: Path, download: bool) -> Splits:
+    data_dir = Path(data_dir)
+    folder = data_dir / 'PAMAP2_Dataset'
+    if not folder.is_dir():  # no published checksum: the parser checks the content
+        archive = fetch_archive(PAMAP2_URL, data_dir / 'PAMAP2_Dataset.zip', None, None, download, folder.name)
+        extract_archive(archive, folder)
+
+    def subjects(ids):
+        parts = [read_pamap2(folder / 'Protocol' / f'subject{i}.dat') for i in ids]
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        if not len(x):
+            raise DataError(f"{folder / 'Protocol'}: subjects {ids} have no {PAMAP2_WINDOW}-step run of any of the "
+                            f"activities {PAMAP2_ACTIVITIES}: delete {folder} and download it again")
+        return torch.from_numpy(x), torch.from_numpy(y)
+    return Splits(*subjects(PAMAP2_TRAIN_SUBJECTS), *subjects(PAMAP2_TEST_SUBJECTS))
+
+
+PAMAP2 = Domain(name='pamap2', input_shape=(52, PAMAP2_WINDOW), patch_size=(5,), vocab_size=0, num_classes=12,
+                metric='accuracy', batch_size=256, mask_ratio=0.85, load=load_pamap2, to_input=as_float32)
+
+# -----------------------------------------------------------------------------
+# HIGGS: 11,000,000 simulated collisions, signal (1) or background (0), from 28 kinematic features (21
+# low-level, 7 derived). HIGGS.csv.gz has no header: label, then the features. One token per feature
+# (the model embeds each scalar), raw values as DABS, in the file's column order (DABS has TFDS's
+# alphabetical order; only the position embedding tells features apart, so this matters only for
+# exchanging weights). Split as DABS splits tables: the seed-42 permutation, first 90% train, last 10% test
+# (DABS permutes TFDS's order, which needs TFDS to reproduce, so the rows differ).
+# Parsing the 8 GB of text takes minutes: the permuted rows are cached once as HIGGS.npy (1.3 GB).
+
+HIGGS_URL = 'https://archive.ics.uci.edu/ml/machine-learning-databases/00280/HIGGS.csv.gz'
+HIGGS_SIZE = 2_816_407_858
+HIGGS_SHA256 = 'ea302c18164d4e3d916a1e2e83a9a8d07069fa6ebc7771e4c0540d54e593b698'
+
+
+def read_higgs(path: Path, max_rows: int = None) -> np.ndarray:
+    """HIGGS.csv.gz -> float32 (N, 29): the label, then the 28 features."""
+    fix = "delete it and download it again"
+    try:
+        with gzip.open(path, 'rt') as f:
+            a = np.loadtxt(f, delimiter=',', dtype=np.float32, ndmin=2, max_rows=max_rows)
+    except (ValueError, EOFError, OSError, zlib.error) as e:  # a bad row; a truncated or corrupt gzip
+        raise DataError(f"{path} is not the HIGGS csv.gz ({_oneline(e)}): {fix}") from None
+    if a.shape[1] != 29:
+        raise DataError(f"{path} has {a.shape[1]} columns, expected 29 (label + 28 features): {fix}")
+    if not np.isin(a[:, 0], (0, 1)).all():
+        raise DataError(f"{path}: unknown label {a[~np.isin(a[:, 0], (0, 1)), 0][0]:g} (expected 0 or 1): {fix}")
+    return a
+
+
+def load_higgs(data_dir: Path, download: bool, max_rows: int = None) -> Splits:
+    """max_rows: use only the file's first rows (quick runs; parsed each time, never cached)."""
+    data_dir = Path(data_dir)
+    cache = data_dir / 'HIGGS.npy'
+    if max_rows is not None or not cache.exists():
+        archive = fetch_archive(HIGGS_URL, data_dir / 'HIGGS.csv.gz', HIGGS_SIZE, HIGGS_SHA256, download, None)
+        a = read_higgs(archive, max_rows)
+        a = a[np.random.RandomState(42).permutation(len(a))]
+        if max_rows is None:
+            _write_npy(cache, [a])
+    a = torch.from_numpy(_load_npy(cache) if max_rows is None else a)
+    n_train = math.ceil(0.9 * len(a))
+    if len(a) - n_train < 1:
+        raise DataError(f"HIGGS: {len(a)} rows leave none for the test split: use more rows")
+    return Splits(a[:n_train, 1:], a[:n_train, 0].long(), a[n_train:, 1:], a[n_train:, 0].long())
+
+
+HIGGS = Domain(name='higgs', input_shape=(28,), patch_size=(), vocab_size=0, num_classes=2, metric='accuracy',
+               batch_size=256, mask_ratio=0.5, load=load_higgs, to_input=as_float32)
+
+# -----------------------------------------------------------------------------
+# Genomics OOD (Ren et al. 2019): 250-base bacterial DNA fragments labelled with their genus. The TFDS zip
+# holds tab-separated text files with a header (seq, label, seq_info, domain); before_2011_in_tr.txt is
+# the in-distribution training set, 1,000,000 fragments of 10 genera, which DABS pretrains on. Read from
+# the zip as it is. Tokens A C G T = 0 1 2 3. Split as DABS: seed-42 permutation, 90% train, 10% test.
+
+GENOMICS_URL = 'https://storage.googleapis.com/tfds-data/downloads/genomics_ood/genomics_ood.zip'
+GENOMICS_GENERA = ['Bacillus', 'Burkholderia', 'Clostridium', 'Escherichia', 'Mycobacterium', 'Pseudomonas',
+                   'Salmonella', 'Staphylococcus', 'Streptococcus', 'Yersinia']  # TFDS's labels 0-9
+GENOMICS_LENGTH = 250
+
+
+def read_genomics(archive: Path, member: str = 'before_2011_in_tr.txt'):
+    """The TSV `member` of the genomics_ood zip -> (tokens uint8 (N, 250), labels int64 (N,))."""
+    fix = "delete it and download it again"
+    genus = {g: i for i, g in enumerate(GENOMICS_GENERA)}
+    seqs, labels = [], []
+    try:
+        with zipfile.ZipFile(archive) as z:
+            names = [n for n in z.namelist() if n.rsplit('/', 1)[-1] == member]
+            if not names:
+                raise DataError(f"{archive} holds no {member}: it is not the genomics_ood zip; {fix}")
+            with z.open(names[0]) as raw:
+                rows = csv.DictReader(io.TextIOWrapper(raw, 'utf-8', newline=''), delimiter='\t')
+                if not {'seq', 'label'} <= set(rows.fieldnames or ()):
+                    raise DataError(f"{archive}: {member} has no 'seq' and 'label' columns: {fix}")
+                for line, row in enumerate(rows, start=2):
+                    if row['label'] not in genus:
+                        raise DataError(f"{archive}: {member} line {line}: unknown label {row['label']!r}, expected "
+                                        f"one of the 10 in-distribution genera: {fix}")
+                    if len(row['seq'] or '') != GENOMICS_LENGTH:
+                        raise DataError(f"{archive}: {member} line {line}: sequence of {len(row['seq'] or '')} "
+                                        f"bases, expected {GENOMICS_LENGTH}: {fix}")
+                    seqs.append(row['seq'])
+                    labels.append(genus[row['label']])
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, csv.Error, UnicodeDecodeError) as e:
+        raise DataError(f"{archive} is not a readable zip of text files ({_oneline(e)}): {fix}") from None
+    text = ''.join(seqs).encode('ascii', 'replace')
+    return _tokenize(text, 'ACGT', GENOMICS_LENGTH, f"{archive}: {member}"), np.array(labels, np.int64)
+
+
+def load_genomics(data_dir: Path, download: bool) -> Splits:
+    data_dir = Path(data_dir)  # no published checksum: the parser checks the content
+    archive = fetch_archive(GENOMICS_URL, data_dir / 'genomics_ood.zip', None, None, download, None)
+    x, y = read_genomics(archive)
+    perm = torch.from_numpy(np.random.RandomState(42).permutation(len(x)))
+    x, y = torch.from_numpy(x)[perm], torch.from_numpy(y)[perm]
+    n_train = math.ceil(0.9 * len(x))
+    if len(x) - n_train < 1:
+        raise DataError(f"{archive}: {len(x)} sequences leave none for the test split: delete it and download it again")
+    return Splits(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+GENOMICS = Domain(name='genomics', input_shape=(GENOMICS_LENGTH,), patch_size=(), vocab_size=4, num_classes=10,
+                  metric='accuracy', batch_size=32, mask_ratio=0.5, load=load_genomics, to_input=as_token_ids)
+
+# -----------------------------------------------------------------------------
+# proteins (TAPE's raw JSON): amino-acid strings, cut to 128 and right-padded with X, tokens = index in
+# XARNDCQEGHILKMFPSTWYVUOBZJ (X = 0 is also the padding), vocab 26, as DABS.
+# Pfam: pfam/pfam_train.json (~32M domains; tens of GB of JSON) and pfam_valid.json, each one JSON array
+# of records with 'primary' and 'clan'. Streamed, and parsed once into .npy files beside the JSON (4 GB
+# of tokens for train). Label = rank of the clan among pfam_train's clans (623), as DABS. Train =
+# pfam_train, test = all of pfam_valid (DABS splits pfam_valid into pretraining validation and a 200k
+# transfer set; one test split is simpler and larger).
+# SCOP (TAPE remote homology): remote_homology/remote_homology_{train,valid}.json, label = 'fold_label'
+# (1195 folds). Train = train, test = valid, as DABS.
+
+PFAM_URL = 'http://s3.amazonaws.com/songlabdata/proteindata/data_raw_pytorch/pfam.tar.gz'
+SCOP_URL = 'http://s3.amazonaws.com/songlabdata/proteindata/data_raw_pytorch/remote_homology.tar.gz'
+AMINO_ACIDS = 'XARNDCQEGHILKMFPSTWYVUOBZJ'
+PROTEIN_LENGTH = 128
+PFAM_CLANS, SCOP_FOLDS = 623, 1195
+
+
+def protein_chunks(path: Path, label_key: str, labels: list, size: int = 1 << 16):
+    """Yield uint8 (n, 128) token chunks of a TAPE JSON file; append each chunk's int64 labels to `labels`."""
+    seqs, chunk_labels, start = [], [], 0
+    for i, r in enumerate(iter_json_array(path)):
+        seq, label = (r.get('primary'), r.get(label_key)) if isinstance(r, dict) else (None, None)
+        if not isinstance(seq, str) or not isinstance(label, int) or isinstance(label, bool):
+            raise DataError(f"{path}: element {i} is not a record with a 'primary' string and an integer "
+                            f"{label_key!r}: delete it and download the dataset again")
+        seqs.append(seq[:PROTEIN_LENGTH].ljust(PROTEIN_LENGTH, 'X'))
+        chunk_labels.append(label)
+        if len(seqs) == size:
+            yield _tokenize(''.join(seqs).encode('ascii', 'replace'), AMINO_ACIDS, PROTEIN_LENGTH, f"{path}", start)
+            labels.append(np.array(chunk_labels, np.int64))
+            seqs, chunk_labels, start = [], [], i + 1
+    yield _tokenize(''.join(seqs).encode('ascii', 'replace'), AMINO_ACIDS, PROTEIN_LENGTH, f"{path}", start)
+    labels.append(np.array(chunk_labels, np.int64))
+
+
+def read_proteins(path: Path, label_key: str):
+    """A small TAPE JSON file -> (tokens uint8 (N, 128), labels int64 (N,)), in memory."""
+    labels = []
+    x = np.concatenate(list(protein_chunks(path, label_key, labels)))
+    return x, np.concatenate(labels)
+
+
+def _pfam_arrays(path: Path):
+    """tokens uint8 (N, 128) and clan ids int64 (N,) of one Pfam JSON file, parsed once into two .npy files
+    beside it (the clans file is written last: its presence means both are complete)."""
+    tokens, clans = path.with_suffix('.tokens.npy'), path.with_suffix('.clans.npy')
+    if not clans.exists():
+        print(f"parsing {path} into {tokens.name} and {clans.name} (once)")
+        labels = []
+        _write_npy(tokens, protein_chunks(path, 'clan', labels))
+        _write_npy(clans, [np.concatenate(labels)])
+    return _load_npy(tokens), np.load(clans)
+
+
+def _nonempty(path: Path, x):
+    if not len(x):
+        raise DataError(f"{path} holds no records: delete it and download the dataset again")
+    return x
+
+
+def load_pfam(data_dir: Path, download: bool) -> Splits:
+    data_dir = Path(data_dir)
+    folder = data_dir / 'pfam'
+    if not folder.is_dir():  # no published checksum: the parser checks the content
+        archive = fetch_archive(PFAM_URL, data_dir / 'pfam.tar.gz', None, None, download, folder.name)
+        extract_archive(archive, folder)
+    x_train, c_train = _pfam_arrays(folder / 'pfam_train.json')
+    x_test, c_test = _pfam_arrays(folder / 'pfam_valid.json')
+    clans = np.unique(_nonempty(folder / 'pfam_train.json', c_train))  # sorted: label = rank, as DABS
+    if len(clans) > PFAM_CLANS:
+        raise DataError(f"{folder / 'pfam_train.json'} has {len(clans)} clans, expected {PFAM_CLANS}: "
+                        f"delete {folder} and download it again")
+    y_train, y_test = np.searchsorted(clans, c_train), np.searchsorted(clans, _nonempty(folder / 'pfam_valid.json', c_test))
+    unknown = c_test[clans[np.minimum(y_test, len(clans) - 1)] != c_test]
+    if len(unknown):
+        raise DataError(f"{folder / 'pfam_valid.json'}: unknown clan {unknown[0]}, which pfam_train.json does not "
+                        f"have: delete {folder} and download it again")
+    return Splits(torch.from_numpy(x_train), torch.from_numpy(y_train), torch.from_numpy(x_test), torch.from_numpy(y_test))
+
+
+def load_scop(data_dir: Path, download: bool) -> Splits:
+    data_dir = Path(data_dir)
+    folder = data_dir / 'remote_homology'
+    if not folder.is_dir():  # no published checksum: the parser checks the content
+        archive = fetch_archive(SCOP_URL, data_dir / 'remote_homology.tar.gz', None, None, download, folder.name)
+        extract_archive(archive, folder)
+    splits = []
+    for name in ('remote_homology_train.json', 'remote_homology_valid.json'):
+        x, y = read_proteins(folder / name, 'fold_label')
+        bad = y[(y < 0) | (y >= SCOP_FOLDS)]
+        if len(bad):
+            raise DataError(f"{folder / name}: unknown fold_label {bad[0]}, expected 0..{SCOP_FOLDS - 1}: "
+                            f"delete {folder} and download it again")
+        splits += [torch.from_numpy(_nonempty(folder / name, x)), torch.from_numpy(y)]
+    return Splits(*splits)
+
+
+PFAM = Domain(name='pfam', input_shape=(PROTEIN_LENGTH,), patch_size=(), vocab_size=len(AMINO_ACIDS),
+              num_classes=PFAM_CLANS, metric='accuracy', batch_size=128, mask_ratio=0.5, load=load_pfam,
+              to_input=as_token_ids)
+SCOP = dataclasses.replace(PFAM, name='scop', num_classes=SCOP_FOLDS, load=load_scop)
+
+# -----------------------------------------------------------------------------
+# the domains train.py can use: add new sections' Domains here
+
+DOMAINS = {d.name: d for d in (CIFAR10, IMAGENET32, GOOGLE_SPEECH, GOOGLE_SPEECH_SAMPLE, AUDIO_MNIST, PAMAP2, HIGGS,
+                                GENOMICS, PFAM, SCOP)}
+
+
+def get_domain(name: str) -> Domain:
+    if name not in DOMAINS:
+        raise DataError(f"unknown domain {name!r}: choose one of {', '.join(DOMAINS)}")
+    return DOMAINS[name]

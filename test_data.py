@@ -1,0 +1,464 @@
+"""
+Tests for data.py: the on-disk formats as they really are, and every way getting them can go wrong.
+
+Fixtures write CIFAR-format files the way the originals were written (protocol-2 pickles from
+Python 2, so bytes keys and byte strings), build small archives, and serve them through file://
+URLs or a fake urlopen. Nothing here touches the network or modifies /work/shared/data.
+"""
+import hashlib
+import io
+import os
+import pickle
+import pickletools
+import shutil
+import struct
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import DataError
+
+REAL_CIFAR = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'cifar-10-batches-py'
+
+
+# -----------------------------------------------------------------------------
+# helpers: write the genuine formats
+
+class Py2Pickler(pickle._Pickler):
+    """Pickles bytes as Python 2 `str` (SHORT_BINSTRING / BINSTRING), as the CIFAR-10 files were written.
+
+    Python 3 at protocol 2 would write bytes as `_codecs.encode(...)` calls instead."""
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        n = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else
+                   pickle.BINSTRING + struct.pack('<i', n) + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_py2_str
+
+
+def write_cifar_batch(path, rows, labels, writer='py2'):
+    """rows: uint8 (N, 3072) in the file layout. writer: 'py2' (the originals), 'py3-2', 'py3'."""
+    d = {b'batch_label': b'training batch 1 of 5', b'labels': [int(v) for v in labels],
+         b'data': rows, b'filenames': [b'img_%d.png' % i for i in range(len(labels))]}
+    with open(path, 'wb') as f:
+        if writer == 'py2':
+            Py2Pickler(f, protocol=2).dump(d)
+        else:
+            pickle.dump(d, f, protocol=2 if writer == 'py3-2' else pickle.DEFAULT_PROTOCOL)
+
+
+def make_cifar(folder, rows_per_file=3, seed=0, writer='py2'):
+    """A cifar-10-batches-py/ folder with random images; returns the expected (train_x, train_y, test_x, test_y)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    out = {}
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        rows = rng.integers(0, 256, (rows_per_file, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, rows_per_file)
+        write_cifar_batch(folder / name, rows, labels, writer)
+        out[name] = (rows.reshape(-1, 3, 32, 32), labels)
+    with open(folder / 'batches.meta', 'wb') as f:
+        Py2Pickler(f, protocol=2).dump({b'label_names': [b'airplane'] * 10, b'num_vis': 3072})
+    train = [out[f'data_batch_{i}'] for i in range(1, 6)]
+    return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+            out['test_batch'][0], out['test_batch'][1])
+
+
+def make_tarball(tmp_path, extra=()):
+    """cifar-10-python.tar.gz holding cifar-10-batches-py/ (+ extra TarInfo members); returns (path, expected)."""
+    expected = make_cifar(tmp_path / 'src' / 'cifar-10-batches-py')
+    archive = tmp_path / 'cifar-10-python.tar.gz'
+    with tarfile.open(archive, 'w:gz') as t:
+        t.add(tmp_path / 'src' / 'cifar-10-batches-py', arcname='cifar-10-batches-py')
+        for info in extra:
+            t.addfile(info, io.BytesIO(b'x' * info.size) if info.isfile() else None)
+    return archive, expected
+
+
+def serve(monkeypatch, archive, md5=None, size=None):
+    """Point data.py's CIFAR-10 constants at a local archive."""
+    monkeypatch.setattr(data, 'CIFAR10_URL', archive.as_uri())
+    monkeypatch.setattr(data, 'CIFAR10_MD5', md5 or hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(data, 'CIFAR10_SIZE', size or archive.stat().st_size)
+
+
+def no_network(*args, **kwargs):
+    raise AssertionError("the network was used although the data was already there")
+
+
+def data_error(fn, *needles):
+    """fn() must raise a one-line DataError that mentions every needle; returns the message."""
+    with pytest.raises(DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert '\n' not in msg, msg
+    for n in needles:
+        assert str(n) in msg, f"{n!r} not in {msg!r}"
+    return msg
+
+
+def assert_splits(s, expected):
+    for got, want in zip((s.train_x, s.train_y, s.test_x, s.test_y), expected):
+        assert got.device.type == 'cpu' and got.is_contiguous()
+        assert np.array_equal(got.numpy(), want)
+    assert s.train_x.dtype == s.test_x.dtype == torch.uint8
+    assert s.train_y.dtype == s.test_y.dtype == torch.int64
+
+
+# -----------------------------------------------------------------------------
+# the CIFAR-10 format
+
+def test_py2_writer_gives_bytes_keys_like_the_originals(tmp_path):
+    write_cifar_batch(tmp_path / 'b', np.zeros((2, 3072), np.uint8), [1, 2])
+    raw = (tmp_path / 'b').read_bytes()
+    assert raw[:2] == b'\x80\x02'  # protocol 2
+    assert b'_codecs' not in raw  # byte strings are Python 2 str, not Python 3 encode() calls
+    ops = {op.name for op, _, _ in pickletools.genops(raw)}
+    assert 'SHORT_BINSTRING' in ops and 'BINSTRING' in ops  # keys, and the 6,144-byte pixel buffer
+    d = pickle.loads(raw, encoding='bytes')
+    assert set(d) == {b'batch_label', b'labels', b'data', b'filenames'}
+    assert d[b'data'].dtype == np.uint8 and d[b'data'].shape == (2, 3072)
+
+
+def test_pixel_layout_is_rgb_planes_row_major(tmp_path):
+    # the file's definition: 1024 red, 1024 green, 1024 blue values, each plane row by row
+    def value(c, h, w):
+        return (h * 32 + w + 7 * c) % 256  # differs under an h/w transpose or a channel shift
+    row = np.array([value(c, h, w) for c in range(3) for h in range(32) for w in range(32)], np.uint8)
+    one = np.zeros(3072, np.uint8)
+    one[0 * 1024 + 0 * 32 + 1] = 10  # red at (h=0, w=1)
+    one[1 * 1024 + 1 * 32 + 0] = 20  # green at (h=1, w=0)
+    one[2 * 1024 + 31 * 32 + 2] = 30  # blue at (h=31, w=2)
+    write_cifar_batch(tmp_path / 'b', np.stack([row, one]), [3, 9])
+    x, y = data.read_image_batch(tmp_path / 'b', 10)
+    assert x.shape == (2, 3, 32, 32) and y.tolist() == [3, 9]
+    assert all(x[0, c, h, w] == value(c, h, w) for c in range(3) for h in range(32) for w in range(32))
+    assert x[1, 0, 0, 1] == 10 and x[1, 1, 1, 0] == 20 and x[1, 2, 31, 2] == 30
+    assert np.count_nonzero(x[1]) == 3
+
+
+@pytest.mark.parametrize('writer', ['py2', 'py3-2', 'py3'])
+def test_batches_parse_whoever_wrote_them(tmp_path, writer):
+    # row count from the data (3 per file here, not 10,000); train is data_batch_1..5 in order
+    expected = make_cifar(tmp_path / 'cifar-10-batches-py', rows_per_file=3, writer=writer)
+    s = data.load_cifar10(tmp_path, download=False)
+    assert len(s.train_x) == 15 and len(s.test_x) == 3
+    assert_splits(s, expected)
+
+
+@pytest.mark.skipif(not REAL_CIFAR.is_dir(), reason='real CIFAR-10 sample not present')
+def test_real_cifar10_sample():
+    before = sorted(os.listdir(REAL_CIFAR))
+    s = data.get_domain('cifar10').load(REAL_CIFAR.parent, download=False)
+    assert sorted(os.listdir(REAL_CIFAR)) == before  # read only
+    assert s.train_x.shape == (10_000, 3, 32, 32) and s.test_x.shape == (2_000, 3, 32, 32)
+    assert torch.bincount(s.train_y).tolist() == [1000] * 10
+    assert torch.bincount(s.test_y).tolist() == [200] * 10
+    # first train image = row 0 of data_batch_1, last test image = last row of test_batch
+    with open(REAL_CIFAR / 'data_batch_1', 'rb') as f:
+        first = pickle.load(f, encoding='bytes')
+    with open(REAL_CIFAR / 'test_batch', 'rb') as f:
+        last = pickle.load(f, encoding='bytes')
+    assert np.array_equal(s.train_x[0].numpy().reshape(-1), first[b'data'][0])
+    assert s.train_y[0] == first[b'labels'][0]
+    assert np.array_equal(s.test_x[-1].numpy().reshape(-1), last[b'data'][-1]) and s.test_y[-1] == last[b'labels'][-1]
+    # model input: [0, 1], not normalised (a natural-image mean near 0.47, not near 0)
+    x = data.CIFAR10.to_input(s.train_x[:500])
+    assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
+    assert 0.35 < x.mean() < 0.6
+
+
+def corrupt_cases():
+    rows, labels = np.zeros((4, 3072), np.uint8), [0, 1, 2, 3]
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(Path('PWNED').resolve()),))
+
+    def pickled(obj):
+        return lambda p: p.write_bytes(pickle.dumps(obj, protocol=2))
+
+    def batch(r, l):
+        return lambda p: write_cifar_batch(p, r, l)
+    return {
+        'truncated': lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        'empty': lambda p: p.write_bytes(b''),
+        'garbage': lambda p: p.write_bytes(b'this is not a pickle at all'),
+        'missing': lambda p: p.unlink(),
+        'not a dict': pickled([1, 2, 3]),
+        'no labels': pickled({b'data': rows}),
+        'code in pickle': pickled({b'data': rows, b'labels': labels, b'x': Evil()}),
+        'rows 3071 wide': batch(np.zeros((4, 3071), np.uint8), labels),
+        'float pixels': batch(rows.astype(np.float32), labels),
+        'label 10': batch(rows, [0, 1, 2, 10]),
+        'label -1': batch(rows, [0, 1, 2, -1]),
+        'fewer labels than rows': batch(rows, [0, 1, 2]),
+    }
+
+
+@pytest.mark.parametrize('case', list(corrupt_cases()))
+@pytest.mark.parametrize('victim', ['data_batch_3', 'test_batch'])
+def test_broken_batch_file_is_a_data_error(tmp_path, monkeypatch, case, victim):
+    monkeypatch.chdir(tmp_path)  # where the 'code in pickle' case would create PWNED
+    make_cifar(tmp_path / 'cifar-10-batches-py')
+    corrupt_cases()[case](tmp_path / 'cifar-10-batches-py' / victim)
+    data_error(lambda: data.load_cifar10(tmp_path, download=False),
+               tmp_path / 'cifar-10-batches-py' / victim, 'delete')
+    assert not (tmp_path / 'PWNED').exists()
+
+
+# -----------------------------------------------------------------------------
+# download, verify, extract
+
+def test_download_verifies_and_extracts(tmp_path, monkeypatch):
+    archive, expected = make_tarball(tmp_path)
+    serve(monkeypatch, archive)
+    data_dir = tmp_path / 'data'  # does not exist yet
+    assert_splits(data.load_cifar10(data_dir, download=True), expected)
+    assert sorted(os.listdir(data_dir)) == ['cifar-10-batches-py', 'cifar-10-python.tar.gz']  # no temp files
+    assert (data_dir / 'cifar-10-python.tar.gz').read_bytes() == archive.read_bytes()
+    # the second time, the extracted folder is used as is: no network, no hashing
+    monkeypatch.setattr(urllib.request, 'urlopen', no_network)
+    monkeypatch.setattr(data, '_check', no_network)
+    assert_splits(data.load_cifar10(data_dir, download=True), expected)
+
+
+def test_placed_archive_is_verified_and_extracted_without_network(tmp_path, monkeypatch):
+    archive, expected = make_tarball(tmp_path)
+    serve(monkeypatch, archive)
+    monkeypatch.setattr(urllib.request, 'urlopen', no_network)
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    shutil.copy(archive, data_dir)
+    assert_splits(data.load_cifar10(data_dir, download=False), expected)
+    assert sorted(os.listdir(data_dir)) == ['cifar-10-batches-py', 'cifar-10-python.tar.gz']
+
+
+def test_placed_archive_with_wrong_checksum_is_refused_and_kept(tmp_path, monkeypatch):
+    archive, _ = make_tarball(tmp_path)
+    serve(monkeypatch, archive)
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    raw = bytearray(archive.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, different content
+    (data_dir / archive.name).write_bytes(raw)
+    data_error(lambda: data.load_cifar10(data_dir, download=True),
+               data.CIFAR10_MD5, hashlib.md5(raw).hexdigest(), 'delete it')
+    assert os.listdir(data_dir) == [archive.name]  # the user's file is theirs to delete; nothing extracted
+
+
+@pytest.mark.parametrize('what', ['md5', 'size'])
+def test_download_with_wrong_checksum_is_deleted(tmp_path, monkeypatch, what):
+    archive, _ = make_tarball(tmp_path)
+    good_md5, good_size = hashlib.md5(archive.read_bytes()).hexdigest(), archive.stat().st_size
+    if what == 'md5':
+        serve(monkeypatch, archive, md5='0' * 32)
+        needles = ['0' * 32, good_md5]  # expected and got
+    else:
+        serve(monkeypatch, archive, size=good_size + 1)
+        needles = [f'{good_size + 1:,}', f'{good_size:,}']
+    data_dir = tmp_path / 'data'
+    data_error(lambda: data.load_cifar10(data_dir, download=True), 'deleted', data.CIFAR10_URL, *needles)
+    assert os.listdir(data_dir) == []
+
+
+@pytest.mark.parametrize('failure', [urllib.error.URLError(OSError(101, 'Network is unreachable')),
+                                     TimeoutError('timed out'),
+                                     urllib.error.HTTPError('http://x', 503, 'Service Unavailable', {}, None)])
+def test_no_internet_says_what_to_place_where(tmp_path, monkeypatch, failure):
+    def offline(*args, **kwargs):
+        raise failure
+    monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    data_dir = tmp_path / 'data'
+    msg = data_error(lambda: data.load_cifar10(data_dir, download=True),
+                     data.CIFAR10_URL, 'cifar-10-python.tar.gz', 'cifar-10-batches-py', data_dir, '--data-dir')
+    assert type(failure).__name__ in msg  # the reason is shown, not swallowed
+    assert os.listdir(data_dir) == []
+
+
+def test_download_off_and_nothing_there(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, 'urlopen', no_network)
+    data_dir = tmp_path / 'nowhere'
+    data_error(lambda: data.load_cifar10(data_dir, download=False),
+               data.CIFAR10_URL, 'cifar-10-python.tar.gz', data_dir, '--data-dir')
+    assert not data_dir.exists()  # nothing created
+
+
+@pytest.mark.parametrize('interrupt', [ConnectionResetError('connection reset by peer'), KeyboardInterrupt()])
+def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, interrupt):
+    archive, _ = make_tarball(tmp_path)
+    serve(monkeypatch, archive)
+    data_dir = tmp_path / 'data'
+    seen = []
+
+    class HalfStream(io.BytesIO):  # what urlopen returns, cut off after the first chunk
+        def read(self, n=-1):
+            if self.tell() > 0:
+                seen.append(sorted(os.listdir(data_dir)))  # mid-download: only the temporary name
+                raise interrupt
+            return super().read(1000)
+    monkeypatch.setattr(urllib.request, 'urlopen', lambda *a, **k: HalfStream(archive.read_bytes()))
+    with pytest.raises(DataError if isinstance(interrupt, OSError) else KeyboardInterrupt):
+        data.load_cifar10(data_dir, download=True)
+    assert len(seen) == 1 and len(seen[0]) == 1
+    assert seen[0][0].startswith('.cifar-10-python.tar.gz.') and seen[0][0].endswith('.part')
+    assert os.listdir(data_dir) == []
+
+
+def tar_member(name, type=tarfile.REGTYPE, linkname=''):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = type, linkname, 1 if type == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.mark.parametrize('members', [
+    [tar_member('../evil')],
+    [tar_member('cifar-10-batches-py/../../evil')],
+    [tar_member('/tmp/metamae-test-evil')],
+    [tar_member('cifar-10-batches-py/link', tarfile.SYMTYPE, '../../evil')],
+    [tar_member('cifar-10-batches-py/link', tarfile.SYMTYPE, '/etc/passwd')],
+    [tar_member('cifar-10-batches-py/hard', tarfile.LNKTYPE, '../evil')],
+    # each link points inside, yet l2 lands at the archive root's parent: links are refused outright
+    [tar_member('a/l1', tarfile.SYMTYPE, '..'), tar_member('a/l1/l2', tarfile.SYMTYPE, '..'),
+     tar_member('a/l1/l2/evil')],
+    [tar_member('cifar-10-batches-py/fifo', tarfile.FIFOTYPE)],
+], ids=['dotdot', 'nested-dotdot', 'absolute', 'symlink-out', 'symlink-abs', 'hardlink-out', 'link-chain', 'fifo'])
+def test_unsafe_tar_members_are_refused(tmp_path, monkeypatch, members):
+    archive, _ = make_tarball(tmp_path, extra=members)
+    serve(monkeypatch, archive)
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    shutil.copy(archive, data_dir)
+    data_error(lambda: data.load_cifar10(data_dir, download=False), 'refusing', members[0].name)
+    assert os.listdir(data_dir) == [archive.name]  # nothing extracted, no temporary folder left
+    assert not (tmp_path / 'evil').exists() and not Path('/tmp/metamae-test-evil').exists()
+
+
+def test_corrupt_archive_is_a_data_error(tmp_path):
+    bad = tmp_path / 'x.tar.gz'
+    bad.write_bytes(b'\x1f\x8b' + b'not really gzip' * 10)
+    data_error(lambda: data.extract_archive(bad, tmp_path / 'out'), str(bad), 'download it again')
+    assert sorted(os.listdir(tmp_path)) == ['x.tar.gz']
+
+
+# -----------------------------------------------------------------------------
+# ImageNet32: CIFAR layout, labels 1..1000, written by Python 3 (str keys), manual download
+
+def make_imagenet32(root, rows=2, seed=0):
+    """Imagenet32_train/ (10 files) and Imagenet32_val/ as Chrabaszcz et al. wrote them; returns expected."""
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for folder, names in [('Imagenet32_train', [f'train_data_batch_{i}' for i in range(1, 11)]),
+                          ('Imagenet32_val', ['val_data'])]:
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            x = rng.integers(0, 256, (rows, 3072), dtype=np.uint8)
+            y = [1, 1000] if name == 'train_data_batch_1' else rng.integers(1, 1001, rows).tolist()
+            d = {'data': x, 'labels': y}
+            if folder == 'Imagenet32_train':
+                d['mean'] = x.mean(0)  # the train batches carry the mean image; it is not used
+            with open(root / folder / name, 'wb') as f:
+                pickle.dump(d, f)
+            parts[name] = (x.reshape(-1, 3, 32, 32), np.array(y) - 1)
+    train = [parts[f'train_data_batch_{i}'] for i in range(1, 11)]
+    return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+            parts['val_data'][0], parts['val_data'][1])
+
+
+def test_imagenet32_labels_are_shifted_to_zero_based(tmp_path):
+    expected = make_imagenet32(tmp_path)
+    s = data.get_domain('imagenet32').load(tmp_path, download=True)
+    assert_splits(s, expected)
+    assert len(s.train_x) == 20 and len(s.test_x) == 2
+    assert s.train_y[:2].tolist() == [0, 999]  # file labels 1 and 1000
+
+
+def test_imagenet32_zero_based_file_is_refused(tmp_path):
+    make_imagenet32(tmp_path)
+    path = tmp_path / 'Imagenet32_val' / 'val_data'
+    with open(path, 'wb') as f:
+        pickle.dump({'data': np.zeros((2, 3072), np.uint8), 'labels': [0, 5]}, f)
+    data_error(lambda: data.load_imagenet32(tmp_path, download=False), path, '1..1000')
+
+
+def test_imagenet32_missing_gives_manual_download_instructions(tmp_path):
+    data_error(lambda: data.load_imagenet32(tmp_path, download=True),
+               'image-net.org', 'Imagenet32_train.zip', 'Imagenet32_val.zip', tmp_path, '--data-dir')
+
+
+@pytest.mark.parametrize('layout', ['folder-inside-zip', 'files-at-zip-root'])
+def test_imagenet32_placed_zips_are_extracted(tmp_path, layout):
+    expected = make_imagenet32(tmp_path / 'src')
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    for name in ('Imagenet32_train', 'Imagenet32_val'):
+        with zipfile.ZipFile(data_dir / f'{name}.zip', 'w') as z:
+            for f in sorted((tmp_path / 'src' / name).iterdir()):
+                z.write(f, f'{name}/{f.name}' if layout == 'folder-inside-zip' else f.name)
+    assert_splits(data.load_imagenet32(data_dir, download=False), expected)
+    assert sorted(os.listdir(data_dir)) == ['Imagenet32_train', 'Imagenet32_train.zip',
+                                            'Imagenet32_val', 'Imagenet32_val.zip']
+    assert len(os.listdir(data_dir / 'Imagenet32_train')) == 10
+
+
+def test_imagenet32_zip_with_escaping_member_is_refused(tmp_path):
+    make_imagenet32(tmp_path / 'src')
+    with zipfile.ZipFile(tmp_path / 'Imagenet32_train.zip', 'w') as z:
+        z.writestr('../evil', b'x')
+    data_error(lambda: data.load_imagenet32(tmp_path, download=False), 'refusing', '../evil')
+    assert not (tmp_path.parent / 'evil').exists() and not (tmp_path / 'Imagenet32_train').exists()
+
+
+# -----------------------------------------------------------------------------
+# split, domains, model input
+
+def test_train_val_split_is_a_fixed_partition():
+    state = torch.get_rng_state()
+    train, val = data.train_val_split(1000)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is neither used nor advanced
+    assert len(train) == 900 and len(val) == 100 and train.dtype == val.dtype == torch.int64
+    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(1000))  # disjoint, covers all
+    assert torch.equal(train, train.sort().values) and torch.equal(val, val.sort().values)
+    torch.manual_seed(123)  # the global seed does not matter, the split's seed does
+    assert torch.equal(data.train_val_split(1000)[1], val)
+    assert not torch.equal(data.train_val_split(1000, seed=1)[1], val)
+    assert not torch.equal(val, torch.arange(100))  # actually shuffled
+    assert [len(t) for t in data.train_val_split(50_000, 0.2)] == [40_000, 10_000]
+    assert [len(t) for t in data.train_val_split(10, 0.0)] == [10, 0]
+    assert [len(t) for t in data.train_val_split(0)] == [0, 0]
+    with pytest.raises(ValueError):
+        data.train_val_split(10, 1.0)
+
+
+def test_domains():
+    assert set(data.DOMAINS) == {'cifar10', 'imagenet32'}
+    c = data.get_domain('cifar10')
+    # MetaMAE's CIFAR-10: 32x32 in [0, 1], patch 4 (64 tokens), batch 64, mask ratio 0.5, 10 classes
+    assert (c.input_shape, c.patch_size, c.vocab_size, c.num_classes, c.metric, c.batch_size, c.mask_ratio) == \
+        ((3, 32, 32), (4, 4), 0, 10, 'accuracy', 64, 0.5)
+    assert data.get_domain('imagenet32').num_classes == 1000
+    for name, d in data.DOMAINS.items():
+        assert d.name == name and callable(d.load) and callable(d.to_input)
+        spatial = d.input_shape[-len(d.patch_size):] if d.patch_size else ()
+        assert all(s % p == 0 for s, p in zip(spatial, d.patch_size))
+    with pytest.raises(FrozenInstanceError):
+        c.batch_size = 1
+    data_error(lambda: data.get_domain('cifar100'), 'cifar100', 'cifar10', 'imagenet32')
+
+
+def test_to_input_is_unit_range_float_on_the_same_device():
+    x = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)
+    y = data.CIFAR10.to_input(x)
+    assert y.dtype == torch.float32 and y.device == x.device
+    assert torch.allclose(y, torch.tensor([0.0, 128 / 255, 1.0]).view(1, 1, 1, 3))
+    assert x.dtype == torch.uint8 and x.tolist() == [[[[0, 128, 255]]]]  # input untouched

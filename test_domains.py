@@ -1,0 +1,842 @@
+"""
+Tests for the non-image DABS domains in data.py: speech, sensors, tabular, DNA and proteins.
+
+Fixtures are written in each dataset's genuine format (wav through `wave`, PAMAP2's .dat text with NaN
+gaps, gzip CSV, a TSV inside a zip, JSON arrays) and go through the loaders exactly as a download would,
+archives included. The spectrogram is checked against a direct DFT written here in numpy. The
+`write_fake_*` functions (and `write_fake(name, data_dir)`) are for other tests too, e.g. one training
+step per domain. Nothing here touches the network or writes into /work/shared/data.
+"""
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import struct
+import tarfile
+import urllib.request
+import wave
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import DataError
+from metamae import MetaMAE, MetaMAEConfig
+
+SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
+SPEECH_SAMPLE = SHARED / 'speech_commands_v0.01_sample'
+
+
+# -----------------------------------------------------------------------------
+# writers of the genuine formats
+
+def write_wav(path, samples, rate, width=2, channels=1, extensible=False):
+    """int samples (n,) or (n, channels) -> a PCM wav; `extensible`: a WAVE_FORMAT_EXTENSIBLE header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = np.asarray(samples).reshape(len(samples), channels)
+    raw = samples.astype({1: '<u1', 2: '<i2', 4: '<i4'}[width]).tobytes() if width != 3 else \
+        b''.join(int(v).to_bytes(3, 'little', signed=True) for v in samples.ravel())
+    if not extensible:
+        with wave.open(str(path), 'wb') as w:
+            w.setnchannels(channels)
+            w.setsampwidth(width)
+            w.setframerate(rate)
+            w.writeframes(raw)
+        return path
+    pcm = b'\x01\x00\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71'  # KSDATAFORMAT_SUBTYPE_PCM
+    fmt = struct.pack('<HHIIHHHHI', 0xFFFE, channels, rate, rate * channels * width, channels * width, 8 * width,
+                      22, 8 * width, 0) + (extensible if isinstance(extensible, bytes) else pcm)
+    body = b'WAVE' + b'fmt ' + struct.pack('<I', len(fmt)) + fmt + b'data' + struct.pack('<I', len(raw)) + raw
+    path.write_bytes(b'RIFF' + struct.pack('<I', len(body)) + body)
+    return path
+
+
+def speech_like(rng, n, rate):
+    """A random 'utterance': a decaying tone plus noise, as int16."""
+    t = np.arange(n) / rate
+    y = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 3000) * t) * np.exp(-3 * t) + 0.02 * rng.standard_normal(n)
+    return (np.clip(y, -1, 1) * 32767).astype(np.int16)
+
+
+def write_fake_google_speech(data_dir, seed=0):
+    """speech_commands_v0.02/ with every word (2 speakers each), a 10 s noise file and the two list files.
+    Returns {'train': [...], 'test': [...]} relative paths in the loader's row order."""
+    rng = np.random.default_rng(seed)
+    root = Path(data_dir) / 'speech_commands_v0.02'
+    files = []
+    for word in data.GOOGLE_SPEECH_WORDS[:-1]:
+        for speaker in ('0a1b2c3d', 'f00dfeed'):
+            files.append(f'{word}/{speaker}_nohash_0.wav')
+            write_wav(root / files[-1], speech_like(rng, int(rng.integers(8000, 16001)), 16_000), 16_000)
+    write_wav(root / '_background_noise_' / 'white_noise.wav', rng.integers(-3000, 3000, 160_000), 16_000)
+    (root / '_background_noise_' / 'README.md').write_text('noise')  # not a wav: ignored
+    # the official lists name clips by speaker; they also name clips this folder does not have
+    val = [f for f in files if f.startswith(('yes/', 'no/', 'up/'))] + ['down/deadbeef_nohash_0.wav']
+    test = [f for f in files if f.split('/')[0] in ('eight', 'cat', 'learn')] + ['left/deadbeef_nohash_1.wav']
+    (root / 'validation_list.txt').write_text(''.join(f + '\n' for f in val))
+    (root / 'testing_list.txt').write_text(''.join(f + '\n' for f in test))
+    everything = sorted(files + ['_background_noise_/white_noise.wav'])
+    return {'train': [f for f in everything if f not in val + test] + [f for f in everything if f in val],
+            'test': [f for f in everything if f in test]}
+
+
+AUDIO_MNIST_FAKE_SPEAKERS = {'train': (1, 2), 'test': (5, 13)}
+
+
+def write_fake_audio_mnist(data_dir, seed=0):
+    """AudioMNIST/data/<NN>/<digit>_<NN>_0.wav (48 kHz) for two train and two test speakers; one file
+    has a WAVE_FORMAT_EXTENSIBLE header. Returns {'train': [...], 'test': [...]} paths in row order."""
+    rng = np.random.default_rng(seed)
+    out = {'train': [], 'test': []}
+    for split, speakers in AUDIO_MNIST_FAKE_SPEAKERS.items():
+        for s in speakers:
+            for digit in range(10):
+                f = Path(data_dir) / 'AudioMNIST' / 'data' / f'{s:02d}' / f'{digit}_{s:02d}_0.wav'
+                write_wav(f, speech_like(rng, 4800, 48_000), 48_000, extensible=(s, digit) == (2, 3))
+                out[split].append(f)
+    return out
+
+
+# PAMAP2: one layout for every subject: (activity ID, rows). Heart rate starts 60 rows in, so the first
+# window of activity 1 (rows 50-369) holds NaN and is dropped; activity 9 is optional (not used).
+PAMAP2_LAYOUT = [(0, 50), (1, 700), (0, 30), (17, 400), (9, 400), (24, 330), (2, 319)]
+PAMAP2_WINDOWS = [(370, 0), (780, 10), (1580, 11)]  # (first row, label = index in data.PAMAP2_ACTIVITIES)
+
+
+def pamap2_values(subject, rows):
+    """The true (NaN-free) 54 columns: every sensor column a line in the row number, so that linear
+    interpolation gives back exactly the values that were left out. Slopes are multiples of 1/8 and values
+    are written exactly."""
+    r = np.arange(rows)[:, None]
+    slope = (np.arange(52) % 7 - 3) / 8
+    sensors = slope * r + (subject - 100) * 10 + np.arange(52)
+    activity = np.concatenate([np.full(n, a) for a, n in PAMAP2_LAYOUT])[:, None]
+    return np.hstack([r / 100, activity, sensors])
+
+
+def write_pamap2_dat(path, values, seed=0):
+    """Space-separated text as the Protocol files: 'NaN' for missing values."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(''.join(' '.join('NaN' if math.isnan(v) else repr(float(v)) for v in row) + '\n' for row in values))
+
+
+def write_fake_pamap2(data_dir, seed=0):
+    """PAMAP2_Dataset/Protocol/subject101..109.dat with NaN gaps. Returns the expected windows:
+    {'train': (x (N, 52, 320), y), 'test': (x, y)}."""
+    rng = np.random.default_rng(seed)
+    rows = sum(n for _, n in PAMAP2_LAYOUT)
+    out = {}
+    for split, subjects in (('train', data.PAMAP2_TRAIN_SUBJECTS), ('test', data.PAMAP2_TEST_SUBJECTS)):
+        xs, ys = [], []
+        for s in subjects:
+            true = pamap2_values(s, rows)
+            gappy = true.copy()
+            gappy[:, 2][np.arange(rows) % 10 != 0] = np.nan  # heart rate: ~one value in ten, as the real ~9 Hz
+            gappy[:60, 2] = np.nan  # ... and none at the start: leading NaNs stay NaN
+            sensors = gappy[1:-1, 3:]  # dropped samples inside the file (not the first or last row)
+            sensors[rng.random(sensors.shape) < 0.1] = np.nan
+            write_pamap2_dat(Path(data_dir) / 'PAMAP2_Dataset' / 'Protocol' / f'subject{s}.dat', gappy)
+            xs += [true[t:t + 320, 2:].T for t, _ in PAMAP2_WINDOWS]
+            ys += [label for _, label in PAMAP2_WINDOWS]
+        out[split] = (np.array(xs, np.float32), np.array(ys))
+    return out
+
+
+def write_fake_higgs(data_dir, rows=300, seed=0):
+    """HIGGS.csv.gz: no header, label then 28 features, '%.18e' as the original. Returns the float32 rows."""
+    rng = np.random.default_rng(seed)
+    a = np.hstack([rng.integers(0, 2, (rows, 1)), rng.standard_normal((rows, 28))]).astype(np.float32)
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    with gzip.open(Path(data_dir) / 'HIGGS.csv.gz', 'wt') as f:
+        np.savetxt(f, a, fmt='%.18e', delimiter=',')
+    return a
+
+
+def write_genomics_zip(path, rows_by_member):
+    """A zip of tab-separated text files with the TFDS header; rows: (seq, label) pairs."""
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as z:
+        for member, rows in rows_by_member.items():
+            z.writestr(member, 'seq\tlabel\tseq_info\tdomain\n' + ''.join(
+                f'{seq}\t{label}\tNC_{i:06d}.1:{i}-{i + 250}\tin\n' for i, (seq, label) in enumerate(rows)))
+    return path
+
+
+def write_fake_genomics(data_dir, rows=60, seed=0):
+    """genomics_ood.zip with the in-distribution training file (and a validation file the loader skips).
+    Returns the (seq, genus) rows of the training file."""
+    rng = random.Random(seed)
+    train = [(''.join(rng.choice('ACGT') for _ in range(250)), rng.choice(data.GENOMICS_GENERA)) for _ in range(rows)]
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    write_genomics_zip(Path(data_dir) / 'genomics_ood.zip',
+                       {'before_2011_in_tr.txt': train, 'between_2011-2016_in_val.txt': train[:3]})
+    return train
+
+
+def protein_records(n, label_key, labels, seed=0):
+    rng = random.Random(seed)
+    return [{'primary': ''.join(rng.choice(data.AMINO_ACIDS[1:]) for _ in range(rng.randint(5, 200))),
+             'protein_length': 0, label_key: rng.choice(labels), 'id': f'P{i}'} for i in range(n)]
+
+
+def write_json_array(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+
+
+def write_fake_pfam(data_dir, seed=0):
+    """pfam/pfam_{train,valid}.json. Returns {'train': records, 'test': records}."""
+    clans = [3, 17, 42, 100, 622]
+    out = {'train': protein_records(40, 'clan', clans, seed), 'test': protein_records(10, 'clan', clans, seed + 1)}
+    write_json_array(Path(data_dir) / 'pfam' / 'pfam_train.json', out['train'])
+    write_json_array(Path(data_dir) / 'pfam' / 'pfam_valid.json', out['test'])
+    return out
+
+
+def write_fake_scop(data_dir, seed=0):
+    """remote_homology/remote_homology_{train,valid}.json. Returns {'train': records, 'test': records}."""
+    folds = [0, 5, 1194]
+    out = {'train': protein_records(30, 'fold_label', folds, seed),
+           'test': protein_records(8, 'fold_label', folds, seed + 1)}
+    write_json_array(Path(data_dir) / 'remote_homology' / 'remote_homology_train.json', out['train'])
+    write_json_array(Path(data_dir) / 'remote_homology' / 'remote_homology_valid.json', out['test'])
+    return out
+
+
+FAKE_WRITERS = {'google_speech': write_fake_google_speech, 'audio_mnist': write_fake_audio_mnist,
+                'pamap2': write_fake_pamap2, 'higgs': write_fake_higgs, 'genomics': write_fake_genomics,
+                'pfam': write_fake_pfam, 'scop': write_fake_scop}
+
+
+def write_fake(name, data_dir, monkeypatch):
+    """Write a small fake of domain `name` into data_dir, so that get_domain(name).load(data_dir, False) works.
+    HIGGS.csv.gz is checked against the real file's size and sha256 before it is parsed: `monkeypatch`
+    (pytest's fixture) points those constants at the fake."""
+    FAKE_WRITERS[name](data_dir)
+    if name == 'higgs':
+        serve(monkeypatch, 'HIGGS', Path(data_dir) / 'HIGGS.csv.gz')
+    return Path(data_dir)
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def data_error(fn, *needles):
+    """fn() must raise a one-line DataError that mentions every needle; returns the message."""
+    with pytest.raises(DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert '\n' not in msg, msg
+    for n in needles:
+        assert str(n) in msg, f"{n!r} not in {msg!r}"
+    return msg
+
+
+def fails(*args, **kwargs):
+    raise AssertionError("called although the cache should have been used")
+
+
+def serve(monkeypatch, prefix, path, digest=True):
+    """Point data.<prefix>_URL (and _SIZE / _SHA256 when the domain has them) at a local file."""
+    monkeypatch.setattr(data, f'{prefix}_URL', path.as_uri())
+    if digest:
+        monkeypatch.setattr(data, f'{prefix}_SIZE', path.stat().st_size)
+        monkeypatch.setattr(data, f'{prefix}_SHA256', hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def tar_gz(path, folder, arcname):
+    with tarfile.open(path, 'w:gz') as t:
+        t.add(folder, arcname=arcname)
+    return path
+
+
+def zip_folder(path, folder, arcname):
+    with zipfile.ZipFile(path, 'w') as z:
+        for f in sorted(folder.rglob('*')):
+            z.write(f, f'{arcname}/{f.relative_to(folder).as_posix()}' if arcname else f.relative_to(folder).as_posix())
+    return path
+
+
+# -----------------------------------------------------------------------------
+# the log-mel spectrogram, against a direct DFT and a filterbank written here from the definitions
+
+def slaney_mel_filterbank(sr, n_fft=2048, n_mels=224):
+    """librosa.filters.mel(sr, n_fft, n_mels) (htk=False, norm='slaney') in float64 numpy."""
+    def hz_to_mel(f):
+        f = np.asarray(f, np.float64)
+        return np.where(f < 1000, 3 * f / 200, 15 + 27 * np.log(np.maximum(f, 1e-10) / 1000) / np.log(6.4))
+
+    def mel_to_hz(m):
+        return np.where(m < 15, 200 * m / 3, 1000 * 6.4 ** ((m - 15) / 27))
+    edges = mel_to_hz(np.linspace(0, hz_to_mel(sr / 2), n_mels + 2))
+    freqs = np.arange(n_fft // 2 + 1) * sr / n_fft
+    fb = np.zeros((n_mels, len(freqs)))
+    for m in range(n_mels):
+        lo, mid, hi = edges[m:m + 3]
+        rise, fall = (freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)
+        fb[m] = np.maximum(0, np.minimum(rise, fall)) * 2 / (hi - lo)
+    return fb
+
+
+def dabs_log_mel_direct(y, sr):
+    """DABS's recipe, with the DFT as a matrix product (no FFT): (224, 224) dB before normalisation."""
+    y = np.pad(np.asarray(y, np.float64)[:150_526], (0, max(0, 150_526 - len(y))))
+    y = np.pad(y, 1024, mode='reflect')  # librosa < 0.10: center=True, pad_mode='reflect'
+    frames = np.stack([y[t * 672:t * 672 + 2048] for t in range(224)], axis=1)  # (2048, 224)
+    n = np.arange(2048)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * n / 2048)  # periodic Hann
+    angle = 2 * np.pi * np.outer(np.arange(1025), n) / 2048
+    wf = window[:, None] * frames
+    power = (np.cos(angle) @ wf) ** 2 + (np.sin(angle) @ wf) ** 2  # |DFT|^2, (1025, 224)
+    db = 10 * np.log10(np.maximum(1e-10, (slaney_mel_filterbank(sr) @ power) ** 2))  # power_to_db(S**2)
+    return np.maximum(db, db.max() - 80)
+
+
+def test_mel_filterbank_matches_the_slaney_definition():
+    for sr in (16_000, 48_000):
+        fb = data.mel_filterbank(sr).numpy()
+        assert fb.shape == (224, 1025)
+        np.testing.assert_allclose(fb, slaney_mel_filterbank(sr), rtol=1e-9, atol=1e-12)
+        assert (fb.max(axis=1) > 0).all()  # no empty filter at either rate (DABS.md section 5)
+        # Slaney norm: every triangle has area 1 in Hz (exactly so where it spans many FFT bins)
+        area = fb.sum(axis=1) * sr / 2048
+        assert np.abs(area[-50:] - 1).max() < 0.01
+    # known values: at 16 kHz the 226 edges are equally spaced in mels up to 15 + 27 ln(8) / ln(6.4); below
+    # 1 kHz (15 mels) a mel is 200/3 Hz, so the first filter rises from 0 to 13.40 Hz and falls to 26.81 Hz,
+    # with height 2 / 26.81 Hz; FFT bins are 7.8125 Hz apart
+    f1 = 200 / 3 * (15 + 27 * math.log(8) / math.log(6.4)) / 225
+    assert f1 == pytest.approx(13.40, abs=0.01)
+    bins = 7.8125 * np.arange(5)
+    expect = np.maximum(0, np.minimum(bins / f1, (2 * f1 - bins) / f1)) * 2 / (2 * f1)
+    assert np.allclose(data.mel_filterbank(16_000)[0, :5].numpy(), expect, rtol=1e-9, atol=0)
+    assert expect[3] > 0 and expect[4] == 0
+
+
+@pytest.mark.parametrize('n', [3000, 160_000])  # a short clip (zero-padded) and a long one (cropped)
+def test_log_mel_matches_a_direct_dft(n):
+    rng = np.random.default_rng(n)
+    t = np.arange(n) / 16_000
+    y = (0.4 * np.sin(2 * np.pi * (300 + 900 * t) * t) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+    for sr in (16_000, 48_000):  # the same samples through both filterbanks
+        ours = data.log_mel(torch.from_numpy(y)[None], sr)[0].double().numpy()
+        ref = dabs_log_mel_direct(y, sr)
+        assert ours.shape == (224, 224)
+        assert np.abs(ours - ref).max() < 1e-3, np.abs(ours - ref).max()  # dB; float32 vs float64
+        assert ref.max() - ref.min() == pytest.approx(80)  # top_db clipped something: a real test of it
+
+
+def test_log_mel_known_values():
+    # a full-scale tone on FFT bin 64 (500 Hz at 16 kHz): the periodic Hann window puts |X| = N/4 on the
+    # bin and N/8 on each neighbour, so every mel value is fb @ power with that 3-bin power spectrum
+    n = 16_000
+    y = torch.sin(2 * torch.pi * 64 / 2048 * torch.arange(n, dtype=torch.float64))[None]
+    db = data.log_mel(y, 16_000)[0].double()
+    power = np.zeros(1025)
+    power[63:66] = [(2048 / 8) ** 2, (2048 / 4) ** 2, (2048 / 8) ** 2]
+    mel = slaney_mel_filterbank(16_000) @ power
+    expect = 10 * np.log10(np.maximum(mel ** 2, 1e-10))
+    expect = np.maximum(expect, expect.max() - 80)
+    frame = db[:, 10].numpy()  # a frame well inside the tone
+    assert np.abs(frame - expect).max() < 0.01
+    assert db[:, 200].max() == db.max() - 80  # frames past the clip hold only zero padding: the floor
+
+
+def test_log_mel_batch_rows_are_independent():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(5000) * 0.1, rng.standard_normal(12000) * 0.1
+    batch = torch.zeros(2, 12000)
+    batch[0, :5000], batch[1] = torch.from_numpy(a), torch.from_numpy(b)
+    both = data.log_mel(batch, 16_000)
+    assert torch.allclose(both[0], data.log_mel(torch.from_numpy(a)[None].float(), 16_000)[0], atol=1e-4)
+    assert torch.allclose(both[1], data.log_mel(torch.from_numpy(b)[None].float(), 16_000)[0], atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# wav files
+
+def test_read_wav_gives_the_int16_samples(tmp_path):
+    samples = np.array([0, 1, -1, 32767, -32768, 1234], np.int16)
+    assert np.array_equal(data.read_wav(write_wav(tmp_path / 'a.wav', samples, 16_000), 16_000), samples)
+    # WAVE_FORMAT_EXTENSIBLE (which Python < 3.12's wave refuses) through the RIFF parser
+    ext = write_wav(tmp_path / 'b.wav', samples, 48_000, extensible=True)
+    assert ext.read_bytes()[20:22] == b'\xfe\xff'
+    assert np.array_equal(data.read_wav(ext, 48_000), samples)
+    # stereo: the first channel, as DABS's wavform[0]
+    stereo = np.stack([samples, -samples], axis=1)
+    assert np.array_equal(data.read_wav(write_wav(tmp_path / 'c.wav', stereo, 16_000, channels=2), 16_000), samples)
+
+
+@pytest.mark.parametrize('case', ['truncated', 'truncated header', '8-bit', '24-bit', 'rate', 'not a wav',
+                                  'extensible float', 'extensible truncated'])
+def test_bad_wav_is_a_data_error(tmp_path, case):
+    f = tmp_path / 'x.wav'
+    samples = np.arange(100, dtype=np.int16)
+    if case == 'truncated':
+        raw = write_wav(f, samples, 16_000).read_bytes()
+        f.write_bytes(raw[:-50])
+        needles = ['truncated', '150 of 200']
+    elif case == 'truncated header':
+        f.write_bytes(write_wav(f, samples, 16_000).read_bytes()[:30])
+        needles = ['x.wav']
+    elif case in ('8-bit', '24-bit'):
+        width = 1 if case == '8-bit' else 3
+        write_wav(f, samples if width == 3 else samples % 256, 16_000, width=width)
+        needles = [case, 'expected 16-bit']
+    elif case == 'rate':
+        write_wav(f, samples, 44_100)
+        needles = ['44100 Hz', '16000 Hz']
+    elif case == 'not a wav':
+        f.write_bytes(b'ID3\x03' + bytes(100))  # an mp3
+        needles = ['not a PCM wav']
+    elif case == 'extensible float':
+        write_wav(f, samples, 16_000, extensible=b'\x03\x00' + bytes(14))  # IEEE float sub-format
+        needles = ['not PCM']
+    else:
+        f.write_bytes(write_wav(f, samples, 16_000, extensible=True).read_bytes()[:40])
+        needles = ['truncated']
+    data_error(lambda: data.read_wav(f, 16_000), str(f), *needles)
+
+
+# -----------------------------------------------------------------------------
+# Google Speech Commands
+
+def expected_speech_rows(root, files, mean=data.GOOGLE_SPEECH_MEAN, std=data.GOOGLE_SPEECH_STD, rate=16_000):
+    """Each file's spectrogram on its own, normalised: what the row of that file must hold."""
+    out = []
+    for f in files:
+        y = torch.from_numpy(data.read_wav(root / f, rate)[:150_526].astype(np.float32) / 32768)[None]
+        out.append((data.log_mel(y, rate) - mean) / std)
+    return torch.cat(out)[:, None]
+
+
+def test_google_speech_split_labels_and_rows(tmp_path):
+    expected = write_fake_google_speech(tmp_path)
+    root = tmp_path / 'speech_commands_v0.02'
+    s = data.load_google_speech(tmp_path, download=False)
+    assert s.train_x.shape == (len(expected['train']), 1, 224, 224) and s.train_x.dtype == torch.float16
+    assert s.test_x.shape == (len(expected['test']), 1, 224, 224)
+    for x, y, files in ((s.train_x, s.train_y, expected['train']), (s.test_x, s.test_y, expected['test'])):
+        assert y.dtype == torch.int64
+        assert y.tolist() == [data.GOOGLE_SPEECH_WORDS.index(f.split('/')[0]) for f in files]
+        assert (x.float() - expected_speech_rows(root, files)).abs().max() < 0.01  # float16 rounding
+    # the test clips are out of train (DABS leaves them in); the validation clips are train's last rows
+    assert not set(expected['train']) & set(expected['test'])
+    assert s.test_y.unique().tolist() == sorted(data.GOOGLE_SPEECH_WORDS.index(w) for w in ('eight', 'cat', 'learn'))
+    assert s.train_y[-6:].tolist() == [data.GOOGLE_SPEECH_WORDS.index(w) for w in ('no', 'no', 'up', 'up', 'yes', 'yes')]
+    assert 35 in s.train_y.tolist()  # _background_noise_ is class 35, cropped to 150,526 samples
+    assert data.GOOGLE_SPEECH.num_classes == len(data.GOOGLE_SPEECH_WORDS) == 36
+
+
+def test_google_speech_download_verifies_extracts_and_caches(tmp_path, monkeypatch):
+    expected = write_fake_google_speech(tmp_path / 'src')
+    # the real tar has no top-level folder: the word folders are at its root
+    archive = tar_gz(tmp_path / 'speech_commands_v0.02.tar.gz', tmp_path / 'src' / 'speech_commands_v0.02', '.')
+    serve(monkeypatch, 'GOOGLE_SPEECH', archive)
+    data_dir = tmp_path / 'data'
+    s = data.load_google_speech(data_dir, download=True)
+    assert sorted(os.listdir(data_dir)) == ['speech_commands_v0.02', 'speech_commands_v0.02.logmel.npy',
+                                            'speech_commands_v0.02.tar.gz']  # no temporary files left
+    assert len(s.train_x) == len(expected['train'])
+    # the second time: no network, no wav read, the cached spectrograms
+    monkeypatch.setattr(urllib.request, 'urlopen', fails)
+    monkeypatch.setattr(data, 'read_wav', fails)
+    again = data.load_google_speech(data_dir, download=True)
+    assert torch.equal(again.train_x, s.train_x) and torch.equal(again.test_y, s.test_y)
+    # a wrong archive is refused with both digests named
+    shutil.rmtree(data_dir / 'speech_commands_v0.02')
+    monkeypatch.setattr(data, 'GOOGLE_SPEECH_SHA256', 'f' * 64)
+    data_error(lambda: data.load_google_speech(data_dir, download=True), 'sha256', 'f' * 64,
+               hashlib.sha256(archive.read_bytes()).hexdigest())
+
+
+def test_stale_speech_cache_is_rebuilt(tmp_path):
+    write_fake_google_speech(tmp_path)
+    first = data.load_google_speech(tmp_path, download=False)
+    (tmp_path / 'speech_commands_v0.02' / 'yes' / '0a1b2c3d_nohash_0.wav').unlink()
+    again = data.load_google_speech(tmp_path, download=False)
+    assert len(again.train_x) == len(first.train_x) - 1
+
+
+@pytest.mark.parametrize('case', ['unknown word', 'no test clips', 'no list'])
+def test_bad_speech_commands_folder_is_a_data_error(tmp_path, case):
+    write_fake_google_speech(tmp_path)
+    root = tmp_path / 'speech_commands_v0.02'
+    if case == 'unknown word':
+        write_wav(root / 'banana' / '0a1b2c3d_nohash_0.wav', np.zeros(10, np.int16), 16_000)
+        needles = ['banana', 'unknown word']
+    elif case == 'no test clips':
+        (root / 'testing_list.txt').write_text('left/0000_nohash_0.wav\n')
+        needles = ['no wav files for the test split']
+    else:
+        (root / 'validation_list.txt').unlink()
+        needles = ['validation_list.txt', 'missing']
+    data_error(lambda: data.load_google_speech(tmp_path, download=False), *needles)
+
+
+@pytest.mark.skipif(not SPEECH_SAMPLE.is_dir(), reason="the real Speech Commands sample is not in shared/data")
+def test_real_speech_commands_sample():
+    before = sorted((p.as_posix(), p.stat().st_mtime_ns) for p in SHARED.rglob('*'))
+    s = data.get_domain('google_speech_sample').load(SHARED, download=False)
+    assert sorted((p.as_posix(), p.stat().st_mtime_ns) for p in SHARED.rglob('*')) == before  # nothing written
+    # 300 clips: 205 in neither list + 44 in validation_list = train; 51 in testing_list = test
+    assert len(s.train_x) == 249 and len(s.test_x) == 51
+    listed = {name: set((SPEECH_SAMPLE / name).read_text().split()) for name in ('validation_list.txt', 'testing_list.txt')}
+    files = sorted(p.relative_to(SPEECH_SAMPLE).as_posix() for p in SPEECH_SAMPLE.glob('*/*.wav'))
+    test = [f for f in files if f in listed['testing_list.txt']]
+    train = [f for f in files if f not in listed['testing_list.txt'] and f not in listed['validation_list.txt']] + \
+        [f for f in files if f in listed['validation_list.txt']]
+    assert s.test_y.tolist() == [data.GOOGLE_SPEECH_WORDS.index(f.split('/')[0]) for f in test]
+    assert s.train_y.tolist() == [data.GOOGLE_SPEECH_WORDS.index(f.split('/')[0]) for f in train]
+    assert len(set(s.train_y.tolist())) == 30  # v0.01's 30 words, all among DABS's 36 labels
+    rows = [0, 100, 248]
+    assert (s.train_x[rows].float() - expected_speech_rows(SPEECH_SAMPLE, [train[i] for i in rows])).abs().max() < 0.01
+    assert torch.isfinite(s.test_x.float()).all()
+
+
+# -----------------------------------------------------------------------------
+# AudioMNIST
+
+def test_audio_mnist_speaker_split_and_rows(tmp_path):
+    expected = write_fake_audio_mnist(tmp_path)
+    s = data.load_audio_mnist(tmp_path, download=False)
+    for x, y, files in ((s.train_x, s.train_y, expected['train']), (s.test_x, s.test_y, expected['test'])):
+        assert y.tolist() == [int(f.name[0]) for f in files]
+        rows = expected_speech_rows(Path('/'), [f.as_posix() for f in files], data.AUDIO_MNIST_MEAN,
+                                    data.AUDIO_MNIST_STD, 48_000)
+        assert (x.float() - rows).abs().max() < 0.01
+    assert (tmp_path / 'AudioMNIST.logmel.npy').exists()
+
+
+@pytest.mark.parametrize('case', ['missing', 'misnamed', 'no test speakers', 'wrong rate'])
+def test_bad_audio_mnist_is_a_data_error(tmp_path, case):
+    if case == 'missing':
+        data_error(lambda: data.load_audio_mnist(tmp_path, download=False), 'git clone', data.AUDIO_MNIST_REPO,
+                   tmp_path / 'AudioMNIST')
+        return
+    expected = write_fake_audio_mnist(tmp_path)
+    if case == 'misnamed':
+        write_wav(tmp_path / 'AudioMNIST' / 'data' / '01' / 'seven_01_0.wav', np.zeros(9, np.int16), 48_000)
+        needles = ['seven_01_0.wav', '<digit>_<speaker>_<repetition>']
+    elif case == 'no test speakers':
+        for f in expected['test']:
+            f.unlink()
+        needles = ['no wav files of the test speakers']
+    else:
+        write_wav(expected['train'][0], np.zeros(9, np.int16), 44_100)
+        needles = ['44100 Hz', '48000 Hz']
+    data_error(lambda: data.load_audio_mnist(tmp_path, download=False), *needles)
+
+
+# -----------------------------------------------------------------------------
+# PAMAP2
+
+def test_interpolation_is_pandas_linear_interpolate():
+    nan = np.nan
+    a = np.array([[nan, 1.0, nan],
+                  [nan, nan, nan],
+                  [2.0, nan, nan],
+                  [nan, 4.0, nan],
+                  [6.0, nan, nan]])
+    # pandas: DataFrame(a).interpolate() -- linear in the row number, forward only
+    expected = np.array([[nan, 1.0, nan],
+                         [nan, 2.0, nan],   # leading NaNs stay NaN
+                         [2.0, 3.0, nan],
+                         [4.0, 4.0, nan],
+                         [6.0, 4.0, nan]])  # after the last value: that value; an all-NaN column stays NaN
+    np.testing.assert_array_equal(data.interpolate_nans(a.copy()), expected)
+
+
+def test_pamap2_windows_labels_and_subject_split(tmp_path):
+    expected = write_fake_pamap2(tmp_path)
+    s = data.load_pamap2(tmp_path, download=False)
+    for x, y, (ex, ey) in ((s.train_x, s.train_y, expected['train']), (s.test_x, s.test_y, expected['test'])):
+        assert x.dtype == torch.float32 and x.shape == (len(ey), 52, 320)
+        assert y.tolist() == ey.tolist()
+        np.testing.assert_allclose(x.numpy(), ex, rtol=0, atol=1e-4)  # the NaN gaps interpolated back exactly
+    assert len(s.train_y) == 7 * 3 and len(s.test_y) == 2 * 3  # subjects 101-104, 107-109 / 105, 106
+    assert [data.PAMAP2_ACTIVITIES[i] for i in s.train_y[:3]] == [1, 17, 24]
+
+
+def test_pamap2_download_extracts_the_zip(tmp_path, monkeypatch):
+    expected = write_fake_pamap2(tmp_path / 'src')
+    archive = zip_folder(tmp_path / 'PAMAP2_Dataset.zip', tmp_path / 'src' / 'PAMAP2_Dataset', 'PAMAP2_Dataset')
+    serve(monkeypatch, 'PAMAP2', archive, digest=False)  # UCI publishes no checksum
+    s = data.load_pamap2(tmp_path / 'data', download=True)
+    assert np.allclose(s.test_x.numpy(), expected['test'][0], atol=1e-4)
+    assert (tmp_path / 'data' / 'PAMAP2_Dataset' / 'Protocol' / 'subject109.dat').is_file()
+
+
+@pytest.mark.parametrize('case', ['a short row', '53 columns', 'unknown activity', 'missing subject', 'no windows'])
+def test_bad_pamap2_is_a_data_error(tmp_path, case):
+    write_fake_pamap2(tmp_path)
+    f = tmp_path / 'PAMAP2_Dataset' / 'Protocol' / 'subject105.dat'
+    lines = f.read_text().splitlines()
+    if case == 'a short row':
+        lines[7] = lines[7].rsplit(' ', 1)[0]
+        needles = ['not a PAMAP2 .dat file', 'row 8']
+    elif case == '53 columns':
+        lines = [line.rsplit(' ', 1)[0] for line in lines]
+        needles = ['53 columns, expected 54']
+    elif case == 'unknown activity':
+        lines[100] = lines[100].replace(' 1.0 ', ' 8.0 ', 1)
+        needles = ['unknown activity ID 8']
+    elif case == 'missing subject':
+        f.unlink()
+        lines = None
+        needles = ['subject105.dat is missing']
+    else:
+        lines = lines[:300]  # only short runs left for subject 105; 106 also cut
+        (f.parent / 'subject106.dat').write_text('\n'.join(lines) + '\n')
+        needles = ['(105, 106)', 'no 320-step run']
+    if lines is not None:
+        f.write_text('\n'.join(lines) + '\n')
+    data_error(lambda: data.load_pamap2(tmp_path, download=False), *needles)
+
+
+# -----------------------------------------------------------------------------
+# HIGGS
+
+def higgs_split(a):
+    a = a[np.random.RandomState(42).permutation(len(a))]  # DABS's df.sample(frac=1, random_state=42)
+    n = math.ceil(0.9 * len(a))
+    return a[:n], a[n:]
+
+
+def test_higgs_rows_split_and_cache(tmp_path, monkeypatch):
+    a = write_fake_higgs(tmp_path)
+    serve(monkeypatch, 'HIGGS', tmp_path / 'HIGGS.csv.gz')
+    s = data.load_higgs(tmp_path, download=False)
+    train, test = higgs_split(a)
+    assert s.train_x.shape == (270, 28) and s.test_x.shape == (30, 28) and s.train_x.dtype == torch.float32
+    assert np.array_equal(s.train_x.numpy(), train[:, 1:]) and np.array_equal(s.test_x.numpy(), test[:, 1:])
+    assert s.train_y.tolist() == train[:, 0].astype(int).tolist() and s.test_y.dtype == torch.int64
+    # cached: the second load neither reads nor verifies the csv.gz
+    monkeypatch.setattr(data, 'read_higgs', fails)
+    monkeypatch.setattr(data, '_check', fails)
+    again = data.load_higgs(tmp_path, download=False)
+    assert torch.equal(again.train_x, s.train_x) and torch.equal(again.test_y, s.test_y)
+
+
+def test_higgs_download_and_row_limit(tmp_path, monkeypatch):
+    a = write_fake_higgs(tmp_path / 'src')
+    serve(monkeypatch, 'HIGGS', tmp_path / 'src' / 'HIGGS.csv.gz')
+    s = data.load_higgs(tmp_path / 'data', download=True, max_rows=100)  # quick runs: the file's first rows
+    train, test = higgs_split(a[:100])
+    assert np.array_equal(s.test_x.numpy(), test[:, 1:]) and len(s.train_x) == 90
+    assert not (tmp_path / 'data' / 'HIGGS.npy').exists()  # a partial parse is never cached
+    assert len(data.load_higgs(tmp_path / 'data', download=True).train_x) == 270
+
+
+@pytest.mark.parametrize('case', ['a short row', '28 columns', 'unknown label', 'truncated', 'not gzip'])
+def test_bad_higgs_is_a_data_error(tmp_path, monkeypatch, case):
+    a = write_fake_higgs(tmp_path)
+    f = tmp_path / 'HIGGS.csv.gz'
+    text = gzip.decompress(f.read_bytes()).decode().splitlines()
+    if case == 'a short row':
+        text[5] = text[5].rsplit(',', 1)[0]
+        needles = ['not the HIGGS csv.gz']
+    elif case == '28 columns':
+        text = [line.rsplit(',', 1)[0] for line in text]
+        needles = ['28 columns, expected 29']
+    elif case == 'unknown label':
+        text[3] = '2' + text[3][text[3].index(','):]
+        needles = ['unknown label 2']
+    if case in ('a short row', '28 columns', 'unknown label'):
+        f.write_bytes(gzip.compress(('\n'.join(text) + '\n').encode()))
+    elif case == 'truncated':
+        f.write_bytes(f.read_bytes()[:-100])
+        needles = ['not the HIGGS csv.gz']
+    else:
+        f.write_text('\n'.join(','.join(map(str, row)) for row in a))  # plain csv named .gz
+        needles = ['not the HIGGS csv.gz', 'gzip']
+    serve(monkeypatch, 'HIGGS', f)  # checksums of the broken file: the parser must catch it
+    data_error(lambda: data.load_higgs(tmp_path, download=False), str(f), *needles)
+    assert not (tmp_path / 'HIGGS.npy').exists()
+
+
+# -----------------------------------------------------------------------------
+# genomics
+
+def test_genomics_tokens_labels_and_split(tmp_path, monkeypatch):
+    rows = write_fake_genomics(tmp_path / 'src')
+    serve(monkeypatch, 'GENOMICS', tmp_path / 'src' / 'genomics_ood.zip', digest=False)  # TFDS publishes none
+    s = data.load_genomics(tmp_path / 'data', download=True)  # the zip is read as it is: nothing extracted
+    assert os.listdir(tmp_path / 'data') == ['genomics_ood.zip']
+    perm = np.random.RandomState(42).permutation(len(rows))
+    tokens = np.array([['ACGT'.index(b) for b in seq] for seq, _ in rows], np.uint8)[perm]
+    labels = np.array([data.GENOMICS_GENERA.index(g) for _, g in rows])[perm]
+    assert s.train_x.dtype == torch.uint8 and s.train_x.shape == (54, 250) and s.test_x.shape == (6, 250)
+    assert np.array_equal(s.train_x.numpy(), tokens[:54]) and np.array_equal(s.test_x.numpy(), tokens[54:])
+    assert s.train_y.tolist() == labels[:54].tolist() and s.test_y.tolist() == labels[54:].tolist()
+    assert data.GENOMICS.to_input(s.train_x[:2]).dtype == torch.int64
+
+
+@pytest.mark.parametrize('case', ['unknown label', 'bad base', 'short sequence', 'no member', 'not a zip', 'in a folder'])
+def test_genomics_bad_input(tmp_path, case):
+    rows = write_fake_genomics(tmp_path)
+    z = tmp_path / 'genomics_ood.zip'
+    seq = rows[0][0]
+    member = 'before_2011_in_tr.txt'
+    if case == 'unknown label':
+        rows[4] = (seq, 'Actinoplanes')  # an OOD genus
+        needles = ['line 6', "unknown label 'Actinoplanes'"]
+    elif case == 'bad base':
+        rows[7] = (seq[:100] + 'N' + seq[101:], rows[7][1])
+        needles = ["sequence 7 has the letter 'N'"]
+    elif case == 'short sequence':
+        rows[2] = (seq[:249], rows[2][1])
+        needles = ['line 4', 'sequence of 249 bases']
+    elif case == 'no member':
+        member = 'after_2016_in_test.txt'
+        needles = ['holds no before_2011_in_tr.txt']
+    elif case == 'in a folder':  # members under a folder are found too
+        member = 'genomics_ood/before_2011_in_tr.txt'
+    if case == 'not a zip':
+        z.write_bytes(b'PK\x03\x04 but not really')
+        needles = ['not a readable zip']
+    else:
+        write_genomics_zip(z, {member: rows})
+    if case == 'in a folder':
+        assert len(data.load_genomics(tmp_path, download=False).train_x) == 54
+    else:
+        data_error(lambda: data.load_genomics(tmp_path, download=False), str(z), *needles)
+
+
+# -----------------------------------------------------------------------------
+# proteins: the streamed JSON reader, Pfam, SCOP
+
+def protein_tokens(records):
+    return np.array([[data.AMINO_ACIDS.index(c) for c in r['primary'][:128].ljust(128, 'X')] for r in records], np.uint8)
+
+
+def test_iter_json_array_equals_json_load_at_any_chunk_size(tmp_path):
+    rng = random.Random(0)
+    values = [{'primary': 'ARND' * rng.randint(0, 40), 'clan': rng.randint(0, 700), 'note': 'a "]," b'},
+              12345678901234567890, -1.5e-300, 'x', None, True, [], {}, [1, [2, {'k': ']'}]]]
+    f = tmp_path / 'a.json'
+    for trial in range(30):
+        arr = [rng.choice(values) for _ in range(rng.randint(0, 12))]
+        f.write_text(json.dumps(arr, indent=rng.choice([None, 2])))
+        for chunk in (1, 2, 5, 64):  # numbers and records cut at every possible place
+            assert list(data.iter_json_array(f, chunk)) == arr
+
+
+@pytest.mark.parametrize('text, needles', [('[{"a": 1}, {"b": ', ['element 1 is not valid JSON']),
+                                           ('[1, 2,', ['ends early, after 2 elements']),
+                                           ('{"a": 1}', ["expected '['"]),
+                                           ('[1 2]', ["expected ','"]),
+                                           ('', ['ends early, after 0 elements'])])
+def test_broken_json_is_a_data_error(tmp_path, text, needles):
+    f = tmp_path / 'a.json'
+    f.write_text(text)
+    data_error(lambda: list(data.iter_json_array(f, 3)), str(f), *needles)
+
+
+def test_pfam_tokens_labels_and_cache(tmp_path, monkeypatch):
+    records = write_fake_pfam(tmp_path)
+    s = data.load_pfam(tmp_path, download=False)
+    clans = sorted({r['clan'] for r in records['train']})  # label = rank among pfam_train's clans
+    for x, y, split in ((s.train_x, s.train_y, 'train'), (s.test_x, s.test_y, 'test')):
+        assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), protein_tokens(records[split]))
+        assert y.tolist() == [clans.index(r['clan']) for r in records[split]]
+    assert (s.train_x == 0).any() and (protein_tokens(records['train']) != 0).all(axis=1).any()  # padded and cut
+    assert sorted(os.listdir(tmp_path / 'pfam')) == ['pfam_train.clans.npy', 'pfam_train.json', 'pfam_train.tokens.npy',
+                                                    'pfam_valid.clans.npy', 'pfam_valid.json', 'pfam_valid.tokens.npy']
+    monkeypatch.setattr(data, 'iter_json_array', fails)  # parsed once
+    again = data.load_pfam(tmp_path, download=False)
+    assert torch.equal(again.train_x, s.train_x) and torch.equal(again.test_y, s.test_y)
+
+
+def test_pfam_and_scop_download_extract(tmp_path, monkeypatch):
+    records = {'pfam': write_fake_pfam(tmp_path / 'src'), 'scop': write_fake_scop(tmp_path / 'src')}
+    for prefix, folder, load in (('PFAM', 'pfam', data.load_pfam), ('SCOP', 'remote_homology', data.load_scop)):
+        archive = tar_gz(tmp_path / f'{folder}.tar.gz', tmp_path / 'src' / folder, folder)
+        serve(monkeypatch, prefix, archive, digest=False)  # TAPE publishes no checksum
+        s = load(tmp_path / 'data', download=True)
+        assert np.array_equal(s.test_x.numpy(), protein_tokens(records[folder if folder == 'pfam' else 'scop']['test']))
+
+
+def test_scop_labels_are_fold_labels(tmp_path):
+    records = write_fake_scop(tmp_path)
+    s = data.load_scop(tmp_path, download=False)
+    assert s.train_y.tolist() == [r['fold_label'] for r in records['train']]
+    assert np.array_equal(s.train_x.numpy(), protein_tokens(records['train']))
+    assert s.train_y.max() == 1194 == data.SCOP.num_classes - 1
+
+
+@pytest.mark.parametrize('case', ['unknown clan', 'bad amino acid', 'truncated', 'not a record', 'string clan',
+                                  'empty', 'fold out of range'])
+def test_bad_protein_json_is_a_data_error(tmp_path, case):
+    records = write_fake_pfam(tmp_path)
+    scop = write_fake_scop(tmp_path)
+    load = data.load_pfam
+    f = tmp_path / 'pfam' / 'pfam_valid.json'
+    if case == 'unknown clan':
+        records['test'][3]['clan'] = 5
+        needles = ['unknown clan 5']
+    elif case == 'bad amino acid':
+        records['test'][2]['primary'] = 'ARN*DC'
+        needles = ["sequence 2 has the letter '*'"]
+    elif case == 'not a record':
+        records['test'][1] = ['ARND', 3]
+        needles = ["element 1 is not a record with a 'primary' string and an integer 'clan'"]
+    elif case == 'string clan':
+        records['test'][0]['clan'] = 'CL0001'
+        needles = ['element 0']
+    elif case == 'empty':
+        records['test'] = []
+        needles = ['holds no records']
+    elif case == 'fold out of range':
+        f = tmp_path / 'remote_homology' / 'remote_homology_train.json'
+        records['test'] = scop['train']
+        records['test'][6]['fold_label'] = 1195
+        load = data.load_scop
+        needles = ['unknown fold_label 1195']
+    write_json_array(f, records['test'])
+    if case == 'truncated':
+        f.write_text(f.read_text()[:-30])
+        needles = ['not valid JSON']
+    data_error(lambda: load(tmp_path, download=False), str(f), *needles)
+
+
+# -----------------------------------------------------------------------------
+# every domain: its spec, its fixture through to_input, and one MetaMAE step
+
+def test_domain_specs():
+    spec = {name: (d.input_shape, d.patch_size, d.vocab_size, d.num_classes, d.batch_size)
+            for name, d in data.DOMAINS.items()}
+    assert spec['google_speech'] == spec['google_speech_sample'] == ((1, 224, 224), (16, 16), 0, 36, 64)
+    assert spec['audio_mnist'] == ((1, 224, 224), (16, 16), 0, 10, 64)
+    assert spec['pamap2'] == ((52, 320), (5,), 0, 12, 256)
+    assert spec['higgs'] == ((28,), (), 0, 2, 256)
+    assert spec['genomics'] == ((250,), (), 4, 10, 32)
+    assert spec['pfam'] == ((128,), (), 26, 623, 128) and spec['scop'] == ((128,), (), 26, 1195, 128)
+    assert all(d.metric == 'accuracy' for d in data.DOMAINS.values())
+
+
+@pytest.mark.parametrize('name', sorted(FAKE_WRITERS))
+def test_fixture_trains_one_metamae_step(tmp_path, monkeypatch, name):
+    domain = data.get_domain(name)
+    s = domain.load(write_fake(name, tmp_path, monkeypatch), download=False)
+    for x, y in ((s.train_x, s.train_y), (s.test_x, s.test_y)):
+        assert x.device.type == 'cpu' and len(x) == len(y) > 0 and y.dtype == torch.int64
+        assert 0 <= y.min() and y.max() < domain.num_classes
+    x = domain.to_input(s.train_x[:4])
+    assert x.shape == (4, *domain.input_shape)
+    assert x.dtype == (torch.int64 if domain.vocab_size else torch.float32)
+    if domain.vocab_size:
+        assert x.max() < domain.vocab_size
+    else:
+        assert torch.isfinite(x).all()
+    cfg = MetaMAEConfig(input_shape=domain.input_shape, patch_size=domain.patch_size, vocab_size=domain.vocab_size,
+                        embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                        decoder_num_heads=2, proj_dim=8, mask_ratio=domain.mask_ratio)
+    loss, _ = MetaMAE(cfg)(x)
+    loss.backward()
+    assert torch.isfinite(loss)
