@@ -303,7 +303,9 @@ def linear_probe(train, val, num_classes, cfg, test=None, seed=0):
     best = dict(val_acc=-1.0)
     for lr in (float(v) for v in cfg.probe_lrs.split(",")):
         g = torch.Generator(device=xtr.device).manual_seed(seed)
-        head = torch.nn.Linear(xtr.shape[1], num_classes).to(xtr.device)
+        with torch.random.fork_rng(devices=[]):  # the same head init whatever ran before, global RNG untouched
+            torch.manual_seed(seed)
+            head = torch.nn.Linear(xtr.shape[1], num_classes).to(xtr.device)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.probe_weight_decay)
         for epoch in range(1, cfg.probe_epochs + 1):
             perm = torch.randperm(len(xtr), generator=g, device=xtr.device)

@@ -1,0 +1,257 @@
+"""Tests of train.py: overrides, resume = uninterrupted, torchrun, the probe's honesty, and the bad-input table."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from test_data import make_cifar, make_tarball
+
+HERE = Path(__file__).resolve().parent
+REAL_DATA = HERE.parent / "shared" / "data"
+TINY = ("--embed-dim 32 --depth 1 --num-heads 2 --decoder-embed-dim 16 --decoder-depth 1 --decoder-num-heads 2 "
+        "--batch-size 8 --probe-epochs 2 --log-interval 1 --warmup-steps 2 --threads 1").split()
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_cifar(root / "cifar-10-batches-py", rows_per_file=20)  # 100 train, 20 test
+    return root
+
+
+def run_main(*args):
+    """train.py in this process; returns the final record."""
+    return train.run(train.parse_args([str(a) for a in args]))
+
+
+def run_cli(*args, cwd=HERE, timeout=300):
+    """train.py as a user runs it; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, str(HERE / "train.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return p.returncode, p.stdout, p.stderr
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def test_overrides_both_spellings_and_types():
+    cfg = train.parse_args(["--domain", "cifar10", "--max-steps=7", "--lr", "3e-4", "--compile", "--first_order=true",
+                            "--download", "false", "--out-dir", "x"])
+    assert (cfg.max_steps, cfg.lr, cfg.compile, cfg.first_order, cfg.download, cfg.out_dir) == (7, 3e-4, True, True,
+                                                                                                 False, "x")
+    assert train.Config().max_steps == 100_000  # defaults untouched
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--no-such-knob", "1"], "unknown option --no-such-knob"),
+    (["--max-steps", "ten"], "--max-steps expects int"),
+    (["--compile=maybe"], "--compile expects bool"),
+    (["--lr"], "needs a value"),
+    (["stray"], "unexpected argument"),
+])
+def test_bad_overrides_name_the_option(argv, needle):
+    with pytest.raises(train.UsageError, match=needle):
+        train.parse_args(argv)
+
+
+def test_help_lists_every_knob():
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    for f in train.fields(train.Config):
+        assert f"--{f.name.replace('_', '-')}" in out
+
+
+def test_presets_and_domain_defaults():
+    domain = train.data.get_domain("cifar10")
+    cpu = train.model_config(train.parse_args(["--preset", "cpu"]), domain)
+    assert (cpu.embed_dim, cpu.depth, cpu.decoder_depth, cpu.mask_ratio) == (192, 6, 2, domain.mask_ratio)
+    paper = train.model_config(train.parse_args(["--depth", "3", "--mask-ratio", "0.75"]), domain)
+    assert (paper.embed_dim, paper.depth, paper.mask_ratio) == (256, 3, 0.75)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    cfg = train.parse_args(["--max-steps", "100", "--warmup-steps", "10", "--lr", "1e-3", "--min-lr", "1e-5"])
+    lrs = [train.lr_at(s, cfg) for s in range(100)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(1e-5, rel=0.05)
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens():
+    model = train.MetaMAE(train.MetaMAEConfig(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                                              decoder_depth=1, decoder_num_heads=2))
+    opt = train.make_optimizer(model, train.Config())
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2 and not name.endswith(("cls_token", "mask_token"))), name
+
+# ----------------------------------------------------------------------------- the probe
+
+
+def test_linear_probe_selects_on_validation_and_scores_test_once():
+    torch.manual_seed(0)
+    w = torch.randn(8, 3)
+    make = lambda n: (lambda f: (f, (f @ w).argmax(1)))(torch.randn(n, 8) * 5 + 3)  # noqa: E731 (unstandardized)
+    cfg = train.parse_args(["--probe-epochs", "30", "--probe-lrs", "1e-2,1e-5"])
+    tr, va, te = make(400), make(100), make(100)
+    res = train.linear_probe(tr, va, 3, cfg, test=te)
+    assert res["lr"] == 1e-2 and 1 <= res["epoch"] <= 30 and res["val_acc"] > 0.85 and res["test_acc"] > 0.85
+    # the choice ignores the test split: garbage test labels change the test score, not the choice
+    garbage = train.linear_probe(tr, va, 3, cfg, test=(te[0], (te[1] + 1) % 3))
+    assert (garbage["lr"], garbage["epoch"], garbage["val_acc"]) == (res["lr"], res["epoch"], res["val_acc"])
+    assert garbage["test_acc"] < 0.5
+    assert "test_acc" not in train.linear_probe(tr, va, 3, cfg)  # no test unless asked
+
+
+def test_png_is_valid(tmp_path):
+    import zlib
+    img = (torch.arange(2 * 3 * 3) % 256).to(torch.uint8).view(2, 3, 3).numpy()
+    train.write_png(tmp_path / "a.png", img)
+    raw = (tmp_path / "a.png").read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
+    idat = raw[33 + 8: -12 - 4]
+    rows = zlib.decompress(idat)
+    assert rows == b"".join(b"\x00" + bytes(r.flatten()) for r in img)
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(cifar_dir, tmp_path):
+    common = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "6", "--eval-interval", "0"]
+    full = run_main(*common, "--out-dir", tmp_path / "full")
+    run_main(*common, "--out-dir", tmp_path / "split", "--stop-step", "3")
+    split_ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    assert split_ckpt["step"] == 3
+    resumed = run_main(*common, "--out-dir", tmp_path / "split", "--resume")
+    a = [r for r in read_log(tmp_path / "full" / "log.jsonl") if "loss" in r]
+    b = [r for r in read_log(tmp_path / "split" / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "amortized", "support", "adapted", "contrast", "lr"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    assert resumed["test_acc"] == full["test_acc"]
+    sa = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not any(k.startswith(("_orig_mod", "module")) for k in sa)
+    assert (tmp_path / "full" / "reconstructions_6.png").is_file()
+
+
+def test_pretraining_lowers_the_loss(cifar_dir, tmp_path):
+    run_main("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "40", "--lr", "3e-3",
+             "--out-dir", tmp_path, "--eval-interval", "0")
+    log = [r for r in read_log(tmp_path / "log.jsonl") if "loss" in r]
+    first, last = sum(r["adapted"] for r in log[:5]) / 5, sum(r["adapted"] for r in log[-5:]) / 5
+    assert last < 0.7 * first
+
+
+def test_eval_only_modes(cifar_dir, tmp_path):
+    common = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path]
+    raw = run_main(*common, "--eval-only", "raw")
+    rnd = run_main(*common, "--eval-only", "random")
+    run_main(*common, "--max-steps", "2", "--eval-interval", "0")
+    ck = run_main(*common, "--eval-only", "ckpt")
+    for rec in (raw, rnd, ck):
+        assert 0 <= rec["test_acc"] <= 1 and 0 <= rec["val_acc"] <= 1
+    assert len(read_log(tmp_path / "eval.jsonl")) == 3
+
+
+def test_torchrun_two_cpu_ranks_stay_identical(cifar_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "train.py"), "--domain", "cifar10", "--data-dir", str(cifar_dir), *TINY, "--max-steps", "3",
+           "--out-dir", str(tmp_path), "--eval-interval", "0", "--device", "cpu"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ranks in sync: max parameter difference 0" in p.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 3
+
+# ----------------------------------------------------------------------------- bad input: one line, non-zero, no traceback
+
+
+def assert_clean_error(result, code, *needles):
+    rc, out, err = result
+    assert rc == code, (rc, out, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_missing_data_without_download_names_url_file_and_option(tmp_path):
+    assert_clean_error(run_cli("--domain", "cifar10", "--data-dir", tmp_path, "--download", "false"), 1,
+                       "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                       "--data-dir")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_internet_is_a_clean_error(tmp_path):
+    # this machine has no route to the dataset's host; CI neither. Either way the error must be clean.
+    rc, out, err = run_cli("--domain", "cifar10", "--data-dir", tmp_path, timeout=600)
+    assert_clean_error((rc, out, err), 1, "cifar-10-python.tar.gz", "--data-dir")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written
+
+
+def test_wrong_checksum_archive_is_refused(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the real archive")
+    assert_clean_error(run_cli("--domain", "cifar10", "--data-dir", tmp_path, "--download", "false"), 1,
+                       "cifar-10-python.tar.gz")
+    assert not (tmp_path / "cifar-10-batches-py").exists()
+
+
+def test_truncated_batch_file_is_a_clean_error(tmp_path):
+    make_cifar(tmp_path / "cifar-10-batches-py", rows_per_file=4)
+    victim = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    victim.write_bytes(victim.read_bytes()[:500])
+    assert_clean_error(run_cli("--domain", "cifar10", "--data-dir", tmp_path, *TINY), 1, "data_batch_3")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--domain", "mnist"], "mnist"),
+    (["--batch-size", "1"], "--batch-size 1"),
+    (["--mask-ratio", "1.5"], "--mask-ratio"),
+    (["--embed-dim", "30"], "embed_dim"),
+    (["--inner-steps", "0"], "contrast_weight"),
+    (["--eval-only", "maybe"], "--eval-only"),
+    (["--preset", "huge"], "--preset"),
+    (["--max-steps", "zero"], "--max-steps"),
+    (["--warp-speed", "9"], "--warp-speed"),
+])
+def test_invalid_options_are_clean_errors(cifar_dir, args, needle):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY]
+    rc, out, err = run_cli(*base, *args)
+    assert rc != 0 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_and_incompatible_checkpoints(cifar_dir, tmp_path):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path]
+    assert_clean_error(run_cli(*base, "--resume"), 1, "no checkpoint")
+    assert_clean_error(run_cli(*base, "--eval-only", "ckpt"), 1, "no checkpoint")
+    run_main(*base, "--max-steps", "1", "--stop-step", "1")
+    assert_clean_error(run_cli(*base, "--resume", "--embed-dim", "64"), 1, "different model", "embed_dim")
+    (tmp_path / "broken.pt").write_bytes(b"garbage")
+    assert_clean_error(run_cli(*base, "--eval-only", "ckpt", "--ckpt", tmp_path / "broken.pt"), 1, "unreadable")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cifar_dir, tmp_path):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--max-steps", "4"]
+    run_main(*base, "--stop-step", "2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    # an absurd learning rate sends the weights to ~1e30 in one step, and the next loss overflows
+    assert_clean_error(run_cli(*base, "--resume", "--lr", "1e30"), 1, "non-finite")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.skipif(not (REAL_DATA / "cifar-10-batches-py").is_dir(), reason="no real CIFAR-10 sample")
+def test_one_step_on_the_real_cifar10_sample(tmp_path):
+    rec = run_main("--domain", "cifar10", "--data-dir", REAL_DATA, *TINY, "--max-steps", "1", "--probe-epochs", "1",
+                   "--out-dir", tmp_path, "--eval-interval", "0")
+    assert rec["step"] == 1 and 0 <= rec["test_acc"] <= 1
