@@ -20,11 +20,12 @@ is scored once, at the very end.
 import json
 import math
 import os
+import statistics
 import struct
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +209,7 @@ def check_options(cfg, mcfg):
 
 
 def setup_device(cfg):
-    """Returns (device, rank, world_size, autocast context factory)."""
+    """Returns (device, rank, world_size, autocast context factory; its .dtype names the precision)."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -229,6 +230,7 @@ def setup_device(cfg):
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    autocast.dtype = dtype  # for the log
     return device, rank, world, autocast
 
 
@@ -247,6 +249,20 @@ def lr_at(step, cfg):
         return cfg.lr * (step + 1) / cfg.warmup_steps
     t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+def train_step(model, opt, x, lr, cfg, autocast):
+    """One optimization step; returns the detached loss and the model's logs (no host sync)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    with autocast():
+        loss, logs = model(x)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss.detach(), logs
 
 # -----------------------------------------------------------------------------
 # checkpoints: atomic, uncompiled/unwrapped keys, RNG states included
@@ -458,19 +474,9 @@ def run(cfg):
     t0, t_start, step_at_t0 = time.time(), time.time(), step
     while step < stop:
         lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
         idx = torch.randint(n_train, (cfg.batch_size,), generator=data_gen, device=device)
-        x = domain.to_input(splits.train_x[idx])
-        model.train()
-        with autocast():
-            loss, logs = model(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        nonfinite |= ~torch.isfinite(loss.detach())  # checked at log steps: no host sync per step
-        opt.step()
+        loss, logs = train_step(model, opt, domain.to_input(splits.train_x[idx]), lr, cfg, autocast)
+        nonfinite |= ~torch.isfinite(loss)  # checked at log steps: no host sync per step
         step += 1
         last = step == stop
         if step % cfg.log_interval == 0 or last or step % cfg.ckpt_interval == 0:
@@ -525,8 +531,66 @@ def run(cfg):
 # benchmark: MAE vs MetaMAE first/second order, one process, ratios to MAE
 
 
+def peak_memory_mb(device, reset=False):
+    """CUDA: max allocated; CPU: the process's peak RSS (VmHWM), which Linux resets through clear_refs."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def bench(cfg, mcfg, domain, device, autocast):
-    raise UsageError("--bench is not implemented yet")
+    """Times the training step of MAE, first-order and second-order MetaMAE with the same backbone, in one
+    process, interleaved so that a noisy machine slows all three alike; prints medians and ratios to MAE."""
+    B = cfg.batch_size
+    if cfg.bench_data:
+        splits = domain.load(Path(cfg.data_dir), cfg.download)
+        pool = splits.train_x.to(device)
+        batch = lambda: domain.to_input(pool[torch.randint(len(pool), (B,), device=device)])  # noqa: E731
+    elif mcfg.kind == "tokens":
+        batch = lambda: torch.randint(mcfg.vocab_size, (B, *mcfg.input_shape), device=device)  # noqa: E731
+    else:
+        batch = lambda: torch.rand(B, *mcfg.input_shape, device=device)  # noqa: E731
+    variants = {"MAE": dict(inner_steps=0, contrast_weight=0.0), "MetaMAE 1st-order": dict(first_order=True),
+                "MetaMAE 2nd-order": dict(first_order=False, inner_steps=max(1, mcfg.inner_steps))}
+    runs = {}
+    for name, change in variants.items():
+        torch.manual_seed(cfg.seed)
+        model = MetaMAE(replace(mcfg, **change)).to(device)
+        if cfg.compile:
+            model.encoder.compile()
+        runs[name] = dict(model=model, opt=make_optimizer(model, cfg), times=[], mem=0.0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for r in range(cfg.bench_repeats + 1):  # repeat 0 warms up (allocator, compile, caches) and is not timed
+        for name, run_ in runs.items():
+            peak_memory_mb(device, reset=True)
+            x = batch()
+            sync()
+            t = time.perf_counter()
+            for _ in range(cfg.bench_steps if r else 3):
+                train_step(run_["model"], run_["opt"], x, cfg.lr, cfg, autocast)
+            sync()
+            if r:
+                run_["times"].append((time.perf_counter() - t) / cfg.bench_steps)
+                run_["mem"] = max(run_["mem"], peak_memory_mb(device))
+    print(f"bench: {cfg.domain} {tuple(mcfg.input_shape)}, {mcfg.num_tokens} tokens, mask {mcfg.mask_ratio}, batch {B}, "
+          f"width {mcfg.embed_dim} depth {mcfg.depth}, decoder {mcfg.decoder_embed_dim}x{mcfg.decoder_depth}, "
+          f"{device}, {autocast.dtype}, threads {torch.get_num_threads()}, compile {cfg.compile}, "
+          f"median of {cfg.bench_repeats} x {cfg.bench_steps} steps")
+    mem_kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
+    print(f"{'model':<20}{'ms/step':>10}{'samples/s':>12}{'x MAE':>8}{mem_kind + ' MB':>24}")
+    base = statistics.median(runs["MAE"]["times"])
+    results = {}
+    for name, run_ in runs.items():
+        ms = 1000 * statistics.median(run_["times"])
+        results[name] = dict(ms_per_step=ms, samples_per_s=1000 * B / ms, ratio=ms / (1000 * base), peak_mb=run_["mem"])
+        print(f"{name:<20}{ms:>10.1f}{1000 * B / ms:>12.0f}{ms / (1000 * base):>8.2f}{run_['mem']:>24.0f}")
+    return results
 
 
 def main(argv=None):
