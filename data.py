@@ -2,7 +2,7 @@
 DABS datasets in their genuine on-disk formats: download, verify, parse, preprocess.
 
 The file reads top to bottom: shared helpers first (download, verify, extract, parse), then one
-section per domain. A section holds the dataset's constants (URL, size, md5), a
+section per domain. A section holds the dataset's constants (URL, size, md5 or sha256), a
 `load(data_dir, download) -> Splits` and a `Domain` saying what the model sees. To add a domain,
 copy the CIFAR-10 section, adapt it, and add its Domain to DOMAINS at the bottom.
 
@@ -12,7 +12,7 @@ Notable choices:
 - No mean/std normalisation: DABS and MetaMAE both feed images in [0, 1] (DABS.md section 0).
 - Test split = the official test split, which is what MetaMAE reports on. `train_val_split` carves a
   fixed validation set out of train for anything that must not look at test.
-- Archives are streamed to a temporary name, checked (size + md5), then renamed into place, and
+- Archives are streamed to a temporary name, checked (size + md5 or sha256), then renamed into place, and
   extracted into a temporary folder that is renamed into place: an interrupted run leaves nothing
   that looks complete. Members that would land outside the folder are refused.
 - Pickles are read with an allow-list (numpy arrays only): unpickling can run code, and a folder
@@ -20,6 +20,10 @@ Notable choices:
 - ImageNet32 is the Chrabaszcz et al. (2017) pickle release, not MetaMAE's torchvision ImageNet
   resized to 32x32: same images, box-filter downsampled, so close but not bit-identical.
 - Every failure the user can fix is a DataError with one line: what is wrong, and what to do.
+- Sources that publish no checksum (PAMAP2, genomics, TAPE's proteins) are not verified: their
+  parsers check every record instead.
+- What takes minutes to parse (speech spectrograms, HIGGS, Pfam) is parsed once into a .npy beside
+  the data, written under a temporary name and renamed, and memory-mapped from then on.
 """
 import csv
 import dataclasses
@@ -320,8 +324,8 @@ def _tokenize(text: bytes, alphabet: str, width: int, what: str, first: int = 0)
     ids = table[np.frombuffer(text, np.uint8)]
     bad = np.flatnonzero(ids == 255)
     if len(bad):
-        raise DataError(f"{what}: sequence {first + bad[0] // width} has the letter {chr(text[bad[0]])!r}, which is not one "
-                        f"of {alphabet}: the file is not the expected dataset; delete it and download it again")
+        raise DataError(f"{what}: sequence {first + bad[0] // width} has the letter {chr(text[bad[0]])!r}, which is "
+                        f"not one of {alphabet}: the file is not the expected dataset; delete it and download it again")
     return ids.reshape(-1, width)
 
 
@@ -417,7 +421,8 @@ def iter_json_array(path: Path, chunk_chars: int = 1 << 22):
 # power squared again, so twice the usual dB), top_db 80, then (x - mean) / std with dataset constants:
 # (1, 224, 224), patches 16x16. Here: torch.stft and our own filterbank (no librosa); test_domains.py
 # checks them against a direct DFT. Spectrograms are computed once at load and stored as float16
-# (~0.002 std of rounding, 0.04 dB), 100 KB per clip.
+# (rounding <= 0.002 of a std, 0.04 dB), 100 KB per clip. A clip longer than 150,526 samples keeps its
+# first ones (DABS at test time; in training DABS keeps the first or the last at random).
 
 SPEECH_SAMPLES = 150_526  # every clip is zero-padded (or cropped) to this many samples
 N_FFT, HOP, N_MELS = 2048, 672, 224
@@ -500,7 +505,7 @@ def log_mel(y: torch.Tensor, sample_rate: int) -> torch.Tensor:
     y = F.pad(y[:, None], (N_FFT // 2, N_FFT // 2 if m == SPEECH_SAMPLES else 0), mode='reflect')[:, 0]
     y = y[:, :(frames - 1) * HOP + N_FFT].contiguous()
     window = torch.hann_window(N_FFT, device=y.device)  # periodic, as librosa's
-    power = torch.stft(y, N_FFT, HOP, window=window, center=False, return_complex=True).abs() ** 2  # (B, 1025, frames)
+    power = torch.stft(y, N_FFT, HOP, window=window, center=False, return_complex=True).abs() ** 2  # (B, 1025, t)
     mel = mel_filterbank(sample_rate).to(y.device, torch.float32) @ power  # (B, 224, frames)
     mel = F.pad(mel, (0, N_FRAMES - frames))  # (B, 224, 224)
     db = 10 * torch.log10((mel ** 2).clamp(min=1e-10))  # power_to_db(S**2): DABS squares the power again
@@ -575,8 +580,8 @@ def speech_commands_splits(root: Path, cache: Path = None) -> Splits:
     test = [f for f in files if f in test]
     for name, split in (('train', train), ('test', test)):
         if not split:
-            raise DataError(f"{root}: no wav files for the {name} split ({len(files)} wavs, {len(lists['testing_list.txt'])}"
-                            f" in testing_list.txt): delete {root} and download the dataset again")
+            raise DataError(f"{root}: no wav file for the {name} split ({len(files)} wav files in all): "
+                            f"delete {root} and download the dataset again")
     labels = [GOOGLE_SPEECH_WORDS.index(f.split('/')[0].lower()) for f in train + test]
     return _speech_splits([root / f for f in train], [root / f for f in test], labels, 16_000,
                           GOOGLE_SPEECH_MEAN, GOOGLE_SPEECH_STD, cache)
@@ -621,7 +626,7 @@ def load_audio_mnist(data_dir: Path, download: bool) -> Splits:
     folder = data_dir / 'AudioMNIST' / 'data'
     if not folder.is_dir():
         raise DataError(f"{folder}/ not found, and AudioMNIST is a git repository, not an archive: run "
-                        f"'git clone {AUDIO_MNIST_REPO} {data_dir / 'AudioMNIST'}' (about 1 GB), "
+                        f"'git clone {AUDIO_MNIST_REPO} {data_dir / 'AudioMNIST'}', "
                         f"or pass --data-dir with the folder that holds AudioMNIST/")
     train, test, labels = [], [], {}
     for f in sorted(folder.glob('*/*.wav')):
@@ -633,7 +638,8 @@ def load_audio_mnist(data_dir: Path, download: bool) -> Splits:
         labels[f] = int(m[1])
     for name, split in (('train', train), ('test', test)):
         if not split:
-            raise DataError(f"{folder}: no wav files of the {name} speakers: is it a complete clone of {AUDIO_MNIST_REPO}?")
+            raise DataError(f"{folder}: no wav file of the {name} speakers: is it a complete clone of "
+                            f"{AUDIO_MNIST_REPO}?")
     return _speech_splits(train, test, [labels[f] for f in train + test], 48_000, AUDIO_MNIST_MEAN,
                           AUDIO_MNIST_STD, cache=data_dir / 'AudioMNIST.logmel.npy')
 
@@ -862,11 +868,17 @@ def protein_chunks(path: Path, label_key: str, labels: list, size: int = 1 << 16
     labels.append(np.array(chunk_labels, np.int64))
 
 
+def _nonempty(path: Path, x):
+    if not len(x):
+        raise DataError(f"{path} holds no records: delete it and download the dataset again")
+    return x
+
+
 def read_proteins(path: Path, label_key: str):
     """A small TAPE JSON file -> (tokens uint8 (N, 128), labels int64 (N,)), in memory."""
     labels = []
     x = np.concatenate(list(protein_chunks(path, label_key, labels)))
-    return x, np.concatenate(labels)
+    return _nonempty(path, x), np.concatenate(labels)
 
 
 def _pfam_arrays(path: Path):
@@ -877,14 +889,8 @@ def _pfam_arrays(path: Path):
         print(f"parsing {path} into {tokens.name} and {clans.name} (once)")
         labels = []
         _write_npy(tokens, protein_chunks(path, 'clan', labels))
-        _write_npy(clans, [np.concatenate(labels)])
+        _write_npy(clans, [_nonempty(path, np.concatenate(labels))])  # an empty file leaves no complete cache
     return _load_npy(tokens), np.load(clans)
-
-
-def _nonempty(path: Path, x):
-    if not len(x):
-        raise DataError(f"{path} holds no records: delete it and download the dataset again")
-    return x
 
 
 def load_pfam(data_dir: Path, download: bool) -> Splits:
@@ -895,16 +901,16 @@ def load_pfam(data_dir: Path, download: bool) -> Splits:
         extract_archive(archive, folder)
     x_train, c_train = _pfam_arrays(folder / 'pfam_train.json')
     x_test, c_test = _pfam_arrays(folder / 'pfam_valid.json')
-    clans = np.unique(_nonempty(folder / 'pfam_train.json', c_train))  # sorted: label = rank, as DABS
+    clans = np.unique(c_train)  # sorted: label = rank, as DABS
     if len(clans) > PFAM_CLANS:
         raise DataError(f"{folder / 'pfam_train.json'} has {len(clans)} clans, expected {PFAM_CLANS}: "
                         f"delete {folder} and download it again")
-    y_train, y_test = np.searchsorted(clans, c_train), np.searchsorted(clans, _nonempty(folder / 'pfam_valid.json', c_test))
+    y_train, y_test = np.searchsorted(clans, c_train), np.searchsorted(clans, c_test)
     unknown = c_test[clans[np.minimum(y_test, len(clans) - 1)] != c_test]
     if len(unknown):
         raise DataError(f"{folder / 'pfam_valid.json'}: unknown clan {unknown[0]}, which pfam_train.json does not "
                         f"have: delete {folder} and download it again")
-    return Splits(torch.from_numpy(x_train), torch.from_numpy(y_train), torch.from_numpy(x_test), torch.from_numpy(y_test))
+    return Splits(*(torch.from_numpy(a) for a in (x_train, y_train, x_test, y_test)))
 
 
 def load_scop(data_dir: Path, download: bool) -> Splits:
@@ -920,7 +926,7 @@ def load_scop(data_dir: Path, download: bool) -> Splits:
         if len(bad):
             raise DataError(f"{folder / name}: unknown fold_label {bad[0]}, expected 0..{SCOP_FOLDS - 1}: "
                             f"delete {folder} and download it again")
-        splits += [torch.from_numpy(_nonempty(folder / name, x)), torch.from_numpy(y)]
+        splits += [torch.from_numpy(x), torch.from_numpy(y)]
     return Splits(*splits)
 
 
