@@ -77,10 +77,8 @@ class MetaMAEConfig:
     @property
     def grid(self):
         """The token grid: (H/ph, W/pw) for 2-D inputs, (n,) otherwise; tokens are its row-major cells."""
-        if self.kind == "2d":
-            return (self.input_shape[1] // self.patch_size[0], self.input_shape[2] // self.patch_size[1])
-        if self.kind == "1d":
-            return (self.input_shape[1] // self.patch_size[0],)
+        if self.kind in ("2d", "1d"):
+            return tuple(n // p for n, p in zip(self.input_shape[1:], self.patch_size))
         return (self.input_shape[0],)
 
     @property
@@ -97,44 +95,37 @@ class MetaMAEConfig:
         return int(self.num_tokens * (1 - self.mask_ratio))
 
     def validate(self):
-        def bad(field, why):
-            raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(self, field)!r})")
-        if self.kind == "invalid" or not all(isinstance(s, int) and s > 0 for s in self.input_shape):
-            bad("input_shape", "expected positive ints (C, H, W), (C, T), (L,) or (F,)")
-        if self.vocab_size < 0:
-            bad("vocab_size", "must be >= 0")
-        if self.kind == "tokens" and len(self.input_shape) != 1:
-            bad("input_shape", "token inputs are (L,)")
-        if self.kind in ("2d", "1d"):
-            if len(self.patch_size) != len(self.input_shape) - 1 or min(self.patch_size) <= 0:
-                bad("patch_size", f"expected {len(self.input_shape) - 1} positive sizes")
-            if any(n % p for n, p in zip(self.input_shape[1:], self.patch_size)):
-                bad("patch_size", f"must divide the input's spatial size {self.input_shape[1:]}")
-        for field in ("embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads", "proj_dim"):
-            if getattr(self, field) <= 0:
-                bad(field, "must be positive")
-        for field in ("depth", "decoder_depth", "inner_steps"):
-            if getattr(self, field) < 0:
-                bad(field, "must be >= 0")
-        # sin-cos tables split the width into sin/cos halves, and 2-D tables split it again by axis
-        if self.embed_dim % self.num_heads or self.embed_dim % (4 if self.kind == "2d" else 2):
-            bad("embed_dim", f"must be divisible by num_heads={self.num_heads} and even (by 4 for 2-D)")
-        if self.decoder_embed_dim % self.decoder_num_heads or self.decoder_embed_dim % (4 if self.kind == "2d" else 2):
-            bad("decoder_embed_dim", f"must be divisible by decoder_num_heads={self.decoder_num_heads} and even")
-        if self.mlp_ratio <= 0:
-            bad("mlp_ratio", "must be positive")
-        if not 0 <= self.dropout < 1:
-            bad("dropout", "must be in [0, 1)")
-        if not 0 < self.num_visible < self.num_tokens:
-            bad("mask_ratio", f"must keep at least one and mask at least one of {self.num_tokens} tokens")
-        if not 0 <= self.support_ratio <= 1:
-            bad("support_ratio", "must be in [0, 1]")
-        if self.temperature <= 0:
-            bad("temperature", "must be positive")
-        if self.contrast_weight < 0:
-            bad("contrast_weight", "must be >= 0")
-        if self.contrast_weight > 0 and self.inner_steps == 0:
-            bad("contrast_weight", "needs inner_steps > 0: without adaptation both views are the same latent")
+        """Raises ValueError naming the first invalid field. Checks run in order, so later ones may assume
+        earlier ones passed (e.g. the mask ratio check needs a valid grid)."""
+        spatial = self.input_shape[1:] if self.kind in ("2d", "1d") else ()
+        even = 4 if self.kind == "2d" else 2  # sin-cos tables halve the width, 2-D tables halve it again
+        checks = [
+            ("input_shape", "expected positive ints (C, H, W), (C, T), (L,) or (F,); tokens are (L,)",
+             lambda: self.kind != "invalid" and all(isinstance(s, int) and s > 0 for s in self.input_shape)
+             and (self.kind != "tokens" or len(self.input_shape) == 1)),
+            ("vocab_size", "must be >= 0", lambda: self.vocab_size >= 0),
+            ("patch_size", f"expected {len(spatial)} positive sizes that divide {spatial}",
+             lambda: not spatial or len(self.patch_size) == len(spatial)
+             and all(p > 0 and n % p == 0 for n, p in zip(spatial, self.patch_size))),
+            *[(f, "must be positive", lambda f=f: getattr(self, f) > 0)
+              for f in ("num_heads", "decoder_num_heads", "proj_dim", "mlp_ratio", "temperature")],
+            *[(f, "must be >= 0", lambda f=f: getattr(self, f) >= 0)
+              for f in ("depth", "decoder_depth", "inner_steps", "contrast_weight")],
+            ("embed_dim", f"must be positive, divisible by num_heads and by {even}",
+             lambda: self.embed_dim > 0 and self.embed_dim % self.num_heads == 0 and self.embed_dim % even == 0),
+            ("decoder_embed_dim", f"must be positive, divisible by decoder_num_heads and by {even}",
+             lambda: self.decoder_embed_dim > 0 and self.decoder_embed_dim % self.decoder_num_heads == 0
+             and self.decoder_embed_dim % even == 0),
+            ("dropout", "must be in [0, 1)", lambda: 0 <= self.dropout < 1),
+            ("mask_ratio", "must keep at least one token and mask at least one",
+             lambda: 0 < self.num_visible < self.num_tokens),
+            ("support_ratio", "must be in [0, 1]", lambda: 0 <= self.support_ratio <= 1),
+            ("contrast_weight", "needs inner_steps > 0: without adaptation both views are the same latent",
+             lambda: self.contrast_weight == 0 or self.inner_steps > 0),
+        ]
+        for field, why, ok in checks:
+            if not ok():
+                raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(self, field)!r})")
 
 # -----------------------------------------------------------------------------
 # tokenizers: every modality becomes a (B, N, P) array of patch values (or (B, N) token ids)

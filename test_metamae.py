@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metamae import (MetaMAE, MetaMAEConfig, nt_xent, random_masking, recon_loss, sincos_1d, sincos_table,
+from metamae import (MetaMAE, MetaMAEConfig, dropout, nt_xent, random_masking, recon_loss, sincos_1d, sincos_table,
                      support_set)
 
 TINY = dict(embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
@@ -290,6 +290,21 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
         losses.append(logs["adapted"].item())
     assert losses[-1] < 0.5 * losses[0]
+
+def test_dropout_keeps_1_minus_p_and_rescales():
+    torch.manual_seed(0)
+    x = torch.ones(1_000_001, requires_grad=True)  # odd size: the bits are drawn in pairs
+    y = dropout(x, 0.1)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 5 * math.sqrt(0.09 / len(x))  # 5 sigma
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask, same scale
+    assert dropout(x, 0.0) is x
+    # neighbouring elements are independent (each pair of 32-bit halves comes from one int64)
+    k = kept.float()
+    both = (k[0:-1:2] * k[1::2]).mean().item()
+    assert abs(both - 0.81) < 5 * math.sqrt(0.81 * 0.19 / (len(x) // 2))
 
 # ----------------------------------------------------------------------------- encode, MAE, validation
 

@@ -174,6 +174,13 @@ def test_torchrun_two_cpu_ranks_stay_identical(cifar_dir, tmp_path):
     assert "ranks in sync: max parameter difference 0" in p.stdout
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 3
 
+def test_bench_prints_three_rows_with_ratios_to_mae(capsys):
+    res = run_main("--bench", *TINY, "--bench-steps", "1", "--bench-repeats", "1")
+    assert list(res) == ["MAE", "MetaMAE 1st-order", "MetaMAE 2nd-order"]
+    assert res["MAE"]["ratio"] == 1.0 and all(r["ms_per_step"] > 0 and r["peak_mb"] > 0 for r in res.values())
+    out = capsys.readouterr().out
+    assert "ms/step" in out and "MetaMAE 2nd-order" in out
+
 # ----------------------------------------------------------------------------- bad input: one line, non-zero, no traceback
 
 

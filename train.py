@@ -498,6 +498,9 @@ def run(cfg):
             log_file.flush()
             t0, step_at_t0 = time.time(), step
         if cfg.eval_interval and step % cfg.eval_interval == 0 and not last and master:
+            if len(domain.input_shape) == 3:
+                reconstruction_grid(raw_model, domain.to_input(splits.train_x[val_idx[:8]]),
+                                    out_dir / f"reconstructions_{step}.png")
             res = evaluate(raw_model, splits, val_idx, train_idx, domain, cfg, autocast, device, with_test=False)
             print(f"step {step} | probe val_acc {res['val_acc']:.4f} (lr {res['lr']}, epoch {res['epoch']})")
             log_file.write(json.dumps(dict(step=step, probe_val_acc=res["val_acc"])) + "\n")
@@ -520,7 +523,7 @@ def run(cfg):
     rec = dict(step=step, train_minutes=(time.time() - t_start) / 60)
     if step == cfg.max_steps:  # the finished run: probe with test, once
         if len(domain.input_shape) == 3:
-            rec["adapt_max_pixel_change"] = reconstruction_grid(raw_model, domain.to_input(splits.test_x[:8]),
+            rec["adapt_max_pixel_change"] = reconstruction_grid(raw_model, domain.to_input(splits.train_x[val_idx[:8]]),
                                                                  out_dir / f"reconstructions_{step}.png")
         res = evaluate(raw_model, splits, val_idx, train_idx, domain, cfg, autocast, device, with_test=True)
         rec.update(val_acc=res["val_acc"], test_acc=res["test_acc"], probe_lr=res["lr"], probe_epoch=res["epoch"],
