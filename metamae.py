@@ -26,6 +26,8 @@ and gradients for the same weights and random state):
 - 2-D position tables work for non-square grids; theirs assume a square one.
 - Hyper-parameters live in one dataclass and are validated when the model is built.
 - `encode` never applies dropout, so features are deterministic whatever the module's mode.
+- On CPU, dropout masks come from int64 random bits instead of torch.bernoulli (about half the cost);
+  same distribution, different draws. Elsewhere it is F.dropout.
 - The support set is drawn right after the mask noise (theirs: after the encoder pass); the two agree
   whenever the encoder draws no random numbers (dropout 0), and ours is reproducible from `noise` + seed.
 """

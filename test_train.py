@@ -164,6 +164,18 @@ def test_eval_only_modes(cifar_dir, tmp_path):
     assert len(read_log(tmp_path / "eval.jsonl")) == 3
 
 
+def test_compiled_encoder_trains_like_eager_and_saves_clean_keys(cifar_dir, tmp_path):
+    common = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "3", "--eval-interval", "0",
+              "--dropout", "0", "--probe-epochs", "1"]
+    run_main(*common, "--out-dir", tmp_path / "eager")
+    run_main(*common, "--out-dir", tmp_path / "compiled", "--compile")
+    eager = [r["loss"] for r in read_log(tmp_path / "eager" / "log.jsonl") if "loss" in r]
+    compiled = [r["loss"] for r in read_log(tmp_path / "compiled" / "log.jsonl") if "loss" in r]
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    keys = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=False)["model"].keys()
+    assert keys == torch.load(tmp_path / "eager" / "ckpt.pt", weights_only=False)["model"].keys()
+
+
 def test_torchrun_two_cpu_ranks_stay_identical(cifar_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "train.py"), "--domain", "cifar10", "--data-dir", str(cifar_dir), *TINY, "--max-steps", "3",
