@@ -202,6 +202,14 @@ def extract_archive(archive: Path, target: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def fetch_and_extract(url: str, archive_name: str, size, digest, download: bool, folder: Path) -> Path:
+    """The dataset's folder: used as it is when there (no network, no hashing), else its archive is
+    fetched (or found in place), verified and extracted safely into it."""
+    if not folder.is_dir():
+        extract_archive(fetch_archive(url, folder.parent / archive_name, size, digest, download, folder.name), folder)
+    return folder
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     # what a pickled numpy array needs (numpy 1 and 2 names; _codecs for Python-3 protocol-2 bytes)
     ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
@@ -261,11 +269,8 @@ CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
 
 def load_cifar10(data_dir: Path, download: bool) -> Splits:
     data_dir = Path(data_dir)
-    folder = data_dir / 'cifar-10-batches-py'
-    if not folder.is_dir():  # already extracted: no network, no hashing
-        archive = fetch_archive(CIFAR10_URL, data_dir / 'cifar-10-python.tar.gz', CIFAR10_SIZE, CIFAR10_MD5,
-                                download, folder.name)
-        extract_archive(archive, folder)
+    folder = fetch_and_extract(CIFAR10_URL, 'cifar-10-python.tar.gz', CIFAR10_SIZE, CIFAR10_MD5, download,
+                               data_dir / 'cifar-10-batches-py')
     train = [read_image_batch(folder / f'data_batch_{i}', 10) for i in range(1, 6)]
     test = [read_image_batch(folder / 'test_batch', 10)]
     return to_splits(train, test)
@@ -589,11 +594,9 @@ def speech_commands_splits(root: Path, cache: Path = None) -> Splits:
 
 def load_google_speech(data_dir: Path, download: bool) -> Splits:
     data_dir = Path(data_dir)
-    folder = data_dir / 'speech_commands_v0.02'
-    if not folder.is_dir():
-        archive = fetch_archive(GOOGLE_SPEECH_URL, data_dir / 'speech_commands_v0.02.tar.gz', GOOGLE_SPEECH_SIZE,
-                                GOOGLE_SPEECH_SHA256, download, folder.name)
-        extract_archive(archive, folder)  # the tar has no top folder: its words land in `folder`
+    # the tar has no top folder: its words land in `folder`
+    folder = fetch_and_extract(GOOGLE_SPEECH_URL, 'speech_commands_v0.02.tar.gz', GOOGLE_SPEECH_SIZE,
+                               GOOGLE_SPEECH_SHA256, download, data_dir / 'speech_commands_v0.02')
     return speech_commands_splits(folder, cache=data_dir / 'speech_commands_v0.02.logmel.npy')
 
 
@@ -709,10 +712,8 @@ def read_pamap2(path: Path):
 
 def load_pamap2(data_dir: Path, download: bool) -> Splits:
     data_dir = Path(data_dir)
-    folder = data_dir / 'PAMAP2_Dataset'
-    if not folder.is_dir():  # no published checksum: the parser checks the content
-        archive = fetch_archive(PAMAP2_URL, data_dir / 'PAMAP2_Dataset.zip', None, None, download, folder.name)
-        extract_archive(archive, folder)
+    # no published checksum: the parser checks the content
+    folder = fetch_and_extract(PAMAP2_URL, 'PAMAP2_Dataset.zip', None, None, download, data_dir / 'PAMAP2_Dataset')
 
     def subjects(ids):
         parts = [read_pamap2(folder / 'Protocol' / f'subject{i}.dat') for i in ids]
@@ -895,10 +896,8 @@ def _pfam_arrays(path: Path):
 
 def load_pfam(data_dir: Path, download: bool) -> Splits:
     data_dir = Path(data_dir)
-    folder = data_dir / 'pfam'
-    if not folder.is_dir():  # no published checksum: the parser checks the content
-        archive = fetch_archive(PFAM_URL, data_dir / 'pfam.tar.gz', None, None, download, folder.name)
-        extract_archive(archive, folder)
+    # no published checksum: the parser checks the content
+    folder = fetch_and_extract(PFAM_URL, 'pfam.tar.gz', None, None, download, data_dir / 'pfam')
     x_train, c_train = _pfam_arrays(folder / 'pfam_train.json')
     x_test, c_test = _pfam_arrays(folder / 'pfam_valid.json')
     clans = np.unique(c_train)  # sorted: label = rank, as DABS
@@ -915,10 +914,8 @@ def load_pfam(data_dir: Path, download: bool) -> Splits:
 
 def load_scop(data_dir: Path, download: bool) -> Splits:
     data_dir = Path(data_dir)
-    folder = data_dir / 'remote_homology'
-    if not folder.is_dir():  # no published checksum: the parser checks the content
-        archive = fetch_archive(SCOP_URL, data_dir / 'remote_homology.tar.gz', None, None, download, folder.name)
-        extract_archive(archive, folder)
+    # no published checksum: the parser checks the content
+    folder = fetch_and_extract(SCOP_URL, 'remote_homology.tar.gz', None, None, download, data_dir / 'remote_homology')
     splits = []
     for name in ('remote_homology_train.json', 'remote_homology_valid.json'):
         x, y = read_proteins(folder / name, 'fold_label')

@@ -28,6 +28,7 @@ import torch
 import data
 from data import DataError
 from metamae import MetaMAE, MetaMAEConfig
+from test_data import data_error
 
 SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
 SPEECH_SAMPLE = SHARED / 'speech_commands_v0.01_sample'
@@ -226,15 +227,6 @@ def write_fake(name, data_dir, monkeypatch):
 # -----------------------------------------------------------------------------
 # helpers
 
-def data_error(fn, *needles):
-    """fn() must raise a one-line DataError that mentions every needle; returns the message."""
-    with pytest.raises(DataError) as e:
-        fn()
-    msg = str(e.value)
-    assert '\n' not in msg, msg
-    for n in needles:
-        assert str(n) in msg, f"{n!r} not in {msg!r}"
-    return msg
 
 
 def fails(*args, **kwargs):
