@@ -328,7 +328,8 @@ def linear_probe(train, val, num_classes, cfg, test=None, seed=0):
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.probe_weight_decay)
         for epoch in range(1, cfg.probe_epochs + 1):
             perm = torch.randperm(len(xtr), generator=g, device=xtr.device)
-            for i in range(0, len(perm) - cfg.probe_batch_size + 1, cfg.probe_batch_size):  # drop_last, as DABS
+            # drop_last, as DABS, but a split smaller than a batch still gets one step
+            for i in range(0, max(len(perm) - cfg.probe_batch_size, 0) + 1, cfg.probe_batch_size):
                 idx = perm[i:i + cfg.probe_batch_size]
                 loss = F.cross_entropy(head(xtr[idx]), ytr[idx])
                 opt.zero_grad(set_to_none=True)
