@@ -257,6 +257,10 @@ def test_missing_and_incompatible_checkpoints(cifar_dir, tmp_path):
     assert_clean_error(run_cli(*base, "--eval-only", "ckpt"), 1, "no checkpoint")
     run_main(*base, "--max-steps", "1", "--stop-step", "1")
     assert_clean_error(run_cli(*base, "--resume", "--embed-dim", "64"), 1, "different model", "embed_dim")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    state["model_config"]["input_shape"] = [3, 16, 16]  # as if trained on another domain
+    torch.save(state, tmp_path / "other.pt")
+    assert_clean_error(run_cli(*base, "--eval-only", "ckpt", "--ckpt", tmp_path / "other.pt"), 1, "--domain")
     (tmp_path / "broken.pt").write_bytes(b"garbage")
     assert_clean_error(run_cli(*base, "--eval-only", "ckpt", "--ckpt", tmp_path / "broken.pt"), 1, "unreadable")
 

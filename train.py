@@ -391,7 +391,7 @@ def log_line(rec):
     print(" | ".join(parts), flush=True)
 
 
-def evaluate(model, splits, val_idx, train_idx, domain, cfg, autocast, device, with_test, mode="model"):
+def evaluate(model, splits, val_idx, train_idx, domain, cfg, autocast, with_test, mode="model"):
     """Linear probe on frozen features; test only when with_test (the end of a run)."""
     if mode == "raw":
         feats = lambda x: raw_features(x, domain.to_input, domain.vocab_size)  # noqa: E731
@@ -427,12 +427,17 @@ def run(cfg):
 
     torch.manual_seed(cfg.seed)
     if cfg.eval_only:
-        model = build_model(mcfg).to(device)
-        if cfg.eval_only == "ckpt":
+        if cfg.eval_only == "ckpt":  # the checkpoint's own architecture, which must read this domain's inputs
             state, saved = load_checkpoint(ckpt_path)
+            if (saved.input_shape, saved.patch_size, saved.vocab_size) != (mcfg.input_shape, mcfg.patch_size,
+                                                                          mcfg.vocab_size):
+                raise RunError(f"checkpoint {ckpt_path} was trained on inputs {saved.input_shape}, not on "
+                               f"{cfg.domain}'s {mcfg.input_shape}; pass the matching --domain")
             model = MetaMAE(saved).to(device)
             model.load_state_dict(state["model"])
-        res = evaluate(model, splits, val_idx, train_idx, domain, cfg, autocast, device, True, cfg.eval_only)
+        else:
+            model = build_model(mcfg).to(device)
+        res = evaluate(model, splits, val_idx, train_idx, domain, cfg, autocast, True, cfg.eval_only)
         rec = dict(mode=f"eval-only {cfg.eval_only}", val_acc=res["val_acc"], test_acc=res["test_acc"],
                    probe_lr=res["lr"], probe_epoch=res["epoch"])
         log_line(rec)
@@ -502,7 +507,7 @@ def run(cfg):
             if len(domain.input_shape) == 3:
                 reconstruction_grid(raw_model, domain.to_input(splits.train_x[val_idx[:8]]),
                                     out_dir / f"reconstructions_{step}.png")
-            res = evaluate(raw_model, splits, val_idx, train_idx, domain, cfg, autocast, device, with_test=False)
+            res = evaluate(raw_model, splits, val_idx, train_idx, domain, cfg, autocast, with_test=False)
             print(f"step {step} | probe val_acc {res['val_acc']:.4f} (lr {res['lr']}, epoch {res['epoch']})")
             log_file.write(json.dumps(dict(step=step, probe_val_acc=res["val_acc"])) + "\n")
             t0, step_at_t0 = time.time(), step
@@ -526,7 +531,7 @@ def run(cfg):
         if len(domain.input_shape) == 3:
             rec["adapt_max_pixel_change"] = reconstruction_grid(raw_model, domain.to_input(splits.train_x[val_idx[:8]]),
                                                                  out_dir / f"reconstructions_{step}.png")
-        res = evaluate(raw_model, splits, val_idx, train_idx, domain, cfg, autocast, device, with_test=True)
+        res = evaluate(raw_model, splits, val_idx, train_idx, domain, cfg, autocast, with_test=True)
         rec.update(val_acc=res["val_acc"], test_acc=res["test_acc"], probe_lr=res["lr"], probe_epoch=res["epoch"],
                    total_minutes=(time.time() - t_start) / 60)
     log_line(rec)
