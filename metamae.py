@@ -113,11 +113,9 @@ class MetaMAEConfig:
               for f in ("num_heads", "decoder_num_heads", "proj_dim", "mlp_ratio", "temperature")],
             *[(f, "must be >= 0", lambda f=f: getattr(self, f) >= 0)
               for f in ("depth", "decoder_depth", "inner_steps", "contrast_weight")],
-            ("embed_dim", f"must be positive, divisible by num_heads and by {even}",
-             lambda: self.embed_dim > 0 and self.embed_dim % self.num_heads == 0 and self.embed_dim % even == 0),
-            ("decoder_embed_dim", f"must be positive, divisible by decoder_num_heads and by {even}",
-             lambda: self.decoder_embed_dim > 0 and self.decoder_embed_dim % self.decoder_num_heads == 0
-             and self.decoder_embed_dim % even == 0),
+            *[(f, f"must be positive and divisible by {h} and by {even}",
+               lambda f=f, h=h: getattr(self, f) > 0 and getattr(self, f) % math.lcm(getattr(self, h), even) == 0)
+              for f, h in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"))],
             ("dropout", "must be in [0, 1)", lambda: 0 <= self.dropout < 1),
             ("mask_ratio", "must keep at least one token and mask at least one",
              lambda: 0 < self.num_visible < self.num_tokens),
@@ -245,15 +243,12 @@ class Block(nn.Module):
 
 
 def init_linears(module):
-    """xavier-uniform weights and zero biases for every Linear, ones and zeros for every LayerNorm."""
+    """xavier-uniform weights and zero biases for every Linear (LayerNorms keep PyTorch's 1 and 0)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 # -----------------------------------------------------------------------------
 # encoder and decoder
