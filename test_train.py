@@ -74,10 +74,14 @@ def test_help_lists_every_knob():
 
 def test_presets_and_domain_defaults():
     domain = train.data.get_domain("cifar10")
-    cpu = train.model_config(train.parse_args(["--preset", "cpu"]), domain)
-    assert (cpu.embed_dim, cpu.depth, cpu.decoder_depth, cpu.mask_ratio) == (192, 6, 2, domain.mask_ratio)
+    cpu_cfg = train.parse_args(["--preset", "cpu"])
+    cpu = train.model_config(cpu_cfg, domain)
+    assert (cpu.embed_dim, cpu.depth, cpu.decoder_depth, cpu.mask_ratio, cpu_cfg.max_steps) == (192, 6, 2, 0.75, 3400)
+    given = train.parse_args(["--depth", "3", "--preset", "cpu", "--max-steps", "10"])  # options win over presets
+    assert (given.depth, given.embed_dim, given.max_steps) == (3, 192, 10)
     paper = train.model_config(train.parse_args(["--depth", "3", "--mask-ratio", "0.75"]), domain)
     assert (paper.embed_dim, paper.depth, paper.mask_ratio) == (256, 3, 0.75)
+    assert train.model_config(train.parse_args([]), domain).mask_ratio == domain.mask_ratio
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
