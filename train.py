@@ -3,7 +3,7 @@ Pretrain MetaMAE on a DABS domain, then evaluate the frozen encoder by linear pr
 
     pip install -r requirements.txt
     python train.py --domain cifar10                       # the paper's run: one GPU (or CPU), downloads CIFAR-10
-    python train.py --domain cifar10 --preset cpu --data-dir ../shared/data   # a short CPU run (~19 min on 2 cores)
+    python train.py --domain cifar10 --preset cpu --data-dir ../shared/data   # a short CPU run (18-21 min on 2 cores)
     torchrun --standalone --nproc_per_node=4 train.py --domain cifar10        # several GPUs (DDP)
     python train.py --domain cifar10 --resume              # continue the run in --out-dir from its checkpoint
     python train.py --domain cifar10 --eval-only ckpt      # probe a checkpoint ('random': a fresh encoder, 'raw': inputs)
