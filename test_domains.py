@@ -26,7 +26,6 @@ import pytest
 import torch
 
 import data
-from data import DataError
 from metamae import MetaMAE, MetaMAEConfig
 from test_data import data_error
 

@@ -394,9 +394,9 @@ def reconstruction_grid(model, x, path):
 # the run
 
 
-def log_line(rec):
-    parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()]
-    print(" | ".join(parts), flush=True)
+def log_line(rec, suffix=""):
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()]
+    print(" | ".join(parts) + suffix, flush=True)
 
 
 def evaluate(model, splits, val_idx, train_idx, domain, cfg, autocast, with_test, mode="model"):
@@ -506,8 +506,7 @@ def run(cfg):
             rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
                        ms_per_step=ms, samples_per_s=cfg.batch_size * world * 1000 / ms)
             eta = (stop - step) * ms / 1000
-            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
-                  + f" | {100 * step / stop:.0f}% eta {eta / 60:.1f} min", flush=True)
+            log_line(rec, f" | {100 * step / stop:.0f}% eta {eta / 60:.1f} min")
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
             t0, step_at_t0 = time.time(), step
