@@ -331,13 +331,15 @@ def support_set(mask, grid, support_ratio, rand):
     """Support set = visible tokens + masked tokens next to a visible one (left/right in 1-D, the
     4-neighbourhood in 2-D), each kept when rand < support_ratio. mask, rand: (B, N) -> (B, N) float."""
     visible = 1 - mask
+    # "a visible token within reach" as max-pools over 0/1 maps; they need no kernel tensor made on the host
+    # (a host-to-device copy would break CUDA-graph capture of the training step)
     if len(grid) == 1:
-        kernel = torch.ones(1, 1, 3, device=mask.device)
-        near = F.conv1d(visible[:, None], kernel, padding=1)[:, 0]  # (B, N) count of visible in i-1..i+1
+        near = F.max_pool1d(visible[:, None], 3, stride=1, padding=1)[:, 0]  # (B, N): itself or left/right
     else:
-        kernel = torch.tensor([[0.0, 1, 0], [1, 1, 1], [0, 1, 0]], device=mask.device)[None, None]
-        near = F.conv2d(visible.view(-1, 1, *grid), kernel, padding=1).flatten(1)  # (B, N)
-    return visible + mask * (near > 0) * (rand < support_ratio)
+        v = visible.view(-1, 1, *grid)  # (B, 1, gh, gw)
+        near = torch.maximum(F.max_pool2d(v, (3, 1), stride=1, padding=(1, 0)),  # itself, above, below
+                             F.max_pool2d(v, (1, 3), stride=1, padding=(0, 1))).flatten(1)  # left, right; (B, N)
+    return visible + mask * near * (rand < support_ratio)
 
 
 def recon_loss(pred, target, select):
@@ -360,8 +362,7 @@ def nt_xent(a, b, temperature):
     logits = z @ z.t() / temperature  # (2B, 2B)
     eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(eye, float("-inf"))  # a vector is not its own negative
-    B = len(a)
-    labels = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(z.device)
+    labels = (torch.arange(len(z), device=z.device) + len(a)) % len(z)  # (2B,): i <-> i + B, made on the device
     return F.cross_entropy(logits, labels)
 
 # -----------------------------------------------------------------------------

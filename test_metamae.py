@@ -5,6 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from metamae import (MetaMAE, MetaMAEConfig, dropout, nt_xent, random_masking, recon_loss, sincos_1d, sincos_table,
                      support_set)
@@ -305,6 +308,64 @@ def test_dropout_keeps_1_minus_p_and_rescales():
     k = kept.float()
     both = (k[0:-1:2] * k[1::2]).mean().item()
     assert abs(both - 0.81) < 5 * math.sqrt(0.81 * 0.19 / (len(x) // 2))
+
+# ----------------------------------------------------------------------------- CUDA-graph safety
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records what breaks CUDA-graph capture, on the meta device: any op fed a tensor that lives elsewhere
+    (a host-to-device copy). Meta tensors hold no data, so a host sync (.item(), bool(t), a data-dependent
+    shape) raises on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.seen += [str(func) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor) and a.is_cpu]
+        return func(*args, **kwargs)
+
+
+class HostTensors(TorchFunctionMode):
+    """torch.tensor(data, device=...) copies from the host even when dispatch does not show it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.tensor, torch.as_tensor, torch.from_numpy):
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", list(MODALITIES))
+@pytest.mark.parametrize("variant", [dict(inner_steps=0, contrast_weight=0.0), dict(first_order=True), dict()])
+def test_training_step_has_no_host_sync_or_host_tensor(kind, variant):
+    cfg_kw, _ = MODALITIES[kind]
+    with torch.device("meta"):
+        model = MetaMAE(MetaMAEConfig(**{**TINY, **cfg_kw, **variant, "dropout": 0.1}))
+    cfg = model.cfg
+    x = (torch.randint(0, 7, (4, *cfg.input_shape), device="meta") if kind == "tokens"
+         else torch.rand(4, *cfg.input_shape, device="meta"))
+    with HostTraffic() as ops, HostTensors() as made:
+        loss, logs = model(x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    assert ops.seen == [] and made.seen == []
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_host_traffic_detectors_fire():  # the test above could not fail if these saw nothing
+    with torch.device("meta"):
+        z = torch.rand(4, 8)
+    with HostTraffic() as ops, HostTensors() as made:
+        z + torch.arange(8).to(z.device)  # a host-made tensor moved to the device
+        torch.tensor([1.0, 2.0], device=z.device)
+    assert ops.seen and made.seen == ["tensor"]
+    with pytest.raises(Exception):
+        z.sum().item()  # a host sync
 
 # ----------------------------------------------------------------------------- encode, MAE, validation
 
