@@ -1,5 +1,6 @@
 """Tests of train.py: overrides, resume = uninterrupted, torchrun, the probe's honesty, and the bad-input table."""
 
+import copy
 import json
 import math
 import os
@@ -199,6 +200,68 @@ def test_bench_prints_three_rows_with_ratios_to_mae(capsys):
     out = capsys.readouterr().out
     assert "ms/step" in out and "MetaMAE 2nd-order" in out
 
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return train.MetaMAE(train.MetaMAEConfig(input_shape=(3, 16, 16), patch_size=(4, 4), embed_dim=32, depth=1,
+                                             num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+                                             **kw))
+
+
+def train_losses(model, opt, cfg, lrs, x):
+    autocast = train.setup_device(cfg)[3]
+    out = []
+    for step, lr in enumerate(lrs):
+        torch.manual_seed(step)  # the same masks and dropout in every run
+        out.append(train.train_step(model, opt, x, lr, cfg, autocast)[0].item())
+    return out
+
+
+def test_graph_mode_optimizer_steps_like_the_eager_one():
+    # --cuda-graph keeps the lr and the step count on the device (a tensor lr, capturable AdamW) so a replayed
+    # step reads them there: the updates must be those of the eager optimizer, also after resuming its state
+    x, lrs = torch.rand(8, 3, 16, 16), [1e-3, 5e-4, 2e-4, 1e-4]
+    eager_cfg, graph_cfg = train.Config(device="cpu"), train.Config(device="cpu", cuda_graph=True)
+    eager = tiny_model()
+    eager_opt = train.make_optimizer(eager, eager_cfg)
+    graph = tiny_model()
+    graph_opt = train.make_optimizer(graph, graph_cfg)
+    assert all(torch.is_tensor(g["lr"]) and g["capturable"] for g in graph_opt.param_groups)
+    lr_tensor = graph_opt.param_groups[0]["lr"]  # a captured step holds this very tensor
+    # not bit for bit: the tensor lr is float32, the Python one float64
+    assert train_losses(eager, eager_opt, eager_cfg, lrs[:2], x) == pytest.approx(
+        train_losses(graph, graph_opt, graph_cfg, lrs[:2], x), rel=1e-6)
+    assert all(g["lr"] is lr_tensor for g in graph_opt.param_groups) and lr_tensor.item() == pytest.approx(lrs[1])
+    for p, q in zip(eager.parameters(), graph.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # an update is ~1e-4
+    # resume the eager run's state in graph mode: loading restores the saved float lr, which must not win
+    resumed = tiny_model()
+    resumed.load_state_dict(eager.state_dict())
+    saved = copy.deepcopy(eager_opt.state_dict())  # as if from disk: a live state_dict shares its tensors
+    resumed_opt = train.make_optimizer(resumed, graph_cfg, state=saved)
+    assert all(torch.is_tensor(g["lr"]) and g["capturable"] for g in resumed_opt.param_groups)
+    train_losses(eager, eager_opt, eager_cfg, lrs[2:], x)
+    train_losses(resumed, resumed_opt, graph_cfg, lrs[2:], x)
+    for p, q in zip(eager.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # an update is ~1e-4
+
+
+def test_bf16_autocast_loss_curve_follows_fp32():
+    # bf16 changes precision, not the method: its curve must stay close to fp32's, well inside what training moves
+    torch.manual_seed(1)
+    x = torch.rand(16, 3, 16, 16) * torch.linspace(0, 1, 16)  # a horizontal ramp: something to learn
+    curves = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = train.Config(device="cpu", dtype=dtype)
+        model = tiny_model()
+        curves[dtype] = train_losses(model, train.make_optimizer(model, cfg), cfg, [3e-3] * 40, x)
+    fp32, bf16 = curves["float32"], curves["bfloat16"]
+    learned = fp32[0] - min(fp32)
+    gap = max(abs(a - b) for a, b in zip(fp32, bf16))
+    assert learned > 0.3 * fp32[0], fp32  # training moved the loss
+    assert 0 < gap < 0.01 * learned, (gap, learned)  # bf16 is really in use, and close
+
 # ----------------------------------------------------------------------------- bad input: one line, non-zero, no traceback
 
 
@@ -248,6 +311,7 @@ def test_truncated_batch_file_is_a_clean_error(tmp_path):
     (["--preset", "huge"], "--preset"),
     (["--max-steps", "zero"], "--max-steps"),
     (["--warp-speed", "9"], "--warp-speed"),
+    (["--cuda-graph"], "--cuda-graph"),  # this machine has no GPU
 ])
 def test_invalid_options_are_clean_errors(cifar_dir, args, needle):
     base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY]

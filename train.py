@@ -82,6 +82,7 @@ class Config:
     device: str = knob("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: str = knob("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'float32' or 'bfloat16'")
     compile: bool = knob(False, "torch.compile the encoder (the decoder is differentiated twice: never compiled)")
+    cuda_graph: bool = knob(False, "capture the whole training step in one CUDA graph and replay it (one GPU)")
     threads: int = knob(0, "CPU threads (0: PyTorch's default)")
     # logging, checkpoints, evaluation
     log_interval: int = knob(100, "steps between log lines")
@@ -236,22 +237,37 @@ def setup_device(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    def autocast(cache=True):  # a CUDA graph must not capture autocast's weight cache (PyTorch's graph notes)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16", cache_enabled=cache)
     autocast.dtype = dtype  # for the log
     return device, rank, world, autocast
 
 
-def make_optimizer(model, cfg):
-    """AdamW; no decay on biases, norms (1-D tensors) and the cls/mask tokens."""
+def make_optimizer(model, cfg, state=None):
+    """AdamW; no decay on biases, norms (1-D tensors) and the cls/mask tokens. state: a state_dict to resume."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or name.endswith(("cls_token", "mask_token")) else decay).append(p)
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     try:  # the fused kernel is 4x faster on CPU than the per-tensor loop; older PyTorch lacks it on CPU
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    if state is not None:
+        opt.load_state_dict(state)
+    if cfg.cuda_graph:  # a replayed step must read the lr and the step count from the device, not from Python;
+        lr = torch.tensor(cfg.lr, device=decay[0].device)  # set after loading, which restores the saved settings
+        for group in opt.param_groups:
+            group.update(lr=lr, capturable=True)
+    return opt
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)  # in place: a captured step reads this tensor; no host sync
+        else:
+            group["lr"] = lr
 
 
 def lr_at(step, cfg):
@@ -261,12 +277,14 @@ def lr_at(step, cfg):
     t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
-def train_step(model, opt, x, lr, cfg, autocast):
-    """One optimization step; returns the detached loss and the model's logs (no host sync)."""
-    for group in opt.param_groups:
-        group["lr"] = lr
+def train_step(model, opt, x, lr, cfg, autocast, cache=True):
+    """One optimization step; returns the detached loss and the model's logs. No host sync and no
+    host-to-device copy (test_metamae checks the model's part on the meta device), so CUDA graphs can
+    capture it. lr=None: the caller has set it."""
+    if lr is not None:
+        set_lr(opt, lr)
     model.train()
-    with autocast():
+    with autocast(cache):
         loss, logs = model(x)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -274,6 +292,45 @@ def train_step(model, opt, x, lr, cfg, autocast):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     return loss.detach(), logs
+
+
+class GraphedStep:
+    """train_step captured once in a CUDA graph and then replayed: one launch per step instead of the
+    thousands of small kernels of a second-order step, which at batch 64 leave the GPU waiting on Python.
+    PyTorch's whole-network recipe: the first steps run eagerly on a side stream (cuBLAS, the allocator and
+    --compile must be warm before capture), then the step is captured on a static input buffer. Random
+    draws (mask, support set, dropout) stay random across replays: CUDA's generator is graph-aware.
+    Every call, warm-up included, is a real training step."""
+
+    def __init__(self, model, opt, cfg, autocast, warmup=3):
+        self.model, self.opt, self.cfg, self.autocast, self.warmup = model, opt, cfg, autocast, warmup
+        self.graph, self.x, self.out = torch.cuda.CUDAGraph(), None, None
+
+    def __call__(self, x, lr):
+        set_lr(self.opt, lr)  # fills the lr tensor the captured optimizer reads
+        if self.warmup:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = train_step(self.model, self.opt, x, None, self.cfg, self.autocast, cache=False)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.x is None:
+            self.x = x.clone()  # the static input every replay reads
+            with torch.cuda.graph(self.graph):
+                self.out = train_step(self.model, self.opt, self.x, None, self.cfg, self.autocast, cache=False)
+        else:
+            self.x.copy_(x)
+        self.graph.replay()  # capturing records without running: the capturing call replays too
+        return self.out  # static tensors, overwritten by the next replay
+
+
+def make_step(model, opt, cfg, autocast):
+    """step(x, lr) -> (loss, logs): eager, or a CUDA graph with --cuda-graph."""
+    if cfg.cuda_graph:
+        return GraphedStep(model, opt, cfg, autocast)
+    return lambda x, lr: train_step(model, opt, x, lr, cfg, autocast)
 
 # -----------------------------------------------------------------------------
 # checkpoints: atomic, uncompiled/unwrapped keys, RNG states included
@@ -421,6 +478,8 @@ def run(cfg):
     out_dir = Path(cfg.out_dir or f"runs/{cfg.domain}")
     device, rank, world, autocast = setup_device(cfg)
     master = rank == 0
+    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
+        raise UsageError("--cuda-graph needs one CUDA device and no torchrun; drop it on CPU or with several GPUs")
 
     if cfg.bench:
         return bench(cfg, mcfg, domain, device, autocast)
@@ -454,13 +513,11 @@ def run(cfg):
         return rec
 
     model = build_model(mcfg).to(device)
-    opt = make_optimizer(model, cfg)
     data_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    step = 0
+    step, state = 0, None
     if cfg.resume:
         state, _ = load_checkpoint(ckpt_path, mcfg)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         step = state["step"]
         torch.set_rng_state(state["rng_cpu"])
         data_gen.set_state(state["rng_data"])
@@ -470,6 +527,7 @@ def run(cfg):
             print(f"resumed from {ckpt_path} at step {step}")
     elif rank:
         torch.manual_seed(cfg.seed + rank)  # each rank draws its own masks
+    opt = make_optimizer(model, cfg, state["optimizer"] if state else None)
     if world > 1:
         if device.type == "cuda":  # one BatchNorm statistic over all ranks, as the authors do
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -479,6 +537,7 @@ def run(cfg):
         raw_model.encoder.compile()  # in place: the state_dict keeps its names
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train = make_step(model, opt, cfg, autocast)
 
     n_train = len(splits.train_x)
     stop = min(cfg.stop_step or cfg.max_steps, cfg.max_steps)
@@ -492,7 +551,7 @@ def run(cfg):
     while step < stop:
         lr = lr_at(step, cfg)
         idx = torch.randint(n_train, (cfg.batch_size,), generator=data_gen, device=device)
-        loss, logs = train_step(model, opt, domain.to_input(splits.train_x[idx]), lr, cfg, autocast)
+        loss, logs = train(domain.to_input(splits.train_x[idx]), lr)
         nonfinite |= ~torch.isfinite(loss)  # checked at log steps: no host sync per step
         step += 1
         last = step == stop
@@ -583,16 +642,16 @@ def bench(cfg, mcfg, domain, device, autocast):
         model = MetaMAE(replace(mcfg, **change)).to(device)
         if cfg.compile:
             model.encoder.compile()
-        runs[name] = dict(model=model, opt=make_optimizer(model, cfg), times=[], mem=0.0)
+        runs[name] = dict(step=make_step(model, make_optimizer(model, cfg), cfg, autocast), times=[], mem=0.0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for r in range(cfg.bench_repeats + 1):  # repeat 0 warms up (allocator, compile, caches) and is not timed
+    for r in range(cfg.bench_repeats + 1):  # repeat 0 warms up (allocator, compile, graph capture): not timed
         for name, run_ in runs.items():
             peak_memory_mb(device, reset=True)
             x = batch()
             sync()
             t = time.perf_counter()
-            for _ in range(cfg.bench_steps if r else 3):
-                train_step(run_["model"], run_["opt"], x, cfg.lr, cfg, autocast)
+            for _ in range(cfg.bench_steps if r else 5):
+                run_["step"](x, cfg.lr)
             sync()
             if r:
                 run_["times"].append((time.perf_counter() - t) / cfg.bench_steps)
@@ -600,15 +659,16 @@ def bench(cfg, mcfg, domain, device, autocast):
     print(f"bench: {cfg.domain} {tuple(mcfg.input_shape)}, {mcfg.num_tokens} tokens, mask {mcfg.mask_ratio}, batch {B}, "
           f"width {mcfg.embed_dim} depth {mcfg.depth}, decoder {mcfg.decoder_embed_dim}x{mcfg.decoder_depth}, "
           f"{device}, {autocast.dtype}, threads {torch.get_num_threads()}, compile {cfg.compile}, "
-          f"median of {cfg.bench_repeats} x {cfg.bench_steps} steps")
+          f"cuda graph {cfg.cuda_graph}, median of {cfg.bench_repeats} x {cfg.bench_steps} steps")
     mem_kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
-    print(f"{'model':<20}{'ms/step':>10}{'samples/s':>12}{'x MAE':>8}{mem_kind + ' MB':>24}")
+    print(f"{'model':<20}{'ms/step':>10}{'samples/s':>12}{'x MAE':>8}{'min/100k steps':>16}{mem_kind + ' MB':>24}")
     base = statistics.median(runs["MAE"]["times"])
     results = {}
     for name, run_ in runs.items():
         ms = 1000 * statistics.median(run_["times"])
         results[name] = dict(ms_per_step=ms, samples_per_s=1000 * B / ms, ratio=ms / (1000 * base), peak_mb=run_["mem"])
-        print(f"{name:<20}{ms:>10.1f}{1000 * B / ms:>12.0f}{ms / (1000 * base):>8.2f}{run_['mem']:>24.0f}")
+        print(f"{name:<20}{ms:>10.1f}{1000 * B / ms:>12.0f}{ms / (1000 * base):>8.2f}{ms * 1e5 / 6e4:>16.1f}"
+              f"{run_['mem']:>24.0f}")
     return results
 
 
