@@ -262,6 +262,26 @@ def test_bf16_autocast_loss_curve_follows_fp32():
     assert learned > 0.3 * fp32[0], fp32  # training moved the loss
     assert 0 < gap < 0.01 * learned, (gap, learned)  # bf16 is really in use, and close
 
+def test_training_loop_reads_the_device_only_at_log_and_checkpoint_steps(cifar_dir, tmp_path, monkeypatch):
+    # on a GPU each read of a device value (.item(), bool(t), .cpu(), ...) stalls the queue: the loop may read
+    # only at log and checkpoint steps, so 4 and 12 steps with the same log/ckpt schedule read equally often
+    reads = []
+
+    def counting(name, original):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    counts = []
+    for stop in (4, 12):
+        reads.clear()
+        run_main("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", 20, "--stop-step", stop,
+                 "--log-interval", 100, "--ckpt-interval", 100, "--out-dir", tmp_path / str(stop))
+        counts.append(sorted(reads))
+    assert counts[0] == counts[1] and counts[0], counts
+
 # ----------------------------------------------------------------------------- bad input: one line, non-zero, no traceback
 
 

@@ -304,17 +304,16 @@ class GraphedStep:
 
     def __init__(self, model, opt, cfg, autocast, warmup=3):
         self.model, self.opt, self.cfg, self.autocast, self.warmup = model, opt, cfg, autocast, warmup
-        self.graph, self.x, self.out = torch.cuda.CUDAGraph(), None, None
+        self.graph, self.side, self.x, self.out = torch.cuda.CUDAGraph(), torch.cuda.Stream(), None, None
 
     def __call__(self, x, lr):
         set_lr(self.opt, lr)  # fills the lr tensor the captured optimizer reads
         if self.warmup:
             self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 out = train_step(self.model, self.opt, x, None, self.cfg, self.autocast, cache=False)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             return out
         if self.x is None:
             self.x = x.clone()  # the static input every replay reads
