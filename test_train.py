@@ -1,5 +1,6 @@
 """Tests of train.py: overrides, resume = uninterrupted, torchrun, the probe's honesty, and the bad-input table."""
 
+import contextlib
 import copy
 import json
 import math
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import train
 from test_data import make_cifar
@@ -245,6 +248,72 @@ def test_graph_mode_optimizer_steps_like_the_eager_one():
     train_losses(resumed, resumed_opt, graph_cfg, lrs[2:], x)
     for p, q in zip(eager.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # an update is ~1e-4
+
+
+class FakeGraph:
+    """A CPU stand-in for torch.cuda.CUDAGraph. Capture records every aten op the step dispatches, with the
+    very tensors it read and wrote; replay re-runs them into the same tensors. As in a real graph, what
+    Python decided at capture (a float lr, a branch, a value read from a tensor) stays frozen, and random
+    ops draw anew. Unlike a real graph, capture also executes the step once."""
+
+    def __init__(self):
+        self.ops = []
+
+    @torch.no_grad()  # kernels only, as a GPU replays them: no autograd bookkeeping
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            new = func(*args, **kwargs)
+            for old, fresh in zip(tree_leaves(out), tree_leaves(new)):
+                if isinstance(old, torch.Tensor) and old.data_ptr() != fresh.data_ptr():
+                    old.copy_(fresh)
+
+
+class Record(TorchDispatchMode):
+    def __init__(self, graph):
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:  # a view aliases memory the replay refreshes anyway
+            self.graph.ops.append((func, args, kwargs or {}, out))
+        return out
+
+
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+def test_cuda_graph_step_replays_like_eager_training(monkeypatch):
+    # GraphedStep on CPU through FakeGraph: its warm-up, capture on static buffers, lr handling and returned
+    # tensors must give the eager run's losses and weights bit for bit (the meta-device test in
+    # test_metamae covers what capture itself forbids: host syncs and host-to-device copies)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: Record(g))
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    cfg = train.Config(device="cpu", cuda_graph=True)
+    autocast = train.setup_device(train.Config(device="cpu"))[3]
+    batches = torch.rand(8, 4, 3, 16, 16)
+    lrs = [1e-3, 8e-4, 6e-4, 4e-4, 3e-4, 2e-4, 1e-4, 5e-5]
+    graphed = tiny_model()
+    step = train.GraphedStep(graphed, train.make_optimizer(graphed, cfg), cfg, autocast)
+    torch.manual_seed(0)
+    got = [step(x, lr)[0].item() for x, lr in zip(batches, lrs)]
+    assert len(step.graph.ops) > 100
+    eager = tiny_model()
+    opt = train.make_optimizer(eager, cfg)
+    torch.manual_seed(0)
+    want = []
+    for i, (x, lr) in enumerate(zip(batches, lrs)):
+        if i == 3:  # the fake's capture ran this step once already
+            train.train_step(eager, opt, x, lr, cfg, autocast, cache=False)
+        want.append(train.train_step(eager, opt, x, lr, cfg, autocast, cache=False)[0].item())
+    assert got == want
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_bf16_autocast_loss_curve_follows_fp32():
