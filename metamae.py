@@ -216,7 +216,7 @@ class Attention(nn.Module):
 
 def dropout(x, p):
     """F.dropout, but cheaper on CPU, where PyTorch draws a Bernoulli sample per element and the encoder's
-    49 dropouts cost more than a third of its forward pass. 31 random bits per element from int64
+    37 dropouts cost more than a third of its forward pass. 31 random bits per element from int64
     random_ are about half the price; an element is kept with probability 1 - p (to within 2^-31)."""
     if p == 0:
         return x
