@@ -5,6 +5,7 @@ Pretrain MetaMAE on a DABS domain, then evaluate the frozen encoder by linear pr
     python train.py --domain cifar10                       # the paper's run: one GPU (or CPU), downloads CIFAR-10
     python train.py --domain cifar10 --preset cpu --data-dir ../shared/data   # a short CPU run (18-21 min on 2 cores)
     torchrun --standalone --nproc_per_node=4 train.py --domain cifar10        # several GPUs (DDP)
+    python train.py --domain cifar10 --cuda-graph --compile   # one GPU, the whole step as one CUDA graph
     python train.py --domain cifar10 --resume              # continue the run in --out-dir from its checkpoint
     python train.py --domain cifar10 --eval-only ckpt      # probe a checkpoint ('random': a fresh encoder, 'raw': inputs)
     python train.py --bench                                # speed of MAE vs MetaMAE first/second order, no data
