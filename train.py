@@ -278,6 +278,7 @@ def lr_at(step, cfg):
     t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
+
 def train_step(model, opt, x, lr, cfg, autocast, cache=True):
     """One optimization step; returns the detached loss and the model's logs. No host sync and no
     host-to-device copy (test_metamae checks the model's part on the meta device), so CUDA graphs can
