@@ -331,8 +331,7 @@ def support_set(mask, grid, support_ratio, rand):
     """Support set = visible tokens + masked tokens next to a visible one (left/right in 1-D, the
     4-neighbourhood in 2-D), each kept when rand < support_ratio. mask, rand: (B, N) -> (B, N) float."""
     visible = 1 - mask
-    # "a visible token within reach" as max-pools over 0/1 maps; they need no kernel tensor made on the host
-    # (a host-to-device copy would break CUDA-graph capture of the training step)
+    # max-pools, not a conv: a conv kernel made on the host would break CUDA-graph capture of the step
     if len(grid) == 1:
         near = F.max_pool1d(visible[:, None], 3, stride=1, padding=1)[:, 0]  # (B, N): itself or left/right
     else:
