@@ -17,23 +17,22 @@ With inner_steps=0 and contrast_weight=0 the same network is a plain MAE.
     x = torch.rand(64, 3, 32, 32)
     loss, logs = model(x)      # logs: amortized / support / adapted / contrast losses (detached)
     loss.backward()
-    features = model.encode(x) # (64, 256): the features a linear probe reads
+    features = model.encode(x) # (64, embed_dim = 256): what a linear probe reads
 
 Deliberate differences from the authors' models.py (the default configuration computes the same loss
 and gradients for the same weights and random state):
 - The patch embedding is a Linear on patchified tokens instead of a Conv with stride = patch: the same
-  function (weight.permute maps one onto the other), but only the visible patches are projected.
+  function (weight.permute maps one onto the other).
 - 2-D position tables work for non-square grids; theirs assume a square one.
 - Hyper-parameters live in one dataclass and are validated when the model is built.
 - `encode` never applies dropout, so features are deterministic whatever the module's mode.
-- On CPU, dropout masks come from int64 random bits instead of torch.bernoulli (about half the cost);
-  same distribution, different draws. Elsewhere it is F.dropout.
 - The support set is drawn right after the mask noise (theirs: after the encoder pass); the two agree
   whenever the encoder draws no random numbers (dropout 0), and ours is reproducible from `noise` + seed.
 """
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -71,22 +70,22 @@ class MetaMAEConfig:
     proj_dim: int = 128
 
     @property
-    def kind(self):
-        if self.vocab_size > 0:
-            return "tokens"
-        return {3: "2d", 2: "1d", 1: "tabular"}.get(len(self.input_shape), "invalid")
+    def modality(self):
+        """'image' (C, H, W) -- spectrograms too --, 'series' (C, T), 'tokens' (L,) or 'tabular' (F,)."""
+        by_rank = {3: "image", 2: "series", 1: "tabular"}
+        return "tokens" if self.vocab_size > 0 else by_rank.get(len(self.input_shape), "invalid")
 
     @property
     def grid(self):
-        """The token grid: (H/ph, W/pw) for 2-D inputs, (n,) otherwise; tokens are its row-major cells."""
-        if self.kind in ("2d", "1d"):
+        """The token grid: (H/ph, W/pw) for images, (T/p,) for series, (L,) or (F,); tokens are its row-major cells."""
+        if self.modality in ("image", "series"):
             return tuple(n // p for n, p in zip(self.input_shape[1:], self.patch_size))
         return (self.input_shape[0],)
 
     @property
     def patch_dim(self):
         """Values per token: ph * pw * C, p * C, or 1 (a tabular feature, or a token id)."""
-        return math.prod(self.patch_size) * self.input_shape[0] if self.kind in ("2d", "1d") else 1
+        return math.prod(self.patch_size) * self.input_shape[0] if self.modality in ("image", "series") else 1
 
     @property
     def num_tokens(self):
@@ -97,81 +96,83 @@ class MetaMAEConfig:
         return int(self.num_tokens * (1 - self.mask_ratio))
 
     def validate(self):
-        """Raises ValueError naming the first invalid field. Checks run in order, so later ones may assume
-        earlier ones passed (e.g. the mask ratio check needs a valid grid)."""
-        spatial = self.input_shape[1:] if self.kind in ("2d", "1d") else ()
-        even = 4 if self.kind == "2d" else 2  # sin-cos tables halve the width, 2-D tables halve it again
-        checks = [
-            ("input_shape", "expected positive ints (C, H, W), (C, T), (L,) or (F,); tokens are (L,)",
-             lambda: self.kind != "invalid" and all(isinstance(s, int) and s > 0 for s in self.input_shape)
-             and (self.kind != "tokens" or len(self.input_shape) == 1)),
-            ("vocab_size", "must be >= 0", lambda: self.vocab_size >= 0),
-            ("patch_size", f"expected {len(spatial)} positive sizes that divide {spatial}",
-             lambda: not spatial or len(self.patch_size) == len(spatial)
-             and all(p > 0 and n % p == 0 for n, p in zip(spatial, self.patch_size))),
-            *[(f, "must be positive", lambda f=f: getattr(self, f) > 0)
-              for f in ("num_heads", "decoder_num_heads", "proj_dim", "mlp_ratio", "temperature")],
-            *[(f, "must be >= 0", lambda f=f: getattr(self, f) >= 0)
-              for f in ("depth", "decoder_depth", "inner_steps", "contrast_weight")],
-            *[(f, f"must be positive and divisible by {h} and by {even}",
-               lambda f=f, h=h: getattr(self, f) > 0 and getattr(self, f) % math.lcm(getattr(self, h), even) == 0)
-              for f, h in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"))],
-            ("dropout", "must be in [0, 1)", lambda: 0 <= self.dropout < 1),
-            ("mask_ratio", "must keep at least one token and mask at least one",
-             lambda: 0 < self.num_visible < self.num_tokens),
-            ("support_ratio", "must be in [0, 1]", lambda: 0 <= self.support_ratio <= 1),
-            ("contrast_weight", "needs inner_steps > 0: without adaptation both views are the same latent",
-             lambda: self.contrast_weight == 0 or self.inner_steps > 0),
-        ]
-        for field, why, ok in checks:
-            if not ok():
-                raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(self, field)!r})")
+        """Raises ValueError naming the first invalid field. Checks run in order: later ones may assume
+        that earlier ones passed (the mask ratio check needs a valid grid)."""
+        def bad(field, why):
+            raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(self, field)!r})")
+        shape, patch = self.input_shape, self.patch_size
+        if (not isinstance(shape, (tuple, list)) or self.modality == "invalid"
+                or not all(isinstance(s, int) and s > 0 for s in shape)
+                or (self.modality == "tokens" and len(shape) != 1)):
+            bad("input_shape", "expected a tuple of positive ints (C, H, W), (C, T), (L,) or (F,); tokens are (L,)")
+        if self.vocab_size < 0:
+            bad("vocab_size", "must be >= 0")
+        spatial = shape[1:] if self.modality in ("image", "series") else ()
+        if spatial and (not isinstance(patch, (tuple, list)) or len(patch) != len(spatial)
+                        or not all(isinstance(p, int) and p > 0 and n % p == 0 for n, p in zip(spatial, patch))):
+            bad("patch_size", f"expected a tuple of {len(spatial)} positive ints that divide {spatial}")
+        for field in ("num_heads", "decoder_num_heads", "proj_dim", "mlp_ratio", "temperature"):
+            if not getattr(self, field) > 0:
+                bad(field, "must be positive")
+        for field in ("depth", "decoder_depth", "inner_steps", "contrast_weight", "inner_lr"):
+            if not getattr(self, field) >= 0:
+                bad(field, "must be >= 0")
+        even = 4 if self.modality == "image" else 2  # sin-cos tables halve the width, 2-D ones halve it again
+        for field, heads in (("embed_dim", self.num_heads), ("decoder_embed_dim", self.decoder_num_heads)):
+            width = getattr(self, field)
+            if width <= 0 or width % heads or width % even:
+                bad(field, f"must be positive and divisible by {heads} and by {even}")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", "must be in [0, 1)")
+        if not 0 < self.num_visible < self.num_tokens:
+            bad("mask_ratio", "must keep at least one token and mask at least one")
+        if not 0 <= self.support_ratio <= 1:
+            bad("support_ratio", "must be in [0, 1]")
+        if self.contrast_weight > 0 and self.inner_steps == 0:
+            bad("contrast_weight", "needs inner_steps > 0: without adaptation both views are the same latent")
 
 # -----------------------------------------------------------------------------
-# tokenizers: every modality becomes a (B, N, P) array of patch values (or (B, N) token ids)
+# tokens: every modality becomes a (B, N, P) array of patch values (or (B, N) token ids) on a grid
+# with fixed sin-cos positions (MAE's layout, computed in float64)
 
 
 class Tokenizer(nn.Module):
-    """Cuts an input into N tokens, embeds a subset of them, and puts predictions back in the input's layout."""
+    """Cuts an input into N tokens, embeds them, and puts predictions back in the input's layout."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        if cfg.kind == "tokens":
+        if cfg.modality == "tokens":
             self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
             nn.init.xavier_uniform_(self.embedding.weight)
         else:
-            # one Linear over a patch's values; tabular features share a Linear(1, D), as a 1-D series
-            # of one channel with patch 1 (the authors' treatment of HIGGS)
+            # one Linear over a patch's values; tabular features share a Linear(1, D), as the authors' HIGGS
             self.proj = nn.Linear(cfg.patch_dim, cfg.embed_dim)
             nn.init.xavier_uniform_(self.proj.weight)  # bias keeps PyTorch's default, as their Conv's does
 
     def patchify(self, x):
         """Input -> reconstruction targets: (B, N, patch_dim) floats, or (B, N) token ids."""
-        if self.cfg.kind == "2d":  # MAE's patch order: (ph, pw, C)
+        if self.cfg.modality == "image":  # MAE's patch order: (ph, pw, C)
             ph, pw = self.cfg.patch_size
             return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=ph, p2=pw)
-        if self.cfg.kind == "1d":
+        if self.cfg.modality == "series":
             return rearrange(x, "b c (n p) -> b n (p c)", p=self.cfg.patch_size[0])
-        if self.cfg.kind == "tabular":
+        if self.cfg.modality == "tabular":
             return x.unsqueeze(-1)  # (B, F, 1)
         return x.long()  # (B, L) token ids
 
     def unpatchify(self, t):
         """Inverse of patchify, for predictions: (B, N, patch_dim) -> the input's layout."""
-        if self.cfg.kind == "2d":
+        if self.cfg.modality == "image":
             (ph, pw), (gh, gw) = self.cfg.patch_size, self.cfg.grid
             return rearrange(t, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=ph, p2=pw)
-        if self.cfg.kind == "1d":
+        if self.cfg.modality == "series":
             return rearrange(t, "b n (p c) -> b c (n p)", p=self.cfg.patch_size[0])
-        return t.squeeze(-1) if self.cfg.kind == "tabular" else t
+        return t.squeeze(-1) if self.cfg.modality == "tabular" else t
 
     def embed(self, tokens):
         """(B, n, patch_dim) patches or (B, n) ids -> (B, n, D)."""
-        return self.embedding(tokens) if self.cfg.kind == "tokens" else self.proj(tokens)
-
-# -----------------------------------------------------------------------------
-# fixed sin-cos position tables (MAE's layout), computed in float64
+        return self.embedding(tokens) if self.cfg.modality == "tokens" else self.proj(tokens)
 
 
 def sincos_1d(dim, pos):
@@ -194,52 +195,38 @@ def sincos_table(dim, grid):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads, fused):
+    def __init__(self, dim, num_heads, twice_differentiable):
         super().__init__()
-        self.num_heads, self.fused = num_heads, fused
+        self.num_heads, self.twice_differentiable = num_heads, twice_differentiable
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):  # (B, L, D) -> (B, L, D)
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
-        if self.fused:
-            # The fused kernels behind SDPA (flash, memory-efficient; on CPU too) have no double
-            # backward, so only the encoder, which is differentiated once, may use them.
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            # The decoder is differentiated twice (the inner-loop gradient is itself differentiated
-            # by the outer loss), so it spells attention out in plain, twice-differentiable ops.
+        if self.twice_differentiable:
+            # The decoder is differentiated twice (the inner-loop gradient is itself differentiated by
+            # the outer loss), and the fused kernels behind SDPA (flash, memory-efficient; on CPU too)
+            # have no double backward: spell attention out in plain ops.
             attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, L, L); scaling q is cheaper
             out = attn.softmax(dim=-1) @ v  # (B, h, L, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # the encoder, differentiated once: fused
         return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
-def dropout(x, p):
-    """F.dropout, but cheaper on CPU, where PyTorch draws a Bernoulli sample per element and the encoder's
-    37 dropouts cost more than a third of its forward pass. 31 random bits per element from int64
-    random_ are about half the price; an element is kept with probability 1 - p (to within 2^-31)."""
-    if p == 0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p)  # fused and cheap on accelerators
-    bits = torch.empty((x.numel() + 1) // 2, dtype=torch.int64).random_().view(torch.int32)[:x.numel()]
-    keep = (bits & 0x7FFFFFFF) >= round(p * 2**31)  # random_ fills [0, 2^63): bit 31 of the high half is 0
-    return x * (keep.view_as(x).to(x.dtype) / (1 - p))
-
-
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio, fused):
+    def __init__(self, dim, num_heads, mlp_ratio, twice_differentiable=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, fused)
+        self.attn = Attention(dim, num_heads, twice_differentiable)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
         self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
-    def forward(self, x, p=0.0):  # (B, L, D); p: dropout after attention, after GELU, after fc2
-        x = x + dropout(self.attn(self.norm1(x)), p)
-        h = dropout(F.gelu(self.fc1(self.norm2(x))), p)  # (B, L, mlp_ratio * D)
-        return x + dropout(self.fc2(h), p)
+    def forward(self, x, p=0.0):  # (B, L, D); p: dropout after attention, after GELU, after fc2 (timm's places)
+        x = x + F.dropout(self.attn(self.norm1(x)), p)
+        h = F.dropout(F.gelu(self.fc1(self.norm2(x))), p)  # (B, L, mlp_ratio * D)
+        return x + F.dropout(self.fc2(h), p)
 
 
 def init_linears(module):
@@ -262,25 +249,21 @@ class Encoder(nn.Module):
         self.tokenizer = Tokenizer(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.register_buffer("pos", sincos_table(cfg.embed_dim, cfg.grid), persistent=False)  # (N, D)
-        self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, fused=True)
-                                    for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim)
         init_linears(self.blocks)
         nn.init.normal_(self.cls_token, std=0.02)
 
     def forward(self, tokens, ids_keep=None, p=0.0):
-        """tokens: (B, N, P) or (B, N) from patchify; ids_keep: (B, n) visible positions, None for all."""
-        pos = self.pos.expand(tokens.shape[0], -1, -1)  # (B, N, D)
-        if ids_keep is not None:  # embed only the visible tokens
-            tokens = tokens.gather(1, ids_keep if tokens.dim() == 2 else
-                                   ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, n, P)
-            pos = pos.gather(1, ids_keep[..., None].expand(-1, -1, pos.shape[-1]))  # (B, n, D)
-        x = self.tokenizer.embed(tokens) + pos  # (B, n, D)
+        """tokens: (B, N, P) or (B, N) from patchify; ids_keep: (B, n) visible positions (None: all) -> (B, 1+n, D)"""
+        x = self.tokenizer.embed(tokens) + self.pos  # (B, N, D)
+        if ids_keep is not None:  # the encoder sees the visible tokens only
+            x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+n, D); cls has no position
-        x = dropout(x, p)
+        x = F.dropout(x, p)
         for block in self.blocks:
             x = block(x, p)
-        return self.norm(x)  # (B, 1+n, D)
+        return self.norm(x)
 
 
 class Decoder(nn.Module):
@@ -292,11 +275,11 @@ class Decoder(nn.Module):
         self.embed = nn.Linear(cfg.embed_dim, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.register_buffer("pos", sincos_table(d, cfg.grid), persistent=False)  # (N, d)
-        self.blocks = nn.ModuleList(Block(d, cfg.decoder_num_heads, cfg.mlp_ratio, fused=False)
+        self.blocks = nn.ModuleList(Block(d, cfg.decoder_num_heads, cfg.mlp_ratio, twice_differentiable=True)
                                     for _ in range(cfg.decoder_depth))
         self.norm = nn.LayerNorm(d)
         # token inputs: predict an encoder-width vector, scored against the tied token embedding
-        self.head = nn.Linear(d, cfg.embed_dim if cfg.kind == "tokens" else cfg.patch_dim)
+        self.head = nn.Linear(d, cfg.embed_dim if cfg.modality == "tokens" else cfg.patch_dim)
         init_linears(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -314,7 +297,7 @@ class Decoder(nn.Module):
         return pred
 
 # -----------------------------------------------------------------------------
-# masking and the support set
+# masking, the support set, and the losses
 
 
 def random_masking(noise, num_visible):
@@ -350,8 +333,6 @@ def recon_loss(pred, target, select):
         per_token = (pred - target).pow(2).mean(dim=-1)  # (B, N)
     return (per_token * select).sum() / select.sum()
 
-# -----------------------------------------------------------------------------
-# contrastive loss between the amortized and the adapted latents
 
 
 def nt_xent(a, b, temperature):
@@ -359,13 +340,22 @@ def nt_xent(a, b, temperature):
     2B-2 vectors are negatives. a, b: (B, P) -> scalar."""
     z = torch.cat([a, b])  # (2B, P)
     logits = z @ z.t() / temperature  # (2B, 2B)
-    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(eye, float("-inf"))  # a vector is not its own negative
+    self_pairs = torch.eye(len(z), dtype=torch.bool, device=z.device)  # a vector is not its own negative
+    logits = logits.masked_fill(self_pairs, float("-inf"))
     labels = (torch.arange(len(z), device=z.device) + len(a)) % len(z)  # (2B,): i <-> i + B, made on the device
     return F.cross_entropy(logits, labels)
 
 # -----------------------------------------------------------------------------
 # the model
+
+
+class Task(NamedTuple):
+    """A batch of inputs read as meta-learning tasks: what the encoder sees and what each loss reads."""
+    target: torch.Tensor       # (B, N, P) patch values, or (B, N) token ids: what is reconstructed
+    ids_keep: torch.Tensor     # (B, n) the visible positions, in the encoder's order
+    ids_restore: torch.Tensor  # (B, N) puts the encoder's order back into the input's
+    mask: torch.Tensor         # (B, N) 1 = masked: the query set
+    support: torch.Tensor      # (B, N) 1 = in the support set: the visible tokens and some masked neighbours
 
 
 class MetaMAE(nn.Module):
@@ -380,31 +370,8 @@ class MetaMAE(nn.Module):
             self.projector = nn.Sequential(nn.Linear(D, 4 * D, bias=False), nn.BatchNorm1d(4 * D), nn.ReLU(),
                                            nn.Linear(4 * D, cfg.proj_dim, bias=False))
 
-    def decode(self, z, ids_restore):
-        emb = self.encoder.tokenizer.embedding.weight if self.cfg.kind == "tokens" else None
-        return self.decoder(z, ids_restore, emb)
-
-    def adapt(self, z, ids_restore, target, support):
-        """The inner loop: Z* = Z - inner_lr * grad_Z(B * loss_support), inner_steps times. The factor B
-        makes it a per-sample step, since loss_support averages over the batch. Returns Z*, the
-        prediction from Z and the support loss before adaptation."""
-        # second order: keep the graph of grad_Z, so the outer loss trains the encoder and decoder
-        # through the adaptation too; but never when the caller has no graph to build (no_grad)
-        create_graph = torch.is_grad_enabled() and not self.cfg.first_order
-        first_pred = first_loss = None
-        for _ in range(self.cfg.inner_steps):
-            with torch.enable_grad():  # so that adaptation also works under torch.no_grad()
-                z_ = z if z.requires_grad else z.detach().requires_grad_()
-                pred = self.decode(z_, ids_restore)  # (B, N, P)
-                loss = recon_loss(pred, target, support)
-                grad, = torch.autograd.grad(loss * len(z), z_, create_graph=create_graph)
-            if first_pred is None:
-                first_pred, first_loss = pred, loss
-            z = z - self.cfg.inner_lr * grad  # (B, 1+n, D)
-        return z, first_pred, first_loss
-
-    def _masked_forward(self, x, noise):
-        """The shared part of forward and reconstruct."""
+    def make_task(self, x, noise=None):
+        """Tokens, mask and support set of a batch x; noise (B, N) fixes the mask (None: drawn)."""
         cfg = self.cfg
         target = self.encoder.tokenizer.patchify(x)  # (B, N, P) or (B, N)
         B, N = target.shape[:2]
@@ -412,25 +379,50 @@ class MetaMAE(nn.Module):
             noise = torch.rand(B, N, device=x.device)
         ids_keep, ids_restore, mask = random_masking(noise, cfg.num_visible)
         support = 1 - mask
-        if cfg.inner_steps > 0 and cfg.support_ratio > 0:  # drawn right after the noise (see docstring)
+        if cfg.inner_steps > 0 and cfg.support_ratio > 0:  # drawn right after the noise (see the docstring)
             support = support_set(mask, cfg.grid, cfg.support_ratio, torch.rand(B, N, device=x.device))
-        z = self.encoder(target, ids_keep, cfg.dropout if self.training else 0.0)  # amortized latent (B, 1+n, D)
-        if cfg.inner_steps > 0:
-            z_star, pred, support_loss = self.adapt(z, ids_restore, target, support)
-        else:
-            z_star, pred, support_loss = z, self.decode(z, ids_restore), None
-        return target, mask, z, z_star, pred, support_loss, ids_restore
+        return Task(target, ids_keep, ids_restore, mask, support)
+
+    def decode(self, z, ids_restore):  # (B, 1+n, D) -> (B, N, P), or (B, N, vocab) logits
+        emb = self.encoder.tokenizer.embedding.weight if self.cfg.modality == "tokens" else None
+        return self.decoder(z, ids_restore, emb)
+
+    def adapt(self, z, pred, task):
+        """The inner loop: Z* = Z - inner_lr * grad_Z(B * loss_support), inner_steps times, the gradient
+        taken through the decoder. pred = decode(Z), which the caller has made for the MAE loss.
+        Returns Z* (B, 1+n, D) and decode(Z*)."""
+        for _ in range(self.cfg.inner_steps):
+            support_loss = recon_loss(pred, task.target, task.support)
+            # B * the batch mean: each sample takes its own step, whatever the batch size. Second order
+            # keeps the gradient's graph, so the outer loss trains through the adaptation too.
+            grad, = torch.autograd.grad(support_loss * len(z), z, create_graph=not self.cfg.first_order)
+            z = z - self.cfg.inner_lr * grad  # (B, 1+n, D)
+            pred = self.decode(z, task.ids_restore)
+        return z, pred
 
     def forward(self, x, noise=None):
-        """x: a batch in the input layout; noise: (B, N) to fix the mask. Returns (loss, logs)."""
+        """x: a batch in the input layout; noise: (B, N) to fix the mask. Returns (loss, logs): the detached
+        query loss from Z ('amortized'), and with adaptation the support loss before it, the query loss
+        from Z* ('adapted') and the contrastive loss."""
         cfg = self.cfg
-        target, mask, z, z_star, pred, support_loss, ids_restore = self._masked_forward(x, noise)
-        amortized = recon_loss(pred, target, mask)  # query loss from Z: the MAE loss
-        logs = {"amortized": amortized.detach()}
+        if cfg.inner_steps and not torch.is_grad_enabled():
+            # the inner step is a gradient: evaluating the loss without one still needs autograd
+            if torch.is_inference_mode_enabled():
+                raise RuntimeError("MetaMAE's inner loop takes a gradient: call it outside torch.inference_mode "
+                                   "(torch.no_grad works); encode() works under either")
+            with torch.enable_grad():
+                loss, logs = self(x, noise)
+            return loss.detach(), logs
+        task = self.make_task(x, noise)
+        z = self.encoder(task.target, task.ids_keep, cfg.dropout if self.training else 0.0)  # amortized latent
+        pred = self.decode(z, task.ids_restore)  # (B, N, P): the reconstruction from Z
+        amortized = recon_loss(pred, task.target, task.mask)  # query loss from Z: the MAE loss
         if cfg.inner_steps == 0:
-            return amortized, logs
-        loss = recon_loss(self.decode(z_star, ids_restore), target, mask)  # query loss from Z*
-        logs.update(support=support_loss.detach(), adapted=loss.detach())
+            return amortized, {"amortized": amortized.detach()}
+        z_star, pred_star = self.adapt(z, pred, task)  # the adapted latent, and its reconstruction
+        loss = recon_loss(pred_star, task.target, task.mask)  # query loss from Z*
+        logs = dict(amortized=amortized.detach(), support=recon_loss(pred.detach(), task.target, task.support),
+                    adapted=loss.detach())
         if cfg.contrast_weight > 0:
             # each view through the projector on its own, so each has its own BatchNorm statistics
             a = F.normalize(self.projector(z[:, 1:].mean(dim=1)), dim=-1)  # (B, proj_dim)
@@ -442,15 +434,17 @@ class MetaMAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """Features for linear probing: all tokens, no dropout, mean of the patch tokens. (B, D)"""
-        tokens = self.encoder.tokenizer.patchify(x)
-        return self.encoder(tokens)[:, 1:].mean(dim=1)
+        """Features for linear probing: all tokens, no dropout, mean of the patch tokens. (B, embed_dim)"""
+        return self.encoder(self.encoder.tokenizer.patchify(x))[:, 1:].mean(dim=1)
 
-    @torch.no_grad()
     def reconstruct(self, x, noise=None):
         """Predictions from Z ('amortized') and Z* ('adapted') in the input's layout, and the mask (B, N)."""
-        target, mask, z, z_star, pred, _, ids_restore = self._masked_forward(x, noise)
-        preds = {"amortized": pred, "adapted": self.decode(z_star, ids_restore) if self.cfg.inner_steps else pred}
+        with torch.enable_grad():  # the inner loop takes a gradient, even when the caller takes none
+            task = self.make_task(x, noise)
+            z = self.encoder(task.target, task.ids_keep)
+            pred = self.decode(z, task.ids_restore)
+            pred_star = self.adapt(z, pred, task)[1] if self.cfg.inner_steps else pred
         tok = self.encoder.tokenizer
-        out = {k: p.argmax(-1) if self.cfg.kind == "tokens" else tok.unpatchify(p) for k, p in preds.items()}
-        return dict(mask=mask, **out)
+        out = {k: p.argmax(-1) if self.cfg.modality == "tokens" else tok.unpatchify(p.detach())
+               for k, p in (("amortized", pred), ("adapted", pred_star))}
+        return dict(mask=task.mask, **out)

@@ -9,7 +9,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from metamae import (MetaMAE, MetaMAEConfig, dropout, nt_xent, random_masking, recon_loss, sincos_1d, sincos_table,
+from metamae import (MetaMAE, MetaMAEConfig, Task, nt_xent, random_masking, recon_loss, sincos_1d, sincos_table,
                      support_set)
 
 TINY = dict(embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
@@ -177,15 +177,22 @@ def test_token_loss_is_cross_entropy_against_tied_embedding():
 # ----------------------------------------------------------------------------- the inner loop
 
 
-def test_one_inner_step_lowers_the_support_loss():
-    model, make_x = make()
-    model.eval()
-    x, noise = make_x(8), torch.rand(8, 12)
+def visible_only_task(model, x, noise):
+    """The task with the visible tokens as the whole support set, and the amortized latent of it."""
     target = model.encoder.tokenizer.patchify(x)
     ids_keep, ids_restore, mask = random_masking(noise, model.cfg.num_visible)
     z = model.encoder(target, ids_keep)
-    z_star, _, before = model.adapt(z, ids_restore, target, 1 - mask)
-    after = recon_loss(model.decode(z_star, ids_restore), target, 1 - mask)
+    return Task(target, ids_keep, ids_restore, mask, 1 - mask), z
+
+
+def test_one_inner_step_lowers_the_support_loss():
+    model, make_x = make()
+    model.eval()
+    task, z = visible_only_task(model, *(make_x(8), torch.rand(8, 12)))
+    pred = model.decode(z, task.ids_restore)
+    z_star, pred_star = model.adapt(z, pred, task)
+    assert torch.equal(pred_star, model.decode(z_star, task.ids_restore))
+    before, after = recon_loss(pred, task.target, task.support), recon_loss(pred_star, task.target, task.support)
     assert after < before
     assert not torch.equal(z_star, z)
 
@@ -193,17 +200,32 @@ def test_one_inner_step_lowers_the_support_loss():
 def test_inner_step_is_per_sample():
     # the factor B makes the step independent of the batch: a sample adapts the same alone or in a batch
     model, make_x = make(inner_lr=3.0)
-    x, noise = make_x(4), torch.rand(4, 12)
-    target = model.encoder.tokenizer.patchify(x)
-    ids_keep, ids_restore, mask = random_masking(noise, model.cfg.num_visible)
-    z = model.encoder(target, ids_keep)
-    z_batch = model.adapt(z, ids_restore, target, 1 - mask)[0]
-    z_one = model.adapt(z[:1], ids_restore[:1], target[:1], 1 - mask[:1])[0]
+    task, z = visible_only_task(model, make_x(4), torch.rand(4, 12))
+    z_batch = model.adapt(z, model.decode(z, task.ids_restore), task)[0]
+    one, z1 = Task(*(t[:1] for t in task)), z[:1]
+    z_one = model.adapt(z1, model.decode(z1, one.ids_restore), one)[0]
     assert torch.allclose(z_batch[:1], z_one, atol=1e-6)
     assert (z_batch[:1] - z[:1]).abs().max() > 1e-3
 
 
-def test_adaptation_works_under_no_grad():
+def test_inner_step_is_the_gradient_step_by_hand():
+    # Z* = Z - inner_lr * B * d(support loss)/dZ, checked against a finite difference of the support loss
+    model, make_x = make("1d", inner_lr=0.7)
+    model.double()
+    task, z = visible_only_task(model, make_x(3).double(), torch.rand(3, 8))
+    task = task._replace(target=task.target.double())
+    z_star = model.adapt(z, model.decode(z, task.ids_restore), task)[0]
+    step = (z - z_star).detach() / (0.7 * 3)  # the gradient the inner loop used
+    with torch.no_grad():
+        eps, i = 1e-6, (1, 2, 5)  # one element of Z
+        dz = torch.zeros_like(z)
+        dz[i] = eps
+        f = lambda zz: recon_loss(model.decode(zz, task.ids_restore), task.target, task.support).item()  # noqa: E731
+        fd = (f(z + dz) - f(z - dz)) / (2 * eps)
+    assert step[i].item() == pytest.approx(fd, rel=1e-6)
+
+
+def test_adaptation_works_under_no_grad_and_says_why_not_under_inference_mode():
     model, make_x = make(inner_lr=3.0)
     model.eval()
     x, noise = make_x(4), torch.rand(4, 12)
@@ -213,8 +235,11 @@ def test_adaptation_works_under_no_grad():
         torch.manual_seed(0)
         without = model(x, noise)[0]
         rec = model.reconstruct(x, noise)
+    assert not without.requires_grad
     assert without.item() == pytest.approx(with_grad.item(), rel=1e-6)
     assert not torch.allclose(rec["adapted"], rec["amortized"])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+        model(x, noise)
 
 
 def _grad_vector(model, x, noise):
@@ -293,21 +318,6 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
         losses.append(logs["adapted"].item())
     assert losses[-1] < 0.5 * losses[0]
-
-def test_dropout_keeps_1_minus_p_and_rescales():
-    torch.manual_seed(0)
-    x = torch.ones(1_000_001, requires_grad=True)  # odd size: the bits are drawn in pairs
-    y = dropout(x, 0.1)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 5 * math.sqrt(0.09 / len(x))  # 5 sigma
-    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask, same scale
-    assert dropout(x, 0.0) is x
-    # neighbouring elements are independent (each pair of 32-bit halves comes from one int64)
-    k = kept.float()
-    both = (k[0:-1:2] * k[1::2]).mean().item()
-    assert abs(both - 0.81) < 5 * math.sqrt(0.81 * 0.19 / (len(x) // 2))
 
 # ----------------------------------------------------------------------------- CUDA-graph safety
 
