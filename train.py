@@ -631,7 +631,7 @@ def bench(cfg, mcfg, domain, device, autocast):
         splits = domain.load(Path(cfg.data_dir), cfg.download)
         pool = splits.train_x.to(device)
         batch = lambda: domain.to_input(pool[torch.randint(len(pool), (B,), device=device)])  # noqa: E731
-    elif mcfg.kind == "tokens":
+    elif mcfg.modality == "tokens":
         batch = lambda: torch.randint(mcfg.vocab_size, (B, *mcfg.input_shape), device=device)  # noqa: E731
     else:
         batch = lambda: torch.rand(B, *mcfg.input_shape, device=device)  # noqa: E731
