@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import bench
 import train
 from test_data import make_cifar
 from test_domains import FAKE_WRITERS, write_fake
@@ -58,11 +60,12 @@ def test_overrides_both_spellings_and_types():
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--no-such-knob", "1"], "unknown option --no-such-knob"),
-    (["--max-steps", "ten"], "--max-steps expects int"),
-    (["--compile=maybe"], "--compile expects bool"),
-    (["--lr"], "needs a value"),
-    (["stray"], "unexpected argument"),
+    (["--no-such-knob", "1"], "unrecognized arguments: --no-such-knob"),
+    (["--max-steps", "ten"], "--max-steps: invalid int value: 'ten'"),
+    (["--compile=maybe"], "--compile: invalid bool value: 'maybe'"),
+    (["--lr"], "--lr: expected one argument"),
+    (["stray"], "unrecognized arguments: stray"),
+    (["--max-s", "3"], "unrecognized arguments: --max-s"),  # no abbreviations: a typo is not a guess
 ])
 def test_bad_overrides_name_the_option(argv, needle):
     with pytest.raises(train.UsageError, match=needle):
@@ -78,14 +81,33 @@ def test_help_lists_every_knob():
 
 def test_presets_and_domain_defaults():
     domain = train.data.get_domain("cifar10")
-    cpu_cfg = train.parse_args(["--preset", "cpu"])
-    cpu = train.model_config(cpu_cfg, domain)
+    cpu_cfg, _, cpu = train.check(train.parse_args(["--preset", "cpu"]))
     assert (cpu.embed_dim, cpu.depth, cpu.decoder_depth, cpu.mask_ratio, cpu_cfg.max_steps) == (192, 6, 2, 0.75, 3400)
     given = train.parse_args(["--depth", "3", "--preset", "cpu", "--max-steps", "10"])  # options win over presets
     assert (given.depth, given.embed_dim, given.max_steps) == (3, 192, 10)
-    paper = train.model_config(train.parse_args(["--depth", "3", "--mask-ratio", "0.75"]), domain)
+    paper = train.check(train.parse_args(["--depth", "3", "--mask-ratio", "0.75"]))[2]
     assert (paper.embed_dim, paper.depth, paper.mask_ratio) == (256, 3, 0.75)
-    assert train.model_config(train.parse_args([]), domain).mask_ratio == domain.mask_ratio
+    cfg, _, mcfg = train.check(train.parse_args([]))
+    assert mcfg.mask_ratio == cfg.mask_ratio == domain.mask_ratio and cfg.batch_size == domain.batch_size
+
+
+def test_model_defaults_are_defined_once():
+    # every model knob of the command line is a MetaMAEConfig field with MetaMAEConfig's default (the mask
+    # ratio's default is the domain's), and the run's model config is built from the knobs, not retyped
+    knobs = {f.name: f.default for f in train.fields(train.Config)}
+    for f in train.fields(train.MetaMAEConfig):
+        if f.name in train.DOMAIN_SET:
+            assert f.name not in knobs
+        else:
+            assert knobs[f.name] == (None if f.name == "mask_ratio" else f.default), f.name
+    argv = ["--embed-dim", "64", "--num-heads", "4", "--inner-lr", "0.25", "--temperature", "0.2", "--proj-dim", "16"]
+    mcfg = train.check(train.parse_args(argv))[2]
+    assert (mcfg.embed_dim, mcfg.num_heads, mcfg.inner_lr, mcfg.temperature, mcfg.proj_dim) == (64, 4, 0.25, 0.2, 16)
+
+
+def test_underscores_and_flags_without_values():
+    cfg = train.parse_args(["--max_steps=5", "--first_order", "--download=no", "--out_dir", "runs/my_run"])
+    assert (cfg.max_steps, cfg.first_order, cfg.download, cfg.out_dir) == (5, True, False, "runs/my_run")
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -138,7 +160,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(cifar_dir, tmp_path)
     common = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "6", "--eval-interval", "0"]
     full = run_main(*common, "--out-dir", tmp_path / "full")
     run_main(*common, "--out-dir", tmp_path / "split", "--stop-step", "3")
-    split_ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    split_ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
     assert split_ckpt["step"] == 3
     resumed = run_main(*common, "--out-dir", tmp_path / "split", "--resume")
     a = [r for r in read_log(tmp_path / "full" / "log.jsonl") if "loss" in r]
@@ -148,8 +170,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(cifar_dir, tmp_path)
         for key in ("loss", "amortized", "support", "adapted", "contrast", "lr"):
             assert ra[key] == rb[key], (ra["step"], key)
     assert resumed["test_acc"] == full["test_acc"]
-    sa = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
-    sb = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["model"]
+    sa = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not any(k.startswith(("_orig_mod", "module")) for k in sa)
     assert (tmp_path / "full" / "reconstructions_6.png").is_file()
@@ -182,8 +204,8 @@ def test_compiled_encoder_trains_like_eager_and_saves_clean_keys(cifar_dir, tmp_
     eager = [r["loss"] for r in read_log(tmp_path / "eager" / "log.jsonl") if "loss" in r]
     compiled = [r["loss"] for r in read_log(tmp_path / "compiled" / "log.jsonl") if "loss" in r]
     assert compiled == pytest.approx(eager, rel=1e-4)
-    keys = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=False)["model"].keys()
-    assert keys == torch.load(tmp_path / "eager" / "ckpt.pt", weights_only=False)["model"].keys()
+    keys = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=True)["model"].keys()
+    assert keys == torch.load(tmp_path / "eager" / "ckpt.pt", weights_only=True)["model"].keys()
 
 
 def test_torchrun_two_cpu_ranks_stay_identical(cifar_dir, tmp_path):
@@ -194,14 +216,22 @@ def test_torchrun_two_cpu_ranks_stay_identical(cifar_dir, tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ranks in sync: max parameter difference 0" in p.stdout
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
 
 def test_bench_prints_three_rows_with_ratios_to_mae(capsys):
-    res = run_main("--bench", *TINY, "--bench-steps", "1", "--bench-repeats", "1")
+    res = bench.bench(train.parse_args([*TINY, "--bench-steps", "1", "--bench-repeats", "1"], bench.BenchConfig))
     assert list(res) == ["MAE", "MetaMAE 1st-order", "MetaMAE 2nd-order"]
     assert res["MAE"]["ratio"] == 1.0 and all(r["ms_per_step"] > 0 and r["peak_mb"] > 0 for r in res.values())
     out = capsys.readouterr().out
     assert "ms/step" in out and "MetaMAE 2nd-order" in out
+    # the old spelling, train.py --bench, is the same command; bench options are refused by train.py alone
+    train.main(["--bench", *TINY, "--bench-steps", "1", "--bench-repeats", "1", "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and out.count("MetaMAE") == 2
+    with pytest.raises(train.UsageError, match="--bench-steps"):
+        train.parse_args(["--bench-steps", "1"])
+    with pytest.raises(train.UsageError, match="--bench-steps"):
+        bench.bench(train.parse_args(["--bench-steps", "0"], bench.BenchConfig))
 
 
 
@@ -212,12 +242,18 @@ def tiny_model(**kw):
                                              **kw))
 
 
-def train_losses(model, opt, cfg, lrs, x):
+def train_losses(model, opt, cfg, lrs, x, lr_tensor=None):
+    """Steps at the given lrs, set as Python floats, or by filling lr_tensor as GraphedStep does."""
     autocast = train.setup_device(cfg)[3]
+    step = train.make_step(model, opt, cfg, autocast)
     out = []
-    for step, lr in enumerate(lrs):
-        torch.manual_seed(step)  # the same masks and dropout in every run
-        out.append(train.train_step(model, opt, x, lr, cfg, autocast)[0].item())
+    for i, lr in enumerate(lrs):
+        torch.manual_seed(i)  # the same masks and dropout in every run
+        if lr_tensor is None:
+            out.append(step(x, lr)[0].item())
+        else:
+            lr_tensor.fill_(lr)
+            out.append(train.train_step(model, opt, x, cfg, autocast)[0].item())
     return out
 
 
@@ -225,27 +261,29 @@ def test_graph_mode_optimizer_steps_like_the_eager_one():
     # --cuda-graph keeps the lr and the step count on the device (a tensor lr, capturable AdamW) so a replayed
     # step reads them there: the updates must be those of the eager optimizer, also after resuming its state
     x, lrs = torch.rand(8, 3, 16, 16), [1e-3, 5e-4, 2e-4, 1e-4]
-    eager_cfg, graph_cfg = train.Config(device="cpu"), train.Config(device="cpu", cuda_graph=True)
+    cfg = train.Config(device="cpu")
     eager = tiny_model()
-    eager_opt = train.make_optimizer(eager, eager_cfg)
+    eager_opt = train.make_optimizer(eager, cfg)
     graph = tiny_model()
-    graph_opt = train.make_optimizer(graph, graph_cfg)
-    assert all(torch.is_tensor(g["lr"]) and g["capturable"] for g in graph_opt.param_groups)
-    lr_tensor = graph_opt.param_groups[0]["lr"]  # a captured step holds this very tensor
+    graph_opt = train.make_optimizer(graph, cfg)
+    lr_tensor = train.device_lr(graph_opt, torch.device("cpu"))  # a captured step holds this very tensor
+    assert all(g["lr"] is lr_tensor and g["capturable"] for g in graph_opt.param_groups)
     # not bit for bit: the tensor lr is float32, the Python one float64
-    assert train_losses(eager, eager_opt, eager_cfg, lrs[:2], x) == pytest.approx(
-        train_losses(graph, graph_opt, graph_cfg, lrs[:2], x), rel=1e-6)
+    assert train_losses(eager, eager_opt, cfg, lrs[:2], x) == pytest.approx(
+        train_losses(graph, graph_opt, cfg, lrs[:2], x, lr_tensor), rel=1e-6)
     assert all(g["lr"] is lr_tensor for g in graph_opt.param_groups) and lr_tensor.item() == pytest.approx(lrs[1])
     for p, q in zip(eager.parameters(), graph.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # an update is ~1e-4
-    # resume the eager run's state in graph mode: loading restores the saved float lr, which must not win
+    # resume the eager run's state in graph mode: GraphedStep is built after loading, so the saved float lr
+    # is replaced by the device tensor
     resumed = tiny_model()
     resumed.load_state_dict(eager.state_dict())
-    saved = copy.deepcopy(eager_opt.state_dict())  # as if from disk: a live state_dict shares its tensors
-    resumed_opt = train.make_optimizer(resumed, graph_cfg, state=saved)
-    assert all(torch.is_tensor(g["lr"]) and g["capturable"] for g in resumed_opt.param_groups)
-    train_losses(eager, eager_opt, eager_cfg, lrs[2:], x)
-    train_losses(resumed, resumed_opt, graph_cfg, lrs[2:], x)
+    resumed_opt = train.make_optimizer(resumed, cfg)
+    resumed_opt.load_state_dict(copy.deepcopy(eager_opt.state_dict()))  # as if from disk
+    resumed_lr = train.device_lr(resumed_opt, torch.device("cpu"))
+    assert all(g["lr"] is resumed_lr and g["capturable"] for g in resumed_opt.param_groups)
+    train_losses(eager, eager_opt, cfg, lrs[2:], x)
+    train_losses(resumed, resumed_opt, cfg, lrs[2:], x, resumed_lr)
     for p, q in zip(eager.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # an update is ~1e-4
 
@@ -299,18 +337,22 @@ def test_cuda_graph_step_replays_like_eager_training(monkeypatch):
     batches = torch.rand(8, 4, 3, 16, 16)
     lrs = [1e-3, 8e-4, 6e-4, 4e-4, 3e-4, 2e-4, 1e-4, 5e-5]
     graphed = tiny_model()
-    step = train.GraphedStep(graphed, train.make_optimizer(graphed, cfg), cfg, autocast)
+    step = train.make_step(graphed, train.make_optimizer(graphed, cfg), cfg, autocast)
+    assert isinstance(step, train.GraphedStep)
     torch.manual_seed(0)
     got = [step(x, lr)[0].item() for x, lr in zip(batches, lrs)]
     assert len(step.graph.ops) > 100
     eager = tiny_model()
     opt = train.make_optimizer(eager, cfg)
+    lr_tensor = train.device_lr(opt, torch.device("cpu"))
+    no_cache = functools.partial(autocast, cache_enabled=False)
     torch.manual_seed(0)
     want = []
     for i, (x, lr) in enumerate(zip(batches, lrs)):
+        lr_tensor.fill_(lr)
         if i == 3:  # the fake's capture ran this step once already
-            train.train_step(eager, opt, x, lr, cfg, autocast, cache=False)
-        want.append(train.train_step(eager, opt, x, lr, cfg, autocast, cache=False)[0].item())
+            train.train_step(eager, opt, x, cfg, no_cache)
+        want.append(train.train_step(eager, opt, x, cfg, no_cache)[0].item())
     assert got == want
     for p, q in zip(graphed.parameters(), eager.parameters()):
         assert torch.equal(p, q)
@@ -414,7 +456,7 @@ def test_missing_and_incompatible_checkpoints(cifar_dir, tmp_path):
     assert_clean_error(run_cli(*base, "--eval-only", "ckpt"), 1, "no checkpoint")
     run_main(*base, "--max-steps", "1", "--stop-step", "1")
     assert_clean_error(run_cli(*base, "--resume", "--embed-dim", "64"), 1, "different model", "embed_dim")
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     state["model_config"]["input_shape"] = [3, 16, 16]  # as if trained on another domain
     torch.save(state, tmp_path / "other.pt")
     assert_clean_error(run_cli(*base, "--eval-only", "ckpt", "--ckpt", tmp_path / "other.pt"), 1, "--domain")

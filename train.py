@@ -3,25 +3,27 @@ Pretrain MetaMAE on a DABS domain, then evaluate the frozen encoder by linear pr
 
     pip install -r requirements.txt
     python train.py --domain cifar10                       # the paper's run: one GPU (or CPU), downloads CIFAR-10
-    python train.py --domain cifar10 --preset cpu --data-dir ../shared/data   # a short CPU run (18-21 min on 2 cores)
+    python train.py --domain cifar10 --preset cpu --data-dir ../shared/data   # a short CPU run (about 20 min on 2 cores)
     torchrun --standalone --nproc_per_node=4 train.py --domain cifar10        # several GPUs (DDP)
     python train.py --domain cifar10 --cuda-graph --compile   # one GPU, the whole step as one CUDA graph
     python train.py --domain cifar10 --resume              # continue the run in --out-dir from its checkpoint
     python train.py --domain cifar10 --eval-only ckpt      # probe a checkpoint ('random': a fresh encoder, 'raw': inputs)
-    python train.py --bench                                # speed of MAE vs MetaMAE first/second order, no data
+    python bench.py                                        # speed of MAE vs MetaMAE first/second order (train.py --bench too)
     python train.py --help                                 # every knob, with its default
 
-Every knob lives in `Config` below; override any of them as `--key value` or `--key=value`.
-Evaluation follows DABS/MetaMAE: features of the frozen encoder (`model.encode`) are computed once,
-standardized with training statistics, and a linear classifier is trained with AdamW. The learning rate
-and the epoch are chosen on a fixed-seed validation split carved from the training split; the test split
-is scored once, at the very end.
+Every knob is a field of `Config` below; the model's knobs take their defaults from MetaMAEConfig, so the
+two cannot disagree. Evaluation follows DABS/MetaMAE: features of the frozen encoder (`model.encode`) are
+computed once, standardized with training statistics, and a linear classifier is trained with AdamW. Its
+learning rate and epoch are chosen on a fixed-seed validation split carved from the training split; the
+test split is scored once, at the very end.
 """
 
+import argparse
+import contextlib
+import functools
 import json
 import math
 import os
-import statistics
 import struct
 import sys
 import time
@@ -44,6 +46,10 @@ def knob(default, help):
     return field(default=default, metadata={"help": help})
 
 
+MODEL = MetaMAEConfig()  # the model's defaults, read once from the one place that defines them
+DOMAIN_SET = ("input_shape", "patch_size", "vocab_size")  # model fields that the domain decides
+
+
 @dataclass
 class Config:
     # data
@@ -52,27 +58,27 @@ class Config:
     download: bool = knob(True, "download the dataset when it is missing")
     out_dir: str = knob("", "run folder for checkpoint, log.jsonl and pictures (default runs/<domain>)")
     # model: the DABS backbone of the paper; 'cpu' swaps in a small one that learns in minutes on 2 cores
-    preset: str = knob("paper", "'paper' (these defaults) or 'cpu' (see PRESETS); options you give win over it")
-    embed_dim: int = knob(256, "encoder width")
-    depth: int = knob(12, "encoder blocks")
-    num_heads: int = knob(8, "encoder heads")
-    decoder_embed_dim: int = knob(128, "decoder width")
-    decoder_depth: int = knob(4, "decoder blocks")
-    decoder_num_heads: int = knob(4, "decoder heads")
-    mlp_ratio: float = knob(2.0, "MLP hidden width / width")
-    dropout: float = knob(0.1, "encoder dropout")
-    mask_ratio: float = knob(0.0, "fraction of tokens masked (0: the domain's default)")
-    inner_lr: float = knob(0.5, "step size of the latent's adaptation")
-    inner_steps: int = knob(1, "adaptation steps (0 with contrast_weight 0: plain MAE)")
-    first_order: bool = knob(False, "drop the second-order term of the inner loop")
-    support_ratio: float = knob(0.1, "chance a masked neighbour of a visible token joins the support set")
-    contrast_weight: float = knob(0.1, "weight of the amortized/adapted contrastive loss")
-    temperature: float = knob(0.5, "NT-Xent temperature")
-    proj_dim: int = knob(128, "projector output width")
+    preset: str = knob("paper", "'paper' (MetaMAEConfig's defaults) or 'cpu' (see PRESETS); options given win")
+    embed_dim: int = knob(MODEL.embed_dim, "encoder width")
+    depth: int = knob(MODEL.depth, "encoder blocks")
+    num_heads: int = knob(MODEL.num_heads, "encoder heads")
+    decoder_embed_dim: int = knob(MODEL.decoder_embed_dim, "decoder width")
+    decoder_depth: int = knob(MODEL.decoder_depth, "decoder blocks")
+    decoder_num_heads: int = knob(MODEL.decoder_num_heads, "decoder heads")
+    mlp_ratio: float = knob(MODEL.mlp_ratio, "MLP hidden width / width")
+    dropout: float = knob(MODEL.dropout, "encoder dropout")
+    mask_ratio: float = knob(None, "fraction of tokens masked (default: the domain's)")
+    inner_lr: float = knob(MODEL.inner_lr, "step size of the latent's adaptation")
+    inner_steps: int = knob(MODEL.inner_steps, "adaptation steps (0 with contrast_weight 0: plain MAE)")
+    first_order: bool = knob(MODEL.first_order, "drop the second-order term of the inner loop")
+    support_ratio: float = knob(MODEL.support_ratio, "chance a masked neighbour of a visible token joins the support")
+    contrast_weight: float = knob(MODEL.contrast_weight, "weight of the amortized/adapted contrastive loss")
+    temperature: float = knob(MODEL.temperature, "NT-Xent temperature")
+    proj_dim: int = knob(MODEL.proj_dim, "projector output width")
     # optimization
     max_steps: int = knob(100_000, "pretraining steps (the paper's budget); the lr schedule spans them")
     stop_step: int = knob(0, "stop early at this step with a checkpoint (0: run to max_steps); --resume continues")
-    batch_size: int = knob(0, "pretraining batch per process (0: the domain's default)")
+    batch_size: int = knob(None, "pretraining batch per process (default: the domain's)")
     lr: float = knob(5e-4, "peak AdamW learning rate")
     min_lr: float = knob(1e-5, "learning rate at the end of the cosine decay")
     warmup_steps: int = knob(2_000, "linear warm-up steps")
@@ -97,20 +103,18 @@ class Config:
     probe_batch_size: int = knob(64, "linear-probe batch size")
     probe_weight_decay: float = knob(1e-4, "linear-probe weight decay")
     val_frac: float = knob(0.1, "fraction of the training split held out (fixed seed) for probe selection")
-    # benchmark
-    bench: bool = knob(False, "benchmark MAE vs MetaMAE first/second order on synthetic inputs and exit")
-    bench_data: bool = knob(False, "with --bench: draw batches from the real dataset instead")
-    bench_steps: int = knob(10, "with --bench: timed steps per repeat")
-    bench_repeats: int = knob(3, "with --bench: repeats (the median is reported)")
 
 
 PRESETS = {  # a preset changes the defaults of the knobs it names; an option given on the command line wins
     "paper": {},
     # the default backbone cannot learn much in minutes on 2 cores: a smaller one, a larger rate, a mask of
-    # 0.75 (half the encoder's work) and a schedule that ends in ~18 minutes of pretraining (see README)
+    # 0.75 (half the encoder's work) and a schedule that ends in ~20 minutes of pretraining (see README)
     "cpu": dict(embed_dim=192, depth=6, num_heads=6, decoder_depth=2, mask_ratio=0.75, max_steps=3400, lr=1.5e-3,
                 warmup_steps=200, eval_interval=0, log_interval=200),
 }
+
+# -----------------------------------------------------------------------------
+# the command line: argparse over Config's fields; every bad option is one line and exit code 2
 
 
 class UsageError(Exception):
@@ -121,111 +125,97 @@ class RunError(Exception):
     """A run that cannot go on (missing or incompatible checkpoint, non-finite loss): one line, exit code 1."""
 
 
-def parse_args(argv):
-    """`--key value` / `--key=value` overrides of Config, type-checked; `--flag` alone sets a bool. Then the
-    preset's values, for the knobs not given."""
-    cfg, types, given = Config(), {f.name: f.type for f in fields(Config)}, set()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(__doc__.strip() + "\n\noptions:")
-            for f in fields(Config):
-                print(f"  --{f.name.replace('_', '-'):<20} {f.metadata['help']} (default: {f.default!r})")
-            sys.exit(0)
-        if not arg.startswith("--"):
-            raise UsageError(f"unexpected argument {arg!r}; options look like --key value (see --help)")
-        key, has_value, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in types:
-            raise UsageError(f"unknown option --{key.replace('_', '-')} (see --help for the list)")
-        kind = types[key]
-        if not has_value:
-            if kind is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-                value = "true"
-            elif i + 1 < len(argv):
-                i, value = i + 1, argv[i + 1]
-            else:
-                raise UsageError(f"option --{key.replace('_', '-')} needs a value")
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                parsed = value.lower() in ("true", "1", "yes")
-            else:
-                parsed = kind(value)
-        except ValueError:
-            raise UsageError(f"option --{key.replace('_', '-')} expects {kind.__name__}, got {value!r}") from None
-        setattr(cfg, key, parsed)
-        given.add(key)
-        i += 1
-    if cfg.preset not in PRESETS:
-        raise UsageError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    for key, value in PRESETS[cfg.preset].items():
-        if key not in given:
-            setattr(cfg, key, value)
-    return cfg
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its whole usage block; one line says it
+        raise UsageError(f"{message} (see --help)")
 
 
-def model_config(cfg, domain):
-    """The MetaMAEConfig of a run: the domain's input, the run's knobs."""
-    mask_ratio = cfg.mask_ratio or domain.mask_ratio
-    if not 0 < mask_ratio < 1:
-        raise UsageError(f"--mask-ratio must be in (0, 1), got {mask_ratio}")
-    try:
-        return MetaMAEConfig(
-            input_shape=tuple(domain.input_shape), patch_size=tuple(domain.patch_size), vocab_size=domain.vocab_size,
-            mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, mask_ratio=mask_ratio, inner_lr=cfg.inner_lr,
-            inner_steps=cfg.inner_steps, first_order=cfg.first_order, support_ratio=cfg.support_ratio,
-            contrast_weight=cfg.contrast_weight, temperature=cfg.temperature, proj_dim=cfg.proj_dim,
-            embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, decoder_embed_dim=cfg.decoder_embed_dim,
-            decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads)
-    except TypeError as e:
-        raise UsageError(str(e)) from None
+def parse_bool(text):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1", "yes")
 
 
-def build_model(mcfg):
-    try:
-        return MetaMAE(mcfg)
-    except ValueError as e:  # the config names the bad field
-        raise UsageError(str(e)) from None
+parse_bool.__name__ = "bool"  # argparse names the type in its message: "invalid bool value: 'maybe'"
 
 
-def check_options(cfg, mcfg):
-    if cfg.batch_size < 2 and mcfg.contrast_weight > 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} is too small for the contrastive loss (BatchNorm and "
-                         "negatives need at least 2); raise it or set --contrast-weight 0")
-    for name in ("max_steps", "log_interval", "probe_epochs", "probe_batch_size"):
+def parse_args(argv, config_class=Config, doc=__doc__):
+    """`--key value` / `--key=value` overrides of the config's fields; `--flag` alone sets a bool. Knobs not
+    given take the preset's value, then the field's default."""
+    def dashed(arg):  # --max_steps as --max-steps: nanoGPT's users type underscores
+        key, eq, value = arg.partition("=")
+        return key.replace("_", "-") + eq + value if arg.startswith("--") else arg
+    parser = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    for f in fields(config_class):
+        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default!r})"
+        if f.type is bool:
+            parser.add_argument(flag, type=parse_bool, nargs="?", const=True, help=help, metavar="BOOL")
+        else:
+            parser.add_argument(flag, type=f.type, help=help, metavar=f.type.__name__.upper())
+    given = vars(parser.parse_args([dashed(a) for a in argv]))
+    preset = given.get("preset", "paper")
+    if preset not in PRESETS:
+        raise UsageError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return config_class(**{**PRESETS[preset], **given})
+
+
+def check(cfg):
+    """Every option is checked here, once, before any work. Returns the config with the domain's defaults
+    filled in, the domain, and the model's config."""
+    if cfg.domain not in data.DOMAINS:
+        raise UsageError(f"unknown --domain {cfg.domain!r}; choose one of {', '.join(data.DOMAINS)}")
+    domain = data.get_domain(cfg.domain)
+    cfg = replace(cfg, batch_size=domain.batch_size if cfg.batch_size is None else cfg.batch_size,
+                  mask_ratio=domain.mask_ratio if cfg.mask_ratio is None else cfg.mask_ratio)
+    if not 0 < cfg.mask_ratio < 1:
+        raise UsageError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
+    for name in ("max_steps", "log_interval", "ckpt_interval", "probe_epochs", "probe_batch_size", "batch_size"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "ckpt_interval", "eval_interval", "stop_step", "grad_clip", "threads", "lr"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "eval_interval", "stop_step", "grad_clip", "threads", "lr", "min_lr", "weight_decay"):
+        if not getattr(cfg, name) >= 0 or not math.isfinite(getattr(cfg, name)):  # NaN fails both
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(cfg, name)}")
+    if cfg.batch_size < 2 and cfg.contrast_weight > 0:
+        raise UsageError(f"--batch-size {cfg.batch_size} is too small for the contrastive loss (BatchNorm and "
+                         "negatives need at least 2); raise it or set --contrast-weight 0 --inner-steps 0")
     if not 0 < cfg.val_frac < 1:
         raise UsageError(f"--val-frac must be in (0, 1), got {cfg.val_frac}")
     if cfg.eval_only not in ("", "ckpt", "random", "raw"):
         raise UsageError(f"--eval-only must be 'ckpt', 'random' or 'raw', got {cfg.eval_only!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise UsageError(f"--dtype must be 'auto', 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.split(":")[0] == "cuda"):
+        raise UsageError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     try:
         lrs = [float(v) for v in cfg.probe_lrs.split(",")]
     except ValueError:
         raise UsageError(f"--probe-lrs expects comma-separated numbers, got {cfg.probe_lrs!r}") from None
-    if not lrs or min(lrs) <= 0:
-        raise UsageError(f"--probe-lrs must be positive, got {cfg.probe_lrs!r}")
+    if not all(lr > 0 and math.isfinite(lr) for lr in lrs):
+        raise UsageError(f"--probe-lrs must be positive finite numbers, got {cfg.probe_lrs!r}")
+    mcfg = MetaMAEConfig(input_shape=tuple(domain.input_shape), patch_size=tuple(domain.patch_size),
+                         vocab_size=domain.vocab_size,
+                         **{f.name: getattr(cfg, f.name) for f in fields(MetaMAEConfig) if f.name not in DOMAIN_SET})
+    try:
+        mcfg.validate()
+    except ValueError as e:  # names the bad field
+        raise UsageError(str(e)) from None
+    return cfg, domain, mcfg
 
 # -----------------------------------------------------------------------------
 # system: device, precision, distributed
 
 
 def setup_device(cfg):
-    """Returns (device, rank, world_size, autocast context factory; its .dtype names the precision)."""
+    """Returns (device, rank, world_size, autocast): autocast() opens the run's precision context."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     device = torch.device(name)
+    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
+        raise UsageError("--cuda-graph needs one CUDA device and no torchrun; drop it on CPU or with several GPUs")
     if ddp:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -233,42 +223,30 @@ def setup_device(cfg):
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    def autocast(cache=True):  # a CUDA graph must not capture autocast's weight cache (PyTorch's graph notes)
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16", cache_enabled=cache)
-    autocast.dtype = dtype  # for the log
-    return device, rank, world, autocast
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return device, rank, world, functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def make_optimizer(model, cfg, state=None):
-    """AdamW; no decay on biases, norms (1-D tensors) and the cls/mask tokens. state: a state_dict to resume."""
+def precision(autocast):
+    return "bfloat16" if autocast.keywords["enabled"] else "float32"
+
+# -----------------------------------------------------------------------------
+# optimizer, schedule, and one training step
+
+
+def make_optimizer(model, cfg):
+    """AdamW; no decay on biases, norms (1-D tensors) and the cls/mask tokens."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or name.endswith(("cls_token", "mask_token")) else decay).append(p)
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     try:  # the fused kernel is 4x faster on CPU than the per-tensor loop; older PyTorch lacks it on CPU
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     except (RuntimeError, ValueError):
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-    if state is not None:
-        opt.load_state_dict(state)
-    if cfg.cuda_graph:  # a replayed step must read the lr and the step count from the device, not from Python;
-        lr = torch.tensor(cfg.lr, device=decay[0].device)  # set after loading, which restores the saved settings
-        for group in opt.param_groups:
-            group.update(lr=lr, capturable=True)
-    return opt
-
-
-def set_lr(opt, lr):
-    for group in opt.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)  # in place: a captured step reads this tensor; no host sync
-        else:
-            group["lr"] = lr
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def lr_at(step, cfg):
@@ -279,14 +257,12 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def train_step(model, opt, x, lr, cfg, autocast, cache=True):
-    """One optimization step; returns the detached loss and the model's logs. No host sync and no
-    host-to-device copy (test_metamae checks the model's part on the meta device), so CUDA graphs can
-    capture it. lr=None: the caller has set it."""
-    if lr is not None:
-        set_lr(opt, lr)
+def train_step(model, opt, x, cfg, autocast):
+    """One optimization step at the learning rate set in opt; returns the detached loss and the model's logs.
+    No host sync and no host-to-device copy (test_metamae checks the model's part on the meta device), so
+    a CUDA graph can capture it."""
     model.train()
-    with autocast(cache):
+    with autocast():
         loss, logs = model(x)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -295,32 +271,46 @@ def train_step(model, opt, x, lr, cfg, autocast, cache=True):
     opt.step()
     return loss.detach(), logs
 
+# -----------------------------------------------------------------------------
+# --cuda-graph: the whole step captured once and replayed. Everything the graph path needs is in this block.
+
+
+def device_lr(opt, device):
+    """Makes opt read its learning rate (and step count: capturable) from the device, where a replayed step
+    can see them change; Python floats would be frozen into the graph at capture. Returns the lr tensor."""
+    lr = torch.tensor(opt.param_groups[0]["lr"], device=device)
+    for group in opt.param_groups:
+        group.update(lr=lr, capturable=True)
+    return lr
+
 
 class GraphedStep:
     """train_step captured once in a CUDA graph and then replayed: one launch per step instead of the
     thousands of small kernels of a second-order step, which at batch 64 leave the GPU waiting on Python.
     PyTorch's whole-network recipe: the first steps run eagerly on a side stream (cuBLAS, the allocator and
     --compile must be warm before capture), then the step is captured on a static input buffer. Random
-    draws (mask, support set, dropout) stay random across replays: CUDA's generator is graph-aware.
-    Every call, warm-up included, is a real training step."""
+    draws (mask, support set, dropout) stay random across replays: CUDA's generator is graph-aware. Every
+    call, warm-up included, is a real training step. Build it after loading any optimizer state."""
 
     def __init__(self, model, opt, cfg, autocast, warmup=3):
-        self.model, self.opt, self.cfg, self.autocast, self.warmup = model, opt, cfg, autocast, warmup
-        self.graph, self.side, self.x, self.out = torch.cuda.CUDAGraph(), torch.cuda.Stream(), None, None
+        self.step = functools.partial(train_step, model, opt, cfg=cfg,
+                                      autocast=functools.partial(autocast, cache_enabled=False))  # no weight cache in a graph
+        self.lr = device_lr(opt, next(model.parameters()).device)
+        self.warmup, self.graph, self.side, self.x, self.out = warmup, torch.cuda.CUDAGraph(), torch.cuda.Stream(), None, None
 
     def __call__(self, x, lr):
-        set_lr(self.opt, lr)  # fills the lr tensor the captured optimizer reads
+        self.lr.fill_(lr)  # in place: the captured optimizer reads this tensor; no host sync
         if self.warmup:
             self.warmup -= 1
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
-                out = train_step(self.model, self.opt, x, None, self.cfg, self.autocast, cache=False)
+                out = self.step(x=x)
             torch.cuda.current_stream().wait_stream(self.side)
             return out
         if self.x is None:
             self.x = x.clone()  # the static input every replay reads
             with torch.cuda.graph(self.graph):
-                self.out = train_step(self.model, self.opt, self.x, None, self.cfg, self.autocast, cache=False)
+                self.out = self.step(x=self.x)
         else:
             self.x.copy_(x)
         self.graph.replay()  # capturing records without running: the capturing call replays too
@@ -331,10 +321,15 @@ def make_step(model, opt, cfg, autocast):
     """step(x, lr) -> (loss, logs): eager, or a CUDA graph with --cuda-graph."""
     if cfg.cuda_graph:
         return GraphedStep(model, opt, cfg, autocast)
-    return lambda x, lr: train_step(model, opt, x, lr, cfg, autocast)
+
+    def step(x, lr):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return train_step(model, opt, x, cfg, autocast)
+    return step
 
 # -----------------------------------------------------------------------------
-# checkpoints: atomic, uncompiled/unwrapped keys, RNG states included
+# checkpoints: atomic, uncompiled/unwrapped keys, RNG states included, tensors and plain types only
 
 
 def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
@@ -347,17 +342,18 @@ def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
 
 
 def load_checkpoint(path, mcfg=None):
+    """Returns (state, its MetaMAEConfig); with mcfg, refuses a checkpoint of another model."""
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}; train first, or pass --out-dir / --ckpt of an existing run")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a checkpoint is data; unpickling anything else could run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
         saved = MetaMAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
     except Exception as e:
         raise RunError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or point --ckpt elsewhere") from None
     if mcfg is not None and saved != mcfg:
         diff = [f.name for f in fields(mcfg) if getattr(saved, f.name) != getattr(mcfg, f.name)]
         raise RunError(f"checkpoint {path} was trained with a different model ({', '.join(diff)}); "
-                         "use the same options, or another --out-dir")
+                       "use the same options, or another --out-dir")
     return state, saved
 
 # -----------------------------------------------------------------------------
@@ -412,6 +408,19 @@ def linear_probe(train, val, num_classes, cfg, test=None, seed=0):
     best.pop("state")
     return best
 
+
+def probe(model, splits, domain, cfg, autocast, with_test, mode="model"):
+    """Linear probe on frozen features of the run's data; the test split only when with_test (a run's end)."""
+    if mode == "raw":
+        feats = lambda x: raw_features(x, domain.to_input, domain.vocab_size)  # noqa: E731
+    else:
+        feats = lambda x: features(model, x, domain.to_input, autocast)  # noqa: E731
+    ftrain = feats(splits.train_x)
+    tr = (ftrain[splits.train_idx], splits.train_y[splits.train_idx])
+    va = (ftrain[splits.val_idx], splits.train_y[splits.val_idx])
+    te = (feats(splits.test_x), splits.test_y) if with_test else None
+    return linear_probe(tr, va, domain.num_classes, cfg, te, seed=cfg.seed)
+
 # -----------------------------------------------------------------------------
 # pictures: originals, masked, reconstructions before/after adaptation, amplified difference
 
@@ -449,7 +458,7 @@ def reconstruction_grid(model, x, path):
     return diff.amax().item()
 
 # -----------------------------------------------------------------------------
-# the run
+# the run: load the data, then either pretrain (and probe at the end) or only probe
 
 
 def log_line(rec, suffix=""):
@@ -457,68 +466,65 @@ def log_line(rec, suffix=""):
     print(" | ".join(parts) + suffix, flush=True)
 
 
-def evaluate(model, splits, val_idx, train_idx, domain, cfg, autocast, with_test, mode="model"):
-    """Linear probe on frozen features; test only when with_test (the end of a run)."""
-    if mode == "raw":
-        feats = lambda x: raw_features(x, domain.to_input, domain.vocab_size)  # noqa: E731
-    else:
-        feats = lambda x: features(model, x, domain.to_input, autocast)  # noqa: E731
-    ftrain = feats(splits.train_x)
-    tr = (ftrain[train_idx], splits.train_y[train_idx])
-    va = (ftrain[val_idx], splits.train_y[val_idx])
-    te = (feats(splits.test_x), splits.test_y) if with_test else None
-    return linear_probe(tr, va, domain.num_classes, cfg, te, seed=cfg.seed)
-
-
-def run(cfg):
-    domain = data.get_domain(cfg.domain)
-    if cfg.batch_size == 0:
-        cfg.batch_size = domain.batch_size
-    mcfg = model_config(cfg, domain)
-    check_options(cfg, mcfg)
-    out_dir = Path(cfg.out_dir or f"runs/{cfg.domain}")
-    device, rank, world, autocast = setup_device(cfg)
-    master = rank == 0
-    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
-        raise UsageError("--cuda-graph needs one CUDA device and no torchrun; drop it on CPU or with several GPUs")
-
-    if cfg.bench:
-        return bench(cfg, mcfg, domain, device, autocast)
-
+def load_data(cfg, domain, device):
+    """The domain's splits on the run's device, with the fixed-seed train/validation carve-out of train."""
     splits = domain.load(Path(cfg.data_dir), cfg.download)
     # small datasets live on the accelerator and are batched there: no workers, no per-sample Python
-    splits.train_x, splits.train_y = splits.train_x.to(device), splits.train_y.to(device)
-    splits.test_x, splits.test_y = splits.test_x.to(device), splits.test_y.to(device)
-    train_idx, val_idx = (i.to(device) for i in data.train_val_split(len(splits.train_x), cfg.val_frac, seed=0))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = Path(cfg.ckpt) if cfg.ckpt else out_dir / "ckpt.pt"
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        setattr(splits, name, getattr(splits, name).to(device))
+    splits.train_idx, splits.val_idx = (i.to(device) for i in data.train_val_split(len(splits.train_x), cfg.val_frac))
+    return splits
 
+
+def evaluate_only(cfg, domain, mcfg, splits, device, autocast, out_dir):
+    """--eval-only: probe a checkpoint, a random-init encoder, or the raw inputs; appends to eval.jsonl."""
     torch.manual_seed(cfg.seed)
-    if cfg.eval_only:
-        if cfg.eval_only == "ckpt":  # the checkpoint's own architecture, which must read this domain's inputs
-            state, saved = load_checkpoint(ckpt_path)
-            if (saved.input_shape, saved.patch_size, saved.vocab_size) != (mcfg.input_shape, mcfg.patch_size,
-                                                                          mcfg.vocab_size):
-                raise RunError(f"checkpoint {ckpt_path} was trained on inputs {saved.input_shape}, not on "
-                               f"{cfg.domain}'s {mcfg.input_shape}; pass the matching --domain")
-            model = MetaMAE(saved).to(device)
-            model.load_state_dict(state["model"])
-        else:
-            model = build_model(mcfg).to(device)
-        res = evaluate(model, splits, val_idx, train_idx, domain, cfg, autocast, True, cfg.eval_only)
-        rec = dict(mode=f"eval-only {cfg.eval_only}", val_acc=res["val_acc"], test_acc=res["test_acc"],
-                   probe_lr=res["lr"], probe_epoch=res["epoch"])
-        log_line(rec)
-        with open(out_dir / "eval.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        return rec
+    if cfg.eval_only == "ckpt":  # the checkpoint's own architecture, which must read this domain's inputs
+        path = Path(cfg.ckpt) if cfg.ckpt else out_dir / "ckpt.pt"
+        state, saved = load_checkpoint(path)
+        if (saved.input_shape, saved.patch_size, saved.vocab_size) != (mcfg.input_shape, mcfg.patch_size,
+                                                                      mcfg.vocab_size):
+            raise RunError(f"checkpoint {path} was trained on inputs {saved.input_shape}, not on "
+                           f"{cfg.domain}'s {mcfg.input_shape}; pass the matching --domain")
+        model = MetaMAE(saved).to(device)
+        model.load_state_dict(state["model"])
+    else:
+        model = MetaMAE(mcfg).to(device)
+    res = probe(model, splits, domain, cfg, autocast, with_test=True, mode=cfg.eval_only)
+    rec = dict(mode=f"eval-only {cfg.eval_only}", val_acc=res["val_acc"], test_acc=res["test_acc"],
+               probe_lr=res["lr"], probe_epoch=res["epoch"])
+    log_line(rec)
+    with open(out_dir / "eval.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
 
-    model = build_model(mcfg).to(device)
+
+def check_ranks_in_sync(model, world, master):
+    """Every rank must hold the same weights at the end: DDP averages gradients, nothing else syncs them."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    spread = [flat.clone() for _ in range(world)]
+    torch.distributed.all_gather(spread, flat)
+    max_dev = max((s - flat).abs().max().item() for s in spread)
+    if master:
+        print(f"ranks in sync: max parameter difference {max_dev:.3g}")
+    torch.distributed.destroy_process_group()
+    if max_dev > 0:
+        raise RunError(f"ranks diverged (max parameter difference {max_dev}); this is a bug, please report it")
+
+
+def pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir):
+    master = rank == 0
+    ckpt_path = Path(cfg.ckpt) if cfg.ckpt else out_dir / "ckpt.pt"
+    torch.manual_seed(cfg.seed)
+    model = MetaMAE(mcfg).to(device)
+    opt = make_optimizer(model, cfg)
+    # batches are drawn from their own generator, so resuming restores the data order exactly
     data_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    step, state = 0, None
+    step = 0
     if cfg.resume:
         state, _ = load_checkpoint(ckpt_path, mcfg)
         model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
         step = state["step"]
         torch.set_rng_state(state["rng_cpu"])
         data_gen.set_state(state["rng_data"])
@@ -528,77 +534,68 @@ def run(cfg):
             print(f"resumed from {ckpt_path} at step {step}")
     elif rank:
         torch.manual_seed(cfg.seed + rank)  # each rank draws its own masks
-    opt = make_optimizer(model, cfg, state["optimizer"] if state else None)
-    if world > 1:
-        if device.type == "cuda":  # one BatchNorm statistic over all ranks, as the authors do
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # on CPU (gloo) SyncBatchNorm is unavailable: the projector's BatchNorm uses per-rank statistics
-    raw_model = model
+    if world > 1 and device.type == "cuda":  # one BatchNorm statistic over all ranks, as the authors do
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (gloo has none: per-rank statistics on CPU)
+    raw_model = model  # what is saved and probed: no compile or DDP wrapper in its keys
     if cfg.compile:
         raw_model.encoder.compile()  # in place: the state_dict keeps its names
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     train = make_step(model, opt, cfg, autocast)
 
-    n_train = len(splits.train_x)
     stop = min(cfg.stop_step or cfg.max_steps, cfg.max_steps)
     log_file = open(out_dir / "log.jsonl", "a") if master else None
     if master:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{cfg.domain}: {n_train} training inputs of shape {tuple(domain.input_shape)}, {n_params / 1e6:.2f}M "
-              f"parameters, batch {cfg.batch_size} x {world}, steps {step}..{stop}, device {device}")
+        print(f"{cfg.domain}: {len(splits.train_x)} training inputs of shape {tuple(domain.input_shape)}, "
+              f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, batch {cfg.batch_size} x "
+              f"{world}, steps {step}..{stop}, device {device}, {precision(autocast)}")
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     t0, t_start, step_at_t0 = time.time(), time.time(), step
     while step < stop:
         lr = lr_at(step, cfg)
-        idx = torch.randint(n_train, (cfg.batch_size,), generator=data_gen, device=device)
+        idx = torch.randint(len(splits.train_x), (cfg.batch_size,), generator=data_gen, device=device)
         loss, logs = train(domain.to_input(splits.train_x[idx]), lr)
-        nonfinite |= ~torch.isfinite(loss)  # checked at log steps: no host sync per step
+        # a NaN is remembered on the device and read only when the loop reads anyway: a read per step would
+        # stall the GPU queue (and break CUDA-graph replay), and checkpoints must never save a NaN model
+        nonfinite |= ~torch.isfinite(loss)
         step += 1
-        last = step == stop
-        if step % cfg.log_interval == 0 or last or step % cfg.ckpt_interval == 0:
-            if nonfinite.item():
-                raise RunError(f"non-finite loss before step {step}; the last good checkpoint ({ckpt_path}) is "
-                                 "intact: lower --lr or --inner-lr and --resume, or start again")
-        if master and (step % cfg.log_interval == 0 or last):
-            dt = time.time() - t0
-            ms = 1000 * dt / (step - step_at_t0)
+        last, log_now, ckpt_now = step == stop, step % cfg.log_interval == 0, step % cfg.ckpt_interval == 0
+        if (log_now or last or ckpt_now) and nonfinite.item():
+            raise RunError(f"non-finite loss before step {step}; the last good checkpoint ({ckpt_path}) is "
+                           "intact: lower --lr or --inner-lr and --resume, or start again")
+        if master and (log_now or last):
+            ms = 1000 * (time.time() - t0) / (step - step_at_t0)
             rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
                        ms_per_step=ms, samples_per_s=cfg.batch_size * world * 1000 / ms)
-            eta = (stop - step) * ms / 1000
-            log_line(rec, f" | {100 * step / stop:.0f}% eta {eta / 60:.1f} min")
+            log_line(rec, f" | {100 * step / stop:.0f}% eta {(stop - step) * ms / 60_000:.1f} min")
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
             t0, step_at_t0 = time.time(), step
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and not last and master:
+        if master and cfg.eval_interval and step % cfg.eval_interval == 0 and not last:  # validation only
             if len(domain.input_shape) == 3:
-                reconstruction_grid(raw_model, domain.to_input(splits.train_x[val_idx[:8]]),
+                reconstruction_grid(raw_model, domain.to_input(splits.train_x[splits.val_idx[:8]]),
                                     out_dir / f"reconstructions_{step}.png")
-            res = evaluate(raw_model, splits, val_idx, train_idx, domain, cfg, autocast, with_test=False)
+            res = probe(raw_model, splits, domain, cfg, autocast, with_test=False)
             print(f"step {step} | probe val_acc {res['val_acc']:.4f} (lr {res['lr']}, epoch {res['epoch']})")
             log_file.write(json.dumps(dict(step=step, probe_val_acc=res["val_acc"])) + "\n")
-            t0, step_at_t0 = time.time(), step
-        if master and (step % cfg.ckpt_interval == 0 or last):
+            t0, step_at_t0 = time.time(), step  # the probe's time is not the training's
+        if master and (ckpt_now or last):
             save_checkpoint(ckpt_path, raw_model, opt, cfg, mcfg, step, data_gen)
 
-    if world > 1:  # every rank must hold the same weights: DDP averages gradients, nothing else syncs them
-        flat = torch.cat([p.detach().flatten().float() for p in raw_model.parameters()])
-        spread = [flat.clone() for _ in range(world)]
-        torch.distributed.all_gather(spread, flat)
-        max_dev = max((s - flat).abs().max().item() for s in spread)
-        if master:
-            print(f"ranks in sync: max parameter difference {max_dev:.3g}")
-        torch.distributed.destroy_process_group()
-        if max_dev > 0:
-            raise RunError(f"ranks diverged (max parameter difference {max_dev}); this is a bug, please report it")
-    if not master:
-        return None
+    if world > 1:
+        check_ranks_in_sync(raw_model, world, master)
+    if master:
+        return finish(cfg, domain, raw_model, splits, autocast, out_dir, log_file, step, t_start)
+
+
+def finish(cfg, domain, model, splits, autocast, out_dir, log_file, step, t_start):
+    """The last record of a run; a finished run (step == max_steps) is probed with the test split, once."""
     rec = dict(step=step, train_minutes=(time.time() - t_start) / 60)
-    if step == cfg.max_steps:  # the finished run: probe with test, once
+    if step == cfg.max_steps:
         if len(domain.input_shape) == 3:
-            rec["adapt_max_pixel_change"] = reconstruction_grid(raw_model, domain.to_input(splits.train_x[val_idx[:8]]),
-                                                                 out_dir / f"reconstructions_{step}.png")
-        res = evaluate(raw_model, splits, val_idx, train_idx, domain, cfg, autocast, with_test=True)
+            rec["adapt_max_pixel_change"] = reconstruction_grid(model, domain.to_input(splits.train_x[splits.val_idx[:8]]),
+                                                                out_dir / f"reconstructions_{step}.png")
+        res = probe(model, splits, domain, cfg, autocast, with_test=True)
         rec.update(val_acc=res["val_acc"], test_acc=res["test_acc"], probe_lr=res["lr"], probe_epoch=res["epoch"],
                    total_minutes=(time.time() - t_start) / 60)
     log_line(rec)
@@ -606,77 +603,23 @@ def run(cfg):
     log_file.close()
     return rec
 
-# -----------------------------------------------------------------------------
-# benchmark: MAE vs MetaMAE first/second order, one process, ratios to MAE
+
+def run(cfg):
+    cfg, domain, mcfg = check(cfg)
+    device, rank, world, autocast = setup_device(cfg)
+    splits = load_data(cfg, domain, device)
+    out_dir = Path(cfg.out_dir or f"runs/{cfg.domain}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.eval_only:
+        return evaluate_only(cfg, domain, mcfg, splits, device, autocast, out_dir)
+    return pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir)
 
 
-def peak_memory_mb(device, reset=False):
-    """CUDA: max allocated; CPU: the process's peak RSS (VmHWM), which Linux resets through clear_refs."""
-    if device.type == "cuda":
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    if reset:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
-def bench(cfg, mcfg, domain, device, autocast):
-    """Times the training step of MAE, first-order and second-order MetaMAE with the same backbone, in one
-    process, interleaved so that a noisy machine slows all three alike; prints medians and ratios to MAE."""
-    B = cfg.batch_size
-    if cfg.bench_data:
-        splits = domain.load(Path(cfg.data_dir), cfg.download)
-        pool = splits.train_x.to(device)
-        batch = lambda: domain.to_input(pool[torch.randint(len(pool), (B,), device=device)])  # noqa: E731
-    elif mcfg.modality == "tokens":
-        batch = lambda: torch.randint(mcfg.vocab_size, (B, *mcfg.input_shape), device=device)  # noqa: E731
-    else:
-        batch = lambda: torch.rand(B, *mcfg.input_shape, device=device)  # noqa: E731
-    variants = {"MAE": dict(inner_steps=0, contrast_weight=0.0), "MetaMAE 1st-order": dict(first_order=True),
-                "MetaMAE 2nd-order": dict(first_order=False, inner_steps=max(1, mcfg.inner_steps))}
-    runs = {}
-    for name, change in variants.items():
-        torch.manual_seed(cfg.seed)
-        model = MetaMAE(replace(mcfg, **change)).to(device)
-        if cfg.compile:
-            model.encoder.compile()
-        runs[name] = dict(step=make_step(model, make_optimizer(model, cfg), cfg, autocast), times=[], mem=0.0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for r in range(cfg.bench_repeats + 1):  # repeat 0 warms up (allocator, compile, graph capture): not timed
-        for name, run_ in runs.items():
-            peak_memory_mb(device, reset=True)
-            x = batch()
-            sync()
-            t = time.perf_counter()
-            for _ in range(cfg.bench_steps if r else 5):
-                run_["step"](x, cfg.lr)
-            sync()
-            if r:
-                run_["times"].append((time.perf_counter() - t) / cfg.bench_steps)
-                run_["mem"] = max(run_["mem"], peak_memory_mb(device))
-    print(f"bench: {cfg.domain} {tuple(mcfg.input_shape)}, {mcfg.num_tokens} tokens, mask {mcfg.mask_ratio}, batch {B}, "
-          f"width {mcfg.embed_dim} depth {mcfg.depth}, decoder {mcfg.decoder_embed_dim}x{mcfg.decoder_depth}, "
-          f"{device}, {autocast.dtype}, threads {torch.get_num_threads()}, compile {cfg.compile}, "
-          f"cuda graph {cfg.cuda_graph}, median of {cfg.bench_repeats} x {cfg.bench_steps} steps")
-    mem_kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
-    print(f"{'model':<20}{'ms/step':>10}{'samples/s':>12}{'x MAE':>8}{'min/100k steps':>16}{mem_kind + ' MB':>24}")
-    base = statistics.median(runs["MAE"]["times"])
-    results = {}
-    for name, run_ in runs.items():
-        ms = 1000 * statistics.median(run_["times"])
-        results[name] = dict(ms_per_step=ms, samples_per_s=1000 * B / ms, ratio=ms / (1000 * base), peak_mb=run_["mem"])
-        print(f"{name:<20}{ms:>10.1f}{1000 * B / ms:>12.0f}{ms / (1000 * base):>8.2f}{ms * 1e5 / 6e4:>16.1f}"
-              f"{run_['mem']:>24.0f}")
-    return results
-
-
-def main(argv=None):
+@contextlib.contextmanager
+def one_line_errors():
+    """What a user sees of an expected error: one line, and exit code 2 (usage), 1 (data, run) or 130 (Ctrl-C)."""
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        run(cfg)
+        yield
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -686,6 +629,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact (--resume continues from it)", file=sys.stderr)
         sys.exit(130)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--bench" in argv:  # the benchmark's first spelling, kept: python train.py --bench ...
+        import bench
+        return bench.main([a for a in argv if a != "--bench"])
+    with one_line_errors():
+        run(parse_args(argv))
 
 
 if __name__ == "__main__":
