@@ -1,9 +1,10 @@
 """
-Tests for data.py: the on-disk formats as they really are, and every way getting them can go wrong.
+Tests for data.py's shared machinery and its image domains: the on-disk formats as they really are, and
+every way getting them can go wrong. test_domains.py tests the other domains.
 
-Fixtures write CIFAR-format files the way the originals were written (protocol-2 pickles from
-Python 2, so bytes keys and byte strings), build small archives, and serve them through file://
-URLs or a fake urlopen. Nothing here touches the network or modifies /work/shared/data.
+The writers of the genuine formats are in conftest.py. Here small archives are built from them and
+served through file:// URLs or a fake urlopen. Nothing here touches the network or modifies
+/work/shared/data.
 """
 import hashlib
 import io
@@ -11,7 +12,6 @@ import os
 import pickle
 import pickletools
 import shutil
-import struct
 import tarfile
 import urllib.error
 import urllib.request
@@ -24,55 +24,14 @@ import pytest
 import torch
 
 import data
+from conftest import data_error, make_cifar, make_imagenet32, serve, write_cifar_batch
 from data import DataError
 
 REAL_CIFAR = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'cifar-10-batches-py'
 
 
 # -----------------------------------------------------------------------------
-# helpers: write the genuine formats
-
-class Py2Pickler(pickle._Pickler):
-    """Pickles bytes as Python 2 `str` (SHORT_BINSTRING / BINSTRING), as the CIFAR-10 files were written.
-
-    Python 3 at protocol 2 would write bytes as `_codecs.encode(...)` calls instead."""
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_py2_str(self, obj):
-        n = len(obj)
-        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else
-                   pickle.BINSTRING + struct.pack('<i', n) + obj)
-        self.memoize(obj)
-    dispatch[bytes] = save_py2_str
-
-
-def write_cifar_batch(path, rows, labels, writer='py2'):
-    """rows: uint8 (N, 3072) in the file layout. writer: 'py2' (the originals), 'py3-2', 'py3'."""
-    d = {b'batch_label': b'training batch 1 of 5', b'labels': [int(v) for v in labels],
-         b'data': rows, b'filenames': [b'img_%d.png' % i for i in range(len(labels))]}
-    with open(path, 'wb') as f:
-        if writer == 'py2':
-            Py2Pickler(f, protocol=2).dump(d)
-        else:
-            pickle.dump(d, f, protocol=2 if writer == 'py3-2' else pickle.DEFAULT_PROTOCOL)
-
-
-def make_cifar(folder, rows_per_file=3, seed=0, writer='py2'):
-    """A cifar-10-batches-py/ folder with random images; returns the expected (train_x, train_y, test_x, test_y)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    out = {}
-    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
-        rows = rng.integers(0, 256, (rows_per_file, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, rows_per_file)
-        write_cifar_batch(folder / name, rows, labels, writer)
-        out[name] = (rows.reshape(-1, 3, 32, 32), labels)
-    with open(folder / 'batches.meta', 'wb') as f:
-        Py2Pickler(f, protocol=2).dump({b'label_names': [b'airplane'] * 10, b'num_vis': 3072})
-    train = [out[f'data_batch_{i}'] for i in range(1, 6)]
-    return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
-            out['test_batch'][0], out['test_batch'][1])
-
+# helpers
 
 def make_tarball(tmp_path, extra=()):
     """cifar-10-python.tar.gz holding cifar-10-batches-py/ (+ extra TarInfo members); returns (path, expected)."""
@@ -85,26 +44,8 @@ def make_tarball(tmp_path, extra=()):
     return archive, expected
 
 
-def serve(monkeypatch, archive, md5=None, size=None):
-    """Point data.py's CIFAR-10 constants at a local archive."""
-    monkeypatch.setattr(data, 'CIFAR10_URL', archive.as_uri())
-    monkeypatch.setattr(data, 'CIFAR10_MD5', md5 or hashlib.md5(archive.read_bytes()).hexdigest())
-    monkeypatch.setattr(data, 'CIFAR10_SIZE', size or archive.stat().st_size)
-
-
 def no_network(*args, **kwargs):
     raise AssertionError("the network was used although the data was already there")
-
-
-def data_error(fn, *needles):
-    """fn() must raise a one-line DataError that mentions every needle; returns the message."""
-    with pytest.raises(DataError) as e:
-        fn()
-    msg = str(e.value)
-    assert '\n' not in msg, msg
-    for n in needles:
-        assert str(n) in msg, f"{n!r} not in {msg!r}"
-    return msg
 
 
 def assert_splits(s, expected):
@@ -222,7 +163,7 @@ def test_broken_batch_file_is_a_data_error(tmp_path, monkeypatch, case, victim):
 
 def test_download_verifies_and_extracts(tmp_path, monkeypatch):
     archive, expected = make_tarball(tmp_path)
-    serve(monkeypatch, archive)
+    serve(monkeypatch, 'CIFAR10', archive)
     data_dir = tmp_path / 'data'  # does not exist yet
     assert_splits(data.load_cifar10(data_dir, download=True), expected)
     assert sorted(os.listdir(data_dir)) == ['cifar-10-batches-py', 'cifar-10-python.tar.gz']  # no temp files
@@ -235,7 +176,7 @@ def test_download_verifies_and_extracts(tmp_path, monkeypatch):
 
 def test_placed_archive_is_verified_and_extracted_without_network(tmp_path, monkeypatch):
     archive, expected = make_tarball(tmp_path)
-    serve(monkeypatch, archive)
+    serve(monkeypatch, 'CIFAR10', archive)
     monkeypatch.setattr(urllib.request, 'urlopen', no_network)
     data_dir = tmp_path / 'data'
     data_dir.mkdir()
@@ -246,7 +187,7 @@ def test_placed_archive_is_verified_and_extracted_without_network(tmp_path, monk
 
 def test_placed_archive_with_wrong_checksum_is_refused_and_kept(tmp_path, monkeypatch):
     archive, _ = make_tarball(tmp_path)
-    serve(monkeypatch, archive)
+    serve(monkeypatch, 'CIFAR10', archive)
     data_dir = tmp_path / 'data'
     data_dir.mkdir()
     raw = bytearray(archive.read_bytes())
@@ -262,10 +203,12 @@ def test_download_with_wrong_checksum_is_deleted(tmp_path, monkeypatch, what):
     archive, _ = make_tarball(tmp_path)
     good_md5, good_size = hashlib.md5(archive.read_bytes()).hexdigest(), archive.stat().st_size
     if what == 'md5':
-        serve(monkeypatch, archive, md5='0' * 32)
+        serve(monkeypatch, 'CIFAR10', archive)
+        monkeypatch.setattr(data, 'CIFAR10_MD5', '0' * 32)
         needles = ['0' * 32, good_md5]  # expected and got
     else:
-        serve(monkeypatch, archive, size=good_size + 1)
+        serve(monkeypatch, 'CIFAR10', archive)
+        monkeypatch.setattr(data, 'CIFAR10_SIZE', good_size + 1)
         needles = [f'{good_size + 1:,}', f'{good_size:,}']
     data_dir = tmp_path / 'data'
     data_error(lambda: data.load_cifar10(data_dir, download=True), 'deleted', data.CIFAR10_URL, *needles)
@@ -297,7 +240,7 @@ def test_download_off_and_nothing_there(tmp_path, monkeypatch):
 @pytest.mark.parametrize('interrupt', [ConnectionResetError('connection reset by peer'), KeyboardInterrupt()])
 def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, interrupt):
     archive, _ = make_tarball(tmp_path)
-    serve(monkeypatch, archive)
+    serve(monkeypatch, 'CIFAR10', archive)
     data_dir = tmp_path / 'data'
     seen = []
 
@@ -335,7 +278,7 @@ def tar_member(name, type=tarfile.REGTYPE, linkname=''):
 ], ids=['dotdot', 'nested-dotdot', 'absolute', 'symlink-out', 'symlink-abs', 'hardlink-out', 'link-chain', 'fifo'])
 def test_unsafe_tar_members_are_refused(tmp_path, monkeypatch, members):
     archive, _ = make_tarball(tmp_path, extra=members)
-    serve(monkeypatch, archive)
+    serve(monkeypatch, 'CIFAR10', archive)
     data_dir = tmp_path / 'data'
     data_dir.mkdir()
     shutil.copy(archive, data_dir)
@@ -353,27 +296,6 @@ def test_corrupt_archive_is_a_data_error(tmp_path):
 
 # -----------------------------------------------------------------------------
 # ImageNet32: CIFAR layout, labels 1..1000, written by Python 3 (str keys), manual download
-
-def make_imagenet32(root, rows=2, seed=0):
-    """Imagenet32_train/ (10 files) and Imagenet32_val/ as Chrabaszcz et al. wrote them; returns expected."""
-    rng = np.random.default_rng(seed)
-    parts = {}
-    for folder, names in [('Imagenet32_train', [f'train_data_batch_{i}' for i in range(1, 11)]),
-                          ('Imagenet32_val', ['val_data'])]:
-        (root / folder).mkdir(parents=True)
-        for name in names:
-            x = rng.integers(0, 256, (rows, 3072), dtype=np.uint8)
-            y = [1, 1000] if name == 'train_data_batch_1' else rng.integers(1, 1001, rows).tolist()
-            d = {'data': x, 'labels': y}
-            if folder == 'Imagenet32_train':
-                d['mean'] = x.mean(0)  # the train batches carry the mean image; it is not used
-            with open(root / folder / name, 'wb') as f:
-                pickle.dump(d, f)
-            parts[name] = (x.reshape(-1, 3, 32, 32), np.array(y) - 1)
-    train = [parts[f'train_data_batch_{i}'] for i in range(1, 11)]
-    return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
-            parts['val_data'][0], parts['val_data'][1])
-
 
 def test_imagenet32_labels_are_shifted_to_zero_based(tmp_path):
     expected = make_imagenet32(tmp_path)

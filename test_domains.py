@@ -1,11 +1,10 @@
 """
 Tests for the non-image DABS domains in data.py: speech, sensors, tabular, DNA and proteins.
 
-Fixtures are written in each dataset's genuine format (wav through `wave`, PAMAP2's .dat text with NaN
-gaps, gzip CSV, a TSV inside a zip, JSON arrays) and go through the loaders exactly as a download would,
-archives included. The spectrogram is checked against a direct DFT written here in numpy. The
-`write_fake_*` functions (and `write_fake(name, data_dir)`) are for other tests too, e.g. one training
-step per domain. Nothing here touches the network or writes into /work/shared/data.
+Fixtures are written in each dataset's genuine format by conftest.py's writers (wav through `wave`,
+PAMAP2's .dat text with NaN gaps, gzip CSV, a TSV inside a zip, JSON arrays) and go through the loaders
+exactly as a download would, archives included. The spectrogram is checked against a direct DFT written
+here in numpy. Nothing here touches the network or writes into /work/shared/data.
 """
 import gzip
 import hashlib
@@ -14,10 +13,8 @@ import math
 import os
 import random
 import shutil
-import struct
 import tarfile
 import urllib.request
-import wave
 import zipfile
 from pathlib import Path
 
@@ -26,219 +23,16 @@ import pytest
 import torch
 
 import data
-from metamae import MetaMAE, MetaMAEConfig
-from test_data import data_error
+from conftest import (FAKE_WRITERS, data_error, fails, serve, write_fake, write_fake_audio_mnist, write_fake_genomics,
+                      write_fake_google_speech, write_fake_higgs, write_fake_pamap2, write_fake_pfam, write_fake_scop,
+                      write_genomics_zip, write_json_array, write_wav)
 
 SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
 SPEECH_SAMPLE = SHARED / 'speech_commands_v0.01_sample'
 
 
 # -----------------------------------------------------------------------------
-# writers of the genuine formats
-
-def write_wav(path, samples, rate, width=2, channels=1, extensible=False):
-    """int samples (n,) or (n, channels) -> a PCM wav; `extensible`: a WAVE_FORMAT_EXTENSIBLE header."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    samples = np.asarray(samples).reshape(len(samples), channels)
-    raw = samples.astype({1: '<u1', 2: '<i2', 4: '<i4'}[width]).tobytes() if width != 3 else \
-        b''.join(int(v).to_bytes(3, 'little', signed=True) for v in samples.ravel())
-    if not extensible:
-        with wave.open(str(path), 'wb') as w:
-            w.setnchannels(channels)
-            w.setsampwidth(width)
-            w.setframerate(rate)
-            w.writeframes(raw)
-        return path
-    pcm = b'\x01\x00\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71'  # KSDATAFORMAT_SUBTYPE_PCM
-    fmt = struct.pack('<HHIIHHHHI', 0xFFFE, channels, rate, rate * channels * width, channels * width, 8 * width,
-                      22, 8 * width, 0) + (extensible if isinstance(extensible, bytes) else pcm)
-    body = b'WAVE' + b'fmt ' + struct.pack('<I', len(fmt)) + fmt + b'data' + struct.pack('<I', len(raw)) + raw
-    path.write_bytes(b'RIFF' + struct.pack('<I', len(body)) + body)
-    return path
-
-
-def speech_like(rng, n, rate):
-    """A random 'utterance': a decaying tone plus noise, as int16."""
-    t = np.arange(n) / rate
-    y = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 3000) * t) * np.exp(-3 * t) + 0.02 * rng.standard_normal(n)
-    return (np.clip(y, -1, 1) * 32767).astype(np.int16)
-
-
-def write_fake_google_speech(data_dir, seed=0):
-    """speech_commands_v0.02/ with every word (2 speakers each), a 10 s noise file and the two list files.
-    Returns {'train': [...], 'test': [...]} relative paths in the loader's row order."""
-    rng = np.random.default_rng(seed)
-    root = Path(data_dir) / 'speech_commands_v0.02'
-    files = []
-    for word in data.GOOGLE_SPEECH_WORDS[:-1]:
-        for speaker in ('0a1b2c3d', 'f00dfeed'):
-            files.append(f'{word}/{speaker}_nohash_0.wav')
-            write_wav(root / files[-1], speech_like(rng, int(rng.integers(8000, 16001)), 16_000), 16_000)
-    write_wav(root / '_background_noise_' / 'white_noise.wav', rng.integers(-3000, 3000, 160_000), 16_000)
-    (root / '_background_noise_' / 'README.md').write_text('noise')  # not a wav: ignored
-    # the official lists name clips by speaker; they also name clips this folder does not have
-    val = [f for f in files if f.startswith(('yes/', 'no/', 'up/'))] + ['down/deadbeef_nohash_0.wav']
-    test = [f for f in files if f.split('/')[0] in ('eight', 'cat', 'learn')] + ['left/deadbeef_nohash_1.wav']
-    (root / 'validation_list.txt').write_text(''.join(f + '\n' for f in val))
-    (root / 'testing_list.txt').write_text(''.join(f + '\n' for f in test))
-    everything = sorted(files + ['_background_noise_/white_noise.wav'])
-    return {'train': [f for f in everything if f not in val + test] + [f for f in everything if f in val],
-            'test': [f for f in everything if f in test]}
-
-
-AUDIO_MNIST_FAKE_SPEAKERS = {'train': (1, 2), 'test': (5, 13)}
-
-
-def write_fake_audio_mnist(data_dir, seed=0):
-    """AudioMNIST/data/<NN>/<digit>_<NN>_0.wav (48 kHz) for two train and two test speakers; one file
-    has a WAVE_FORMAT_EXTENSIBLE header. Returns {'train': [...], 'test': [...]} paths in row order."""
-    rng = np.random.default_rng(seed)
-    out = {'train': [], 'test': []}
-    for split, speakers in AUDIO_MNIST_FAKE_SPEAKERS.items():
-        for s in speakers:
-            for digit in range(10):
-                f = Path(data_dir) / 'AudioMNIST' / 'data' / f'{s:02d}' / f'{digit}_{s:02d}_0.wav'
-                write_wav(f, speech_like(rng, 4800, 48_000), 48_000, extensible=(s, digit) == (2, 3))
-                out[split].append(f)
-    return out
-
-
-# PAMAP2: one layout for every subject: (activity ID, rows). Heart rate starts 60 rows in, so the first
-# window of activity 1 (rows 50-369) holds NaN and is dropped; activity 9 is optional (not used).
-PAMAP2_LAYOUT = [(0, 50), (1, 700), (0, 30), (17, 400), (9, 400), (24, 330), (2, 319)]
-PAMAP2_WINDOWS = [(370, 0), (780, 10), (1580, 11)]  # (first row, label = index in data.PAMAP2_ACTIVITIES)
-
-
-def pamap2_values(subject, rows):
-    """The true (NaN-free) 54 columns: every sensor column a line in the row number, so that linear
-    interpolation gives back exactly the values that were left out. Values stay within about +-150, as
-    the real raw channels (heart rate, m/s^2, uT, deg C); repr() writes them exactly."""
-    r = np.arange(rows)[:, None]
-    slope = (np.arange(52) % 7 - 3) / 1024
-    sensors = slope * r + (subject - 100) * 10 + np.arange(52)
-    activity = np.concatenate([np.full(n, a) for a, n in PAMAP2_LAYOUT])[:, None]
-    return np.hstack([r / 100, activity, sensors])
-
-
-def write_pamap2_dat(path, values, seed=0):
-    """Space-separated text as the Protocol files: 'NaN' for missing values."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(''.join(' '.join('NaN' if math.isnan(v) else repr(float(v)) for v in row) + '\n' for row in values))
-
-
-def write_fake_pamap2(data_dir, seed=0):
-    """PAMAP2_Dataset/Protocol/subject101..109.dat with NaN gaps. Returns the expected windows:
-    {'train': (x (N, 52, 320), y), 'test': (x, y)}."""
-    rng = np.random.default_rng(seed)
-    rows = sum(n for _, n in PAMAP2_LAYOUT)
-    out = {}
-    for split, subjects in (('train', data.PAMAP2_TRAIN_SUBJECTS), ('test', data.PAMAP2_TEST_SUBJECTS)):
-        xs, ys = [], []
-        for s in subjects:
-            true = pamap2_values(s, rows)
-            gappy = true.copy()
-            gappy[:, 2][np.arange(rows) % 10 != 0] = np.nan  # heart rate: ~one value in ten, as the real ~9 Hz
-            gappy[:60, 2] = np.nan  # ... and none at the start: leading NaNs stay NaN
-            sensors = gappy[1:-1, 3:]  # dropped samples inside the file (not the first or last row)
-            sensors[rng.random(sensors.shape) < 0.1] = np.nan
-            write_pamap2_dat(Path(data_dir) / 'PAMAP2_Dataset' / 'Protocol' / f'subject{s}.dat', gappy)
-            xs += [true[t:t + 320, 2:].T for t, _ in PAMAP2_WINDOWS]
-            ys += [label for _, label in PAMAP2_WINDOWS]
-        out[split] = (np.array(xs, np.float32), np.array(ys))
-    return out
-
-
-def write_fake_higgs(data_dir, rows=300, seed=0):
-    """HIGGS.csv.gz: no header, label then 28 features, '%.18e' as the original. Returns the float32 rows."""
-    rng = np.random.default_rng(seed)
-    a = np.hstack([rng.integers(0, 2, (rows, 1)), rng.standard_normal((rows, 28))]).astype(np.float32)
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    with gzip.open(Path(data_dir) / 'HIGGS.csv.gz', 'wt') as f:
-        np.savetxt(f, a, fmt='%.18e', delimiter=',')
-    return a
-
-
-def write_genomics_zip(path, rows_by_member):
-    """A zip of tab-separated text files with the TFDS header; rows: (seq, label) pairs."""
-    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as z:
-        for member, rows in rows_by_member.items():
-            z.writestr(member, 'seq\tlabel\tseq_info\tdomain\n' + ''.join(
-                f'{seq}\t{label}\tNC_{i:06d}.1:{i}-{i + 250}\tin\n' for i, (seq, label) in enumerate(rows)))
-    return path
-
-
-def write_fake_genomics(data_dir, rows=60, seed=0):
-    """genomics_ood.zip with the in-distribution training file (and a validation file the loader skips).
-    Returns the (seq, genus) rows of the training file."""
-    rng = random.Random(seed)
-    train = [(''.join(rng.choice('ACGT') for _ in range(250)), rng.choice(data.GENOMICS_GENERA)) for _ in range(rows)]
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    write_genomics_zip(Path(data_dir) / 'genomics_ood.zip',
-                       {'before_2011_in_tr.txt': train, 'between_2011-2016_in_val.txt': train[:3]})
-    return train
-
-
-def protein_records(n, label_key, labels, seed=0):
-    rng = random.Random(seed)
-    return [{'primary': ''.join(rng.choice(data.AMINO_ACIDS[1:]) for _ in range(rng.randint(5, 200))),
-             'protein_length': 0, label_key: rng.choice(labels), 'id': f'P{i}'} for i in range(n)]
-
-
-def write_json_array(path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records))
-
-
-def write_fake_pfam(data_dir, seed=0):
-    """pfam/pfam_{train,valid}.json. Returns {'train': records, 'test': records}."""
-    clans = [3, 17, 42, 100, 622]
-    out = {'train': protein_records(40, 'clan', clans, seed), 'test': protein_records(10, 'clan', clans, seed + 1)}
-    write_json_array(Path(data_dir) / 'pfam' / 'pfam_train.json', out['train'])
-    write_json_array(Path(data_dir) / 'pfam' / 'pfam_valid.json', out['test'])
-    return out
-
-
-def write_fake_scop(data_dir, seed=0):
-    """remote_homology/remote_homology_{train,valid}.json. Returns {'train': records, 'test': records}."""
-    folds = [0, 5, 1194]
-    out = {'train': protein_records(30, 'fold_label', folds, seed),
-           'test': protein_records(8, 'fold_label', folds, seed + 1)}
-    write_json_array(Path(data_dir) / 'remote_homology' / 'remote_homology_train.json', out['train'])
-    write_json_array(Path(data_dir) / 'remote_homology' / 'remote_homology_valid.json', out['test'])
-    return out
-
-
-FAKE_WRITERS = {'google_speech': write_fake_google_speech, 'audio_mnist': write_fake_audio_mnist,
-                'pamap2': write_fake_pamap2, 'higgs': write_fake_higgs, 'genomics': write_fake_genomics,
-                'pfam': write_fake_pfam, 'scop': write_fake_scop}
-
-
-def write_fake(name, data_dir, monkeypatch):
-    """Write a small fake of domain `name` into data_dir, so that get_domain(name).load(data_dir, False) works.
-    HIGGS.csv.gz is checked against the real file's size and sha256 before it is parsed: `monkeypatch`
-    (pytest's fixture) points those constants at the fake."""
-    FAKE_WRITERS[name](data_dir)
-    if name == 'higgs':
-        serve(monkeypatch, 'HIGGS', Path(data_dir) / 'HIGGS.csv.gz')
-    return Path(data_dir)
-
-
-# -----------------------------------------------------------------------------
 # helpers
-
-
-
-def fails(*args, **kwargs):
-    raise AssertionError("called although the cache should have been used")
-
-
-def serve(monkeypatch, prefix, path, digest=True):
-    """Point data.<prefix>_URL (and _SIZE / _SHA256 when the domain has them) at a local file."""
-    monkeypatch.setattr(data, f'{prefix}_URL', path.as_uri())
-    if digest:
-        monkeypatch.setattr(data, f'{prefix}_SIZE', path.stat().st_size)
-        monkeypatch.setattr(data, f'{prefix}_SHA256', hashlib.sha256(path.read_bytes()).hexdigest())
-
 
 def tar_gz(path, folder, arcname):
     with tarfile.open(path, 'w:gz') as t:
@@ -799,7 +593,7 @@ def test_bad_protein_json_is_a_data_error(tmp_path, case):
 
 
 # -----------------------------------------------------------------------------
-# every domain: its spec, its fixture through to_input, and one MetaMAE step
+# every domain: its spec, and its fixture through to_input (test_train.py trains on each fixture)
 
 def test_domain_specs():
     spec = {name: (d.input_shape, d.patch_size, d.vocab_size, d.num_classes, d.batch_size)
@@ -814,7 +608,7 @@ def test_domain_specs():
 
 
 @pytest.mark.parametrize('name', sorted(FAKE_WRITERS))
-def test_fixture_trains_one_metamae_step(tmp_path, monkeypatch, name):
+def test_fixture_gives_model_input(tmp_path, monkeypatch, name):
     domain = data.get_domain(name)
     s = domain.load(write_fake(name, tmp_path, monkeypatch), download=False)
     for x, y in ((s.train_x, s.train_y), (s.test_x, s.test_y)):
@@ -827,9 +621,3 @@ def test_fixture_trains_one_metamae_step(tmp_path, monkeypatch, name):
         assert x.max() < domain.vocab_size
     else:
         assert torch.isfinite(x).all()
-    cfg = MetaMAEConfig(input_shape=domain.input_shape, patch_size=domain.patch_size, vocab_size=domain.vocab_size,
-                        embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
-                        decoder_num_heads=2, proj_dim=8, mask_ratio=domain.mask_ratio)
-    loss, _ = MetaMAE(cfg)(x)
-    loss.backward()
-    assert torch.isfinite(loss)

@@ -17,8 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 import bench
 import train
-from test_data import make_cifar
-from test_domains import FAKE_WRITERS, write_fake
+from conftest import FAKE_WRITERS, make_cifar, write_fake
 
 HERE = Path(__file__).resolve().parent
 REAL_DATA = HERE.parent / "shared" / "data"
