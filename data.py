@@ -1,20 +1,25 @@
 """
 DABS datasets in their genuine on-disk formats: download, verify, parse, preprocess.
 
-The file reads top to bottom: shared helpers first (download, verify, extract, parse), then one
-section per domain. A section holds the dataset's constants (URL, size, md5 or sha256), a
-`load(data_dir, download) -> Splits` and a `Domain` saying what the model sees. To add a domain,
-copy the CIFAR-10 section, adapt it, and add its Domain to DOMAINS at the bottom.
+The file reads top to bottom: what a dataset is (Splits, Domain) and the model inputs, then the shared
+helpers (download and verify, extract, cache, split, parse), then one section per domain. Every section
+has the same shape: a header comment (what the data is, where it comes from, its format and quirks, how
+it is split), the constants (URL, size, md5 or sha256), its reader(s), `load_<domain>(data_dir, download)
+-> Splits`, and the `Domain` saying what the model sees. To add a domain, copy the CIFAR-10 section,
+adapt it, and add its Domain to DOMAINS at the bottom.
 
 Notable choices:
 - Splits hold compact CPU tensors (uint8 images). `Domain.to_input` turns a batch into model input
   on whatever device the batch is on, so train.py can move a whole dataset to the accelerator once.
 - No mean/std normalisation: DABS and MetaMAE both feed images in [0, 1] (DABS.md section 0).
-- Test split = the official test split, which is what MetaMAE reports on. `train_val_split` carves a
-  fixed validation set out of train for anything that must not look at test.
-- Archives are streamed to a temporary name, checked (size + md5 or sha256), then renamed into place, and
-  extracted into a temporary folder that is renamed into place: an interrupted run leaves nothing
-  that looks complete. Members that would land outside the folder are refused.
+- Test split = the official test split, which is what MetaMAE reports on; tables without one are split
+  as DABS splits them (`seeded_split`). `train_val_split` carves a fixed validation set out of train for
+  anything that must not look at test.
+- Nothing appears complete before it is: archives are streamed to a temporary name, checked (size + md5
+  or sha256) and renamed into place; they are extracted into a temporary folder that is renamed into
+  place; caches are written under temporary names and renamed. What is written gets the permissions of
+  any new file (0644 / 0755 under the usual umask), not tempfile's private 0600 / 0700, so a data folder
+  can be shared. Archive members that would land outside their folder are refused.
 - Pickles are read with an allow-list (numpy arrays only): unpickling can run code, and a folder
   placed by hand, or ImageNet32 (no published checksum), is not verified.
 - ImageNet32 is the Chrabaszcz et al. (2017) pickle release, not MetaMAE's torchvision ImageNet
@@ -22,15 +27,18 @@ Notable choices:
 - Every failure the user can fix is a DataError with one line: what is wrong, and what to do.
 - Sources that publish no checksum (PAMAP2, genomics, TAPE's proteins) are not verified: their
   parsers check every record instead.
-- What takes minutes to parse (speech spectrograms, HIGGS, Pfam) is parsed once into a .npy beside
-  the data, written under a temporary name and renamed, and memory-mapped from then on.
+- What takes minutes to parse (speech spectrograms, HIGGS, Pfam) is parsed once into .npy files beside
+  the data (`cached_arrays`) and memory-mapped from then on.
+- Loaders take `data_dir` as a Path: train.py converts its --data-dir once.
 """
+import contextlib
 import csv
 import dataclasses
 import functools
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -57,20 +65,6 @@ class DataError(Exception):
     """One-line, actionable message (what is wrong + what to do). train.py prints it and exits 1."""
 
 
-@dataclass(frozen=True)
-class Domain:
-    name: str
-    input_shape: tuple          # model input of one example, e.g. (3, 32, 32); (L,) for tokens / tabular
-    patch_size: tuple           # (4, 4) for 2-D, (5,) for 1-D series, () for tokens / tabular
-    vocab_size: int             # > 0 for integer-token inputs, else 0
-    num_classes: int
-    metric: str                 # 'accuracy' for now
-    batch_size: int             # pretraining batch size default for this domain
-    mask_ratio: float           # pretraining mask ratio default for this domain
-    load: Callable              # load(data_dir: Path, download: bool) -> Splits
-    to_input: Callable          # stored batch (on any device) -> model input; e.g. uint8 -> float in [0,1]
-
-
 @dataclass
 class Splits:
     train_x: torch.Tensor       # compact CPU tensors: images uint8 (N, 3, 32, 32)
@@ -79,27 +73,58 @@ class Splits:
     test_y: torch.Tensor
 
 
-def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed-seed split of range(n) into sorted (train_idx, val_idx): disjoint, together all of it."""
-    if n < 0 or not 0 <= val_frac < 1:
-        raise ValueError(f"need n >= 0 and 0 <= val_frac < 1, got n={n}, val_frac={val_frac}")
-    # a private generator: the split is the same whatever the caller did to the global RNG, and
-    # taking it does not change the global RNG either
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = round(n * val_frac)
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    input_shape: tuple          # model input of one example, e.g. (3, 32, 32); (L,) for tokens / tabular
+    patch_size: tuple           # (4, 4) for 2-D, (5,) for 1-D series, () for tokens / tabular
+    vocab_size: int             # > 0 for integer-token inputs, else 0
+    num_classes: int
+    batch_size: int             # pretraining batch size default for this domain
+    mask_ratio: float           # pretraining mask ratio default for this domain
+    load: Callable              # load(data_dir: Path, download: bool) -> Splits
+    to_input: Callable          # stored batch (on any device) -> model input; e.g. uint8 -> float in [0,1]
 
+
+# the three kinds of Domain.to_input: stored batches stay compact (uint8, float16), the model gets these
 
 def images_to_unit(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) uint8 -> float32 in [0, 1], on x's device. No mean/std, as DABS and MetaMAE."""
     return x.float() / 255
 
 
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """Stored float16/float32 batch (spectrograms, sensor windows, tabular rows) -> float32, on x's device."""
+    return x.float()
+
+
+def as_token_ids(x: torch.Tensor) -> torch.Tensor:
+    """Stored uint8 token ids -> int64, on x's device (what nn.Embedding takes)."""
+    return x.long()
+
+
 # -----------------------------------------------------------------------------
-# shared helpers: download, verify, extract, parse
+# shared helpers: download, verify, extract (each written under a temporary name, then renamed)
 
 def _oneline(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _temp_beside(path: Path, folder: bool = False) -> Path:
+    """A new temporary file (or folder) next to `path`, to be renamed to `path` once complete: the rename is
+    atomic (same filesystem), so `path` never appears half-written.
+
+    tempfile makes it private (0600 / 0700), which the rename would keep; it gets the permissions of any
+    new file instead (0644 / 0755 under the usual umask 022), so that others can read a shared data folder."""
+    if folder:
+        tmp = tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
+    else:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
+        os.close(fd)
+    umask = os.umask(0)  # the only way to read the umask is to set it, so set it straight back
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)
+    return Path(tmp)
 
 
 def _check(path: Path, size, digest):
@@ -135,14 +160,11 @@ def fetch_archive(url: str, path: Path, size, digest, download: bool, folder: st
         raise DataError(f"{f'{folder}/' if folder else path.name} not found in {path.parent} and downloading is off: "
                         f"{place}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # stream to a temporary name in the same folder (same filesystem, so the rename is atomic):
-    # `path` only ever appears complete and verified
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
-    tmp = Path(tmp)
+    tmp = _temp_beside(path)  # `path` only ever appears complete and verified
     try:
         print(f"downloading {url} ({f'{size / 1e6:.0f} MB' if size else 'size not published'}) to {path}")
         try:
-            with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
+            with open(tmp, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
                 shutil.copyfileobj(r, f, 1 << 20)
         except OSError as e:  # URLError, HTTPError, timeouts, resets, disk full: all OSErrors
             raise DataError(f"could not download {url} ({_oneline(e)}): {place}") from e
@@ -177,7 +199,7 @@ def extract_archive(archive: Path, target: Path):
     """Extract a .tar(.gz) or .zip into the folder `target`, all or nothing, refusing members that
     would land outside it. The archive may hold the folder itself (cifar-10-batches-py/...) or its files."""
     print(f"extracting {archive} to {target}")
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.', suffix='.part'))
+    tmp = _temp_beside(target, folder=True)
     try:
         try:
             if archive.suffix == '.zip':
@@ -209,6 +231,106 @@ def fetch_and_extract(url: str, archive_name: str, size, digest, download: bool,
         extract_archive(fetch_archive(url, folder.parent / archive_name, size, digest, download, folder.name), folder)
     return folder
 
+
+# -----------------------------------------------------------------------------
+# shared helpers: caches and splits
+
+def _npy_header(dtype, shape: tuple) -> bytes:
+    b = io.BytesIO()
+    np.lib.format.write_array_header_1_0(b, {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             'fortran_order': False, 'shape': shape})
+    return b.getvalue()
+
+
+def _read_cache(path: Path, dtype, row_shape: tuple) -> np.ndarray:
+    fix = "delete it and run again to rebuild it"
+    try:
+        a = np.load(path, mmap_mode='c')  # memory-mapped copy-on-write: read when used, never written
+    except (ValueError, OSError, EOFError) as e:  # not a .npy, a bad header, fewer bytes than the header says
+        raise DataError(f"{path} is a truncated or unreadable cache ({_oneline(e)}): {fix}") from None
+    if a.dtype != dtype or a.shape[1:] != row_shape or a.ndim != 1 + len(row_shape):
+        raise DataError(f"{path} holds {a.dtype} {a.shape}, expected {np.dtype(dtype)} (N, "
+                        f"{', '.join(map(str, row_shape))}): it is no cache of this loader; {fix}")
+    return a
+
+
+def _write_cache(files: dict, parse: Callable):
+    """Stream parse()'s chunks into the .npy `files`, which appear, renamed into place in order, only once all
+    are complete. The row count is known only at the end, so each header is written for 0 rows first and
+    rewritten: numpy pads it to the same size whatever the count, which the assert checks."""
+    chunks = iter(parse())
+    first = next(chunks, None)  # before any file is made: parse() may fetch the data, and make its folder
+    tmps = [_temp_beside(path) for path in files]
+    try:
+        with contextlib.ExitStack() as stack:
+            outs = [stack.enter_context(open(tmp, 'wb')) for tmp in tmps]
+            specs, counts = list(files.values()), [0] * len(files)
+            for f, (dtype, row_shape) in zip(outs, specs):
+                f.write(_npy_header(dtype, (0, *row_shape)))
+            for part in itertools.chain([] if first is None else [first], chunks):
+                for i, (f, (dtype, row_shape), a) in enumerate(zip(outs, specs, part)):
+                    assert a.shape[1:] == row_shape, (a.shape, row_shape)
+                    f.write(np.ascontiguousarray(a, dtype).tobytes())
+                    counts[i] += len(a)
+            for f, (dtype, row_shape), n in zip(outs, specs, counts):
+                header = _npy_header(dtype, (n, *row_shape))
+                assert len(header) == len(_npy_header(dtype, (0, *row_shape)))
+                f.seek(0)
+                f.write(header)
+        for tmp, path in zip(tmps, files):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)  # gone after os.replace; otherwise leave nothing behind
+
+
+def cached_arrays(files: dict, parse: Callable, rows: int = None) -> list:
+    """The arrays of the .npy `files` ({path: (dtype, shape of one row)}), memory-mapped; built first from
+    parse() if one is missing, or if they do not hold `rows` rows (when given: a stale cache).
+
+    parse() yields tuples of chunks, one chunk of rows per file: a dataset can exceed the memory, so the
+    chunks are streamed to disk. A file missing means an interrupted build; a file that does not read as
+    the array it should hold is a DataError that says to delete it."""
+    if all(path.exists() for path in files):
+        arrays = [_read_cache(path, *spec) for path, spec in files.items()]
+        if len({len(a) for a in arrays}) > 1:
+            raise DataError(f"{' and '.join(map(str, files))} hold different row counts, so they are not one "
+                            f"cache: delete them and run again to rebuild them")
+        if rows is None or len(arrays[0]) == rows:
+            return arrays
+    print(f"parsing into {' and '.join(map(str, files))} (once; later runs memory-map it)")
+    _write_cache(files, parse)
+    return [_read_cache(path, *spec) for path, spec in files.items()]
+
+
+def seeded_split(n: int, what) -> tuple[np.ndarray, np.ndarray]:
+    """DABS's split of a table of n rows (DABS.md section 0): pandas' df.sample(frac=1, random_state=42), which
+    is the seed-42 permutation, then the first ceil(90%) rows train and the rest test.
+
+    Returns (train, test) row indices, each in the permuted order. `what`: the file, for the message."""
+    perm = np.random.RandomState(42).permutation(n)
+    n_train = math.ceil(0.9 * n)
+    if n - n_train < 1:
+        raise DataError(f"{what}: {n} rows leave none for the test split: delete it and download it again")
+    return perm[:n_train], perm[n_train:]
+
+
+def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-seed split of range(n) into sorted (train_idx, val_idx): disjoint, together all of it.
+
+    Not seeded_split: this one carves validation out of any train split, for train.py, and its partition
+    (torch's generator) is what the README's validation figures were measured on."""
+    if n < 0 or not 0 <= val_frac < 1:
+        raise ValueError(f"need n >= 0 and 0 <= val_frac < 1, got n={n}, val_frac={val_frac}")
+    # a private generator: the split is the same whatever the caller did to the global RNG, and
+    # taking it does not change the global RNG either
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = round(n * val_frac)
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+# -----------------------------------------------------------------------------
+# shared helpers: parse (pickled images, letters to tokens, streamed JSON)
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     # what a pickled numpy array needs (numpy 1 and 2 names; _codecs for Python-3 protocol-2 bytes)
@@ -258,69 +380,6 @@ def to_splits(train: list, test: list) -> Splits:
     return Splits(cat(train, 0), cat(train, 1), cat(test, 0), cat(test, 1))
 
 
-# -----------------------------------------------------------------------------
-# CIFAR-10: 32x32 RGB photos, 10 classes, 50k train / 10k test. The python pickles of the official
-# archive. MetaMAE uses them as they are: 32x32 in [0, 1], patch 4, batch 64, mask ratio 0.5.
-
-CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-CIFAR10_SIZE = 170_498_071
-CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
-
-
-def load_cifar10(data_dir: Path, download: bool) -> Splits:
-    data_dir = Path(data_dir)
-    folder = fetch_and_extract(CIFAR10_URL, 'cifar-10-python.tar.gz', CIFAR10_SIZE, CIFAR10_MD5, download,
-                               data_dir / 'cifar-10-batches-py')
-    train = [read_image_batch(folder / f'data_batch_{i}', 10) for i in range(1, 6)]
-    test = [read_image_batch(folder / 'test_batch', 10)]
-    return to_splits(train, test)
-
-
-CIFAR10 = Domain(name='cifar10', input_shape=(3, 32, 32), patch_size=(4, 4), vocab_size=0, num_classes=10,
-                 metric='accuracy', batch_size=64, mask_ratio=0.5, load=load_cifar10, to_input=images_to_unit)
-
-# -----------------------------------------------------------------------------
-# ImageNet32 (Chrabaszcz et al. 2017, "A downsampled variant of ImageNet"): 1,281,167 train / 50,000
-# val images, 1000 classes, in the CIFAR plane layout with labels 1..1000. MetaMAE pretrains on
-# ImageNet resized to 32x32; this release is the light equivalent. It needs an image-net.org login,
-# so there is no download: the user places the two zips (or their extracted folders) in data_dir.
-# The full train set is 3.9 GB as uint8, and loading briefly needs about twice that in RAM.
-
-def load_imagenet32(data_dir: Path, download: bool) -> Splits:
-    data_dir = Path(data_dir)  # `download` is unused: there is no public URL
-    for name in ('Imagenet32_train', 'Imagenet32_val'):
-        folder, archive = data_dir / name, data_dir / f'{name}.zip'
-        if not folder.is_dir():
-            if not archive.is_file():
-                raise DataError(
-                    f"{folder}/ not found, and ImageNet32 needs an image-net.org login, so it cannot be downloaded "
-                    f"automatically: log in at https://image-net.org/download-images.php, download "
-                    f"Imagenet32_train.zip and Imagenet32_val.zip (Downsampled ImageNet 32x32, the pickle version, "
-                    f"not *_npz), put both in {data_dir} (they are extracted on first use), "
-                    f"or pass --data-dir with the folder that holds them")
-            extract_archive(archive, folder)
-    train = [read_image_batch(data_dir / 'Imagenet32_train' / f'train_data_batch_{i}', 1000, first_label=1)
-             for i in range(1, 11)]
-    test = [read_image_batch(data_dir / 'Imagenet32_val' / 'val_data', 1000, first_label=1)]
-    return to_splits(train, test)
-
-
-IMAGENET32 = Domain(name='imagenet32', input_shape=(3, 32, 32), patch_size=(4, 4), vocab_size=0, num_classes=1000,
-                    metric='accuracy', batch_size=64, mask_ratio=0.5, load=load_imagenet32, to_input=images_to_unit)
-
-# -----------------------------------------------------------------------------
-# helpers for the domains below: model inputs, token tables, cached arrays, streamed JSON
-
-def as_float32(x: torch.Tensor) -> torch.Tensor:
-    """Stored float16/float32 batch (spectrograms, sensor windows, tabular rows) -> float32, on x's device."""
-    return x.float()
-
-
-def as_token_ids(x: torch.Tensor) -> torch.Tensor:
-    """Stored uint8 token ids -> int64, on x's device (what nn.Embedding takes)."""
-    return x.long()
-
-
 def _tokenize(text: bytes, alphabet: str, width: int, what: str, first: int = 0) -> np.ndarray:
     """Concatenated sequences of `width` letters -> uint8 (N, width) token ids (index in `alphabet`).
     `first`: the number of the first sequence, for messages."""
@@ -332,43 +391,6 @@ def _tokenize(text: bytes, alphabet: str, width: int, what: str, first: int = 0)
         raise DataError(f"{what}: sequence {first + bad[0] // width} has the letter {chr(text[bad[0]])!r}, which is "
                         f"not one of {alphabet}: the file is not the expected dataset; delete it and download it again")
     return ids.reshape(-1, width)
-
-
-def _write_npy(path: Path, chunks) -> Path:
-    """Stream arrays of equal row shape and dtype into the .npy `path`, which only appears once complete.
-
-    The row count is known only at the end, so a header for 0 rows is written first and rewritten; numpy
-    pads every header to the same size whatever the row count, which the assert checks."""
-    def header(a, n):
-        b = io.BytesIO()
-        np.lib.format.write_array_header_1_0(b, {'descr': np.lib.format.dtype_to_descr(a.dtype),
-                                                 'fortran_order': False, 'shape': (n, *a.shape[1:])})
-        return b.getvalue()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            n, first = 0, None
-            for a in chunks:
-                if first is None:
-                    first = a
-                    f.write(header(a, 0))
-                f.write(np.ascontiguousarray(a, first.dtype).tobytes())
-                n += len(a)
-            if first is None:
-                raise ValueError(f"nothing to write to {path}")
-            f.seek(0)
-            h = header(first, n)
-            assert len(h) == len(header(first, 0))
-            f.write(h)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    # memory-mapped copy-on-write: nothing is read until used, and the file is never written
-    return np.load(path, mmap_mode='c')
 
 
 def iter_json_array(path: Path, chunk_chars: int = 1 << 22):
@@ -419,7 +441,64 @@ def iter_json_array(path: Path, chunk_chars: int = 1 << 22):
 
 
 # -----------------------------------------------------------------------------
-# speech: 16-bit PCM wav files -> the log-mel spectrogram DABS feeds its models (DABS.md section 5).
+# CIFAR-10: 32x32 RGB photos, 10 classes, 50k train / 10k test.
+# Source: the official python archive (md5 published), extracted to cifar-10-batches-py/.
+# Format: data_batch_1..5 and test_batch, pickles in the CIFAR plane layout (read_image_batch).
+# Split: the official train / test. MetaMAE uses the images as they are: 32x32 in [0, 1], patch 4.
+
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+CIFAR10_SIZE = 170_498_071
+CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
+
+
+def load_cifar10(data_dir: Path, download: bool) -> Splits:
+    folder = fetch_and_extract(CIFAR10_URL, 'cifar-10-python.tar.gz', CIFAR10_SIZE, CIFAR10_MD5, download,
+                               data_dir / 'cifar-10-batches-py')
+    train = [read_image_batch(folder / f'data_batch_{i}', 10) for i in range(1, 6)]
+    test = [read_image_batch(folder / 'test_batch', 10)]
+    return to_splits(train, test)
+
+
+CIFAR10 = Domain(name='cifar10', input_shape=(3, 32, 32), patch_size=(4, 4), vocab_size=0, num_classes=10,
+                 batch_size=64, mask_ratio=0.5, load=load_cifar10, to_input=images_to_unit)
+
+# -----------------------------------------------------------------------------
+# ImageNet32 (Chrabaszcz et al. 2017, "A downsampled variant of ImageNet"): 1,281,167 train / 50,000
+# val images, 1000 classes. MetaMAE pretrains on ImageNet resized to 32x32; this release is the light
+# equivalent.
+# Source: Imagenet32_train.zip and Imagenet32_val.zip from image-net.org, which needs a login, so there is
+# no download: the user places the two zips (or their extracted folders) in data_dir.
+# Format: the CIFAR plane layout (read_image_batch), pickled by Python 3, labels 1..1000.
+# Split: the official train / val. The full train set is 3.9 GB as uint8; loading briefly needs twice that.
+
+IMAGENET32_URL = 'https://image-net.org/download-images.php'  # a login page: no download
+
+
+def load_imagenet32(data_dir: Path, download: bool) -> Splits:
+    # `download` is unused: there is no public URL
+    for name in ('Imagenet32_train', 'Imagenet32_val'):
+        folder, archive = data_dir / name, data_dir / f'{name}.zip'
+        if not folder.is_dir():
+            if not archive.is_file():
+                raise DataError(
+                    f"{folder}/ not found, and ImageNet32 needs an image-net.org login, so it cannot be downloaded "
+                    f"automatically: log in at {IMAGENET32_URL}, download "
+                    f"Imagenet32_train.zip and Imagenet32_val.zip (Downsampled ImageNet 32x32, the pickle version, "
+                    f"not *_npz), put both in {data_dir} (they are extracted on first use), "
+                    f"or pass --data-dir with the folder that holds them")
+            extract_archive(archive, folder)
+    train = [read_image_batch(data_dir / 'Imagenet32_train' / f'train_data_batch_{i}', 1000, first_label=1)
+             for i in range(1, 11)]
+    test = [read_image_batch(data_dir / 'Imagenet32_val' / 'val_data', 1000, first_label=1)]
+    return to_splits(train, test)
+
+
+IMAGENET32 = Domain(name='imagenet32', input_shape=(3, 32, 32), patch_size=(4, 4), vocab_size=0, num_classes=1000,
+                    batch_size=64, mask_ratio=0.5, load=load_imagenet32, to_input=images_to_unit)
+
+# -----------------------------------------------------------------------------
+# speech, shared by Google Speech Commands and AudioMNIST: 16-bit PCM wav files -> the log-mel spectrogram
+# DABS feeds its models (DABS.md section 5).
 # DABS: pad (or crop) each clip to 150,526 samples, librosa.feature.melspectrogram(y, sr, hop_length=672,
 # n_mels=224) with its defaults (n_fft 2048, periodic Hann, centred frames with reflect padding as
 # librosa < 0.10 did, power 2, Slaney mels with Slaney norm, fmax sr/2), then power_to_db(S**2) (the
@@ -517,44 +596,42 @@ def log_mel(y: torch.Tensor, sample_rate: int) -> torch.Tensor:
     return torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - 80)  # top_db=80
 
 
-def speech_spectrograms(files: list, sample_rate: int, mean: float, std: float, cache: Path = None) -> torch.Tensor:
-    """wav files -> float16 (N, 1, 224, 224) normalised log-mels, in file order.
+def speech_splits(train: list, test: list, labels: list, sample_rate: int, mean: float, std: float,
+                  cache: Path = None) -> Splits:
+    """wav files -> Splits of float16 (N, 1, 224, 224) normalised log-mels; labels: train's, then test's.
 
-    With `cache`, they are computed once into that .npy and memory-mapped afterwards (a full dataset
-    is GBs); a cache whose row count no longer matches the files is rebuilt."""
+    Train rows first, then test rows, so that both splits are slices of one array. With `cache`, the
+    spectrograms are computed once into that .npy (a full dataset is GBs), and computed again when the
+    number of files changes."""
+    files = train + test
+
     def batches(size=256):
         for i in range(0, len(files), size):
             clips = [read_wav(f, sample_rate)[:SPEECH_SAMPLES] for f in files[i:i + size]]
             y = torch.zeros(len(clips), max(len(c) for c in clips))
             for row, c in zip(y, clips):
                 row[:len(c)] = torch.from_numpy(c.astype(np.float32) / 32768)  # the scale torchaudio.load uses
-            yield ((log_mel(y, sample_rate) - mean) / std).half().unsqueeze(1).numpy()
+            yield (((log_mel(y, sample_rate) - mean) / std).half().unsqueeze(1).numpy(),)
 
     if cache is None:
-        return torch.from_numpy(np.concatenate(list(batches())))
-    if not (cache.exists() and len(_load_npy(cache)) == len(files)):
-        print(f"computing {len(files):,} spectrograms into {cache} (once)")
-        _write_npy(cache, batches())
-    return torch.from_numpy(_load_npy(cache))
-
-
-def _speech_splits(train: list, test: list, labels: list, sample_rate: int, mean: float, std: float,
-                   cache: Path = None) -> Splits:
-    """Train rows first, then test rows, so that both splits are slices of one (cached) array."""
-    x = speech_spectrograms(train + test, sample_rate, mean, std, cache)
-    y = torch.tensor(labels, dtype=torch.int64)
+        x = np.concatenate([b[0] for b in batches()])
+    else:
+        x, = cached_arrays({cache: (np.float16, (1, N_MELS, N_FRAMES))}, batches, rows=len(files))
+    x, y = torch.from_numpy(x), torch.tensor(labels, dtype=torch.int64)
     return Splits(x[:len(train)], y[:len(train)], x[len(train):], y[len(train):])
 
 
 # -----------------------------------------------------------------------------
 # Google Speech Commands v0.02: 105,829 one-second clips (16 kHz) of 35 words, plus 6 long recordings in
-# _background_noise_, which DABS keeps as a 36th class. The tar holds <word>/<speaker>_nohash_<n>.wav and
-# the official validation_list.txt and testing_list.txt (split by speaker).
-# DABS's split code never removes the listed files from train (its readlines() entries keep their '\n'),
-# so DABS and MetaMAE train on the test clips (and on the validation clips twice). Here train = every clip
-# in neither list + validation_list (what DABS meant: it adds validation_list back), test = testing_list:
+# _background_noise_, which DABS keeps as a 36th class.
+# Source: the TensorFlow tar (sha256 published), which has no top folder: extracted to speech_commands_v0.02/.
+# Format: <word>/<speaker>_nohash_<n>.wav and the official validation_list.txt and testing_list.txt (split by
+# speaker). Label = the folder's index in DABS's list below, which is not alphabetical.
+# Split: DABS's split code never removes the listed files from train (its readlines() entries keep their
+# '\n'), so DABS and MetaMAE train on the test clips (and on the validation clips twice). Here train = every
+# clip in neither list + validation_list (what DABS meant: it adds validation_list back), test = testing_list:
 # no clip, and no speaker, in both. The validation clips are the last rows of train.
-# Label = the folder's index in DABS's list below, which is not alphabetical.
+# Cache: speech_commands_v0.02.logmel.npy beside the folder (10.6 GB).
 
 GOOGLE_SPEECH_URL = 'http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz'
 GOOGLE_SPEECH_SIZE = 2_428_923_189
@@ -588,13 +665,11 @@ def speech_commands_splits(root: Path, cache: Path = None) -> Splits:
             raise DataError(f"{root}: no wav file for the {name} split ({len(files)} wav files in all): "
                             f"delete {root} and download the dataset again")
     labels = [GOOGLE_SPEECH_WORDS.index(f.split('/')[0].lower()) for f in train + test]
-    return _speech_splits([root / f for f in train], [root / f for f in test], labels, 16_000,
-                          GOOGLE_SPEECH_MEAN, GOOGLE_SPEECH_STD, cache)
+    return speech_splits([root / f for f in train], [root / f for f in test], labels, 16_000,
+                         GOOGLE_SPEECH_MEAN, GOOGLE_SPEECH_STD, cache)
 
 
 def load_google_speech(data_dir: Path, download: bool) -> Splits:
-    data_dir = Path(data_dir)
-    # the tar has no top folder: its words land in `folder`
     folder = fetch_and_extract(GOOGLE_SPEECH_URL, 'speech_commands_v0.02.tar.gz', GOOGLE_SPEECH_SIZE,
                                GOOGLE_SPEECH_SHA256, download, data_dir / 'speech_commands_v0.02')
     return speech_commands_splits(folder, cache=data_dir / 'speech_commands_v0.02.logmel.npy')
@@ -602,7 +677,7 @@ def load_google_speech(data_dir: Path, download: bool) -> Splits:
 
 def load_google_speech_sample(data_dir: Path, download: bool) -> Splits:
     """The 300 real v0.01 clips shipped in shared/data (no download): a quick real run, nothing written."""
-    folder = Path(data_dir) / 'speech_commands_v0.01_sample'
+    folder = data_dir / 'speech_commands_v0.01_sample'
     if not folder.is_dir():
         raise DataError(f"{folder}/ not found: it ships with the project in shared/data; "
                         f"pass --data-dir with the folder that holds it")
@@ -610,14 +685,16 @@ def load_google_speech_sample(data_dir: Path, download: bool) -> Splits:
 
 
 GOOGLE_SPEECH = Domain(name='google_speech', input_shape=(1, 224, 224), patch_size=(16, 16), vocab_size=0,
-                       num_classes=36, metric='accuracy', batch_size=64, mask_ratio=0.5, load=load_google_speech,
+                       num_classes=36, batch_size=64, mask_ratio=0.5, load=load_google_speech,
                        to_input=as_float32)
 GOOGLE_SPEECH_SAMPLE = dataclasses.replace(GOOGLE_SPEECH, name='google_speech_sample', load=load_google_speech_sample)
 
 # -----------------------------------------------------------------------------
-# AudioMNIST: 30,000 clips (48 kHz, <= 1 s) of the digits 0-9 by 60 speakers, data/<NN>/<digit>_<NN>_<rep>.wav.
-# Split by speaker as DABS: test = its 12 test speakers; train = its train + val speakers (48).
-# No download URL: it is a git repository (MIT licence).
+# AudioMNIST: 30,000 clips (48 kHz, <= 1 s) of the digits 0-9 by 60 speakers.
+# Source: a git repository (MIT licence), not an archive, so no download: the user clones it into data_dir.
+# Format: data/<NN>/<digit>_<NN>_<repetition>.wav, NN the speaker; a few files are WAVE_FORMAT_EXTENSIBLE.
+# Split: by speaker, as DABS: test = its 12 test speakers; train = its train + val speakers (48).
+# Cache: AudioMNIST.logmel.npy beside the clone (3 GB).
 
 AUDIO_MNIST_REPO = 'https://github.com/soerenab/AudioMNIST'
 AUDIO_MNIST_TEST_SPEAKERS = {26, 52, 60, 18, 32, 42, 5, 13, 22, 33, 45, 51}
@@ -625,7 +702,6 @@ AUDIO_MNIST_MEAN, AUDIO_MNIST_STD = -90.293, 11.799
 
 
 def load_audio_mnist(data_dir: Path, download: bool) -> Splits:
-    data_dir = Path(data_dir)
     folder = data_dir / 'AudioMNIST' / 'data'
     if not folder.is_dir():
         raise DataError(f"{folder}/ not found, and AudioMNIST is a git repository, not an archive: run "
@@ -643,24 +719,26 @@ def load_audio_mnist(data_dir: Path, download: bool) -> Splits:
         if not split:
             raise DataError(f"{folder}: no wav file of the {name} speakers: is it a complete clone of "
                             f"{AUDIO_MNIST_REPO}?")
-    return _speech_splits(train, test, [labels[f] for f in train + test], 48_000, AUDIO_MNIST_MEAN,
-                          AUDIO_MNIST_STD, cache=data_dir / 'AudioMNIST.logmel.npy')
+    return speech_splits(train, test, [labels[f] for f in train + test], 48_000, AUDIO_MNIST_MEAN,
+                         AUDIO_MNIST_STD, cache=data_dir / 'AudioMNIST.logmel.npy')
 
 
 AUDIO_MNIST = Domain(name='audio_mnist', input_shape=(1, 224, 224), patch_size=(16, 16), vocab_size=0, num_classes=10,
-                     metric='accuracy', batch_size=64, mask_ratio=0.5, load=load_audio_mnist, to_input=as_float32)
+                     batch_size=64, mask_ratio=0.5, load=load_audio_mnist, to_input=as_float32)
 
 # -----------------------------------------------------------------------------
-# PAMAP2: 9 subjects wearing 3 IMUs and a heart-rate monitor, 100 Hz. PAMAP2_Dataset/Protocol/subject1NN.dat
-# is space-separated text with 54 columns (timestamp, activity ID, heart rate, 3 IMUs x 17) and NaN where
-# a value is missing. As DABS: each column's NaNs are interpolated over the whole file as pandas'
-# DataFrame.interpolate() does, and the input is columns 2: (heart rate + 51 IMU columns, raw, the invalid
-# orientation columns included) = 52 channels. The 12 activities of MetaMAE: DABS's 11 + 17 (ironing).
-# Subjects: train 101-104 and 107-109, test 105 + 106 (MetaMAE; DABS validates on 105 alone).
-# DABS draws 320-step windows at random from all rows of an activity; a fixed dataset needs fixed windows:
-# here every contiguous run of one activity is cut into consecutive, non-overlapping 320-step windows from
-# its start (the rest of the run is dropped), and a window that still holds a NaN (the NaNs before a
-# column's first value stay NaN) is dropped. Model input (52, 320), channels first as MetaMAE; patches of 5.
+# PAMAP2: 9 subjects wearing 3 IMUs and a heart-rate monitor, 100 Hz.
+# Source: UCI #231, a zip with no published checksum (the parser checks every row), extracted to PAMAP2_Dataset/.
+# Format: Protocol/subject1NN.dat, space-separated text with 54 columns (timestamp, activity ID, heart rate,
+# 3 IMUs x 17) and NaN where a value is missing. As DABS: each column's NaNs are interpolated over the whole
+# file as pandas' DataFrame.interpolate() does, and the input is columns 2: (heart rate + 51 IMU columns,
+# raw, the invalid orientation columns included) = 52 channels. The 12 activities of MetaMAE: DABS's 11 +
+# 17 (ironing). DABS draws 320-step windows at random from all rows of an activity; a fixed dataset needs
+# fixed windows: here every contiguous run of one activity is cut into consecutive, non-overlapping 320-step
+# windows from its start (the rest of the run is dropped), and a window that still holds a NaN (the NaNs
+# before a column's first value stay NaN) is dropped. Model input (52, 320), channels first as MetaMAE;
+# patches of 5.
+# Split: by subject: train 101-104 and 107-109, test 105 + 106 (MetaMAE; DABS validates on 105 alone).
 
 PAMAP2_URL = 'https://archive.ics.uci.edu/ml/machine-learning-databases/00231/PAMAP2_Dataset.zip'
 PAMAP2_ACTIVITIES = [1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 17, 24]  # label = index
@@ -711,8 +789,6 @@ def read_pamap2(path: Path):
 
 
 def load_pamap2(data_dir: Path, download: bool) -> Splits:
-    data_dir = Path(data_dir)
-    # no published checksum: the parser checks the content
     folder = fetch_and_extract(PAMAP2_URL, 'PAMAP2_Dataset.zip', None, None, download, data_dir / 'PAMAP2_Dataset')
 
     def subjects(ids):
@@ -726,28 +802,31 @@ def load_pamap2(data_dir: Path, download: bool) -> Splits:
 
 
 PAMAP2 = Domain(name='pamap2', input_shape=(52, PAMAP2_WINDOW), patch_size=(5,), vocab_size=0, num_classes=12,
-                metric='accuracy', batch_size=256, mask_ratio=0.85, load=load_pamap2, to_input=as_float32)
+                batch_size=256, mask_ratio=0.85, load=load_pamap2, to_input=as_float32)
 
 # -----------------------------------------------------------------------------
 # HIGGS: 11,000,000 simulated collisions, signal (1) or background (0), from 28 kinematic features (21
-# low-level, 7 derived). HIGGS.csv.gz has no header: label, then the features. One token per feature
-# (the model embeds each scalar), raw values as DABS, in the file's column order (DABS has TFDS's
-# alphabetical order; only the position embedding tells features apart, so this matters only for
-# exchanging weights). Split as DABS splits tables: the seed-42 permutation, first 90% train, last 10% test
-# (DABS permutes TFDS's order, which needs TFDS to reproduce, so the rows differ).
-# Parsing the 8 GB of text takes minutes: the permuted rows are cached once as HIGGS.npy (1.3 GB).
+# low-level, 7 derived).
+# Source: UCI #280, HIGGS.csv.gz (sha256 published), used as it is.
+# Format: no header; label, then the features. One token per feature (the model embeds each scalar), raw
+# values as DABS, in the file's column order (DABS has TFDS's alphabetical order; only the position
+# embedding tells features apart, so this matters only for exchanging weights).
+# Split: seeded_split, as DABS splits tables (DABS permutes TFDS's order, which needs TFDS to reproduce,
+# so the rows differ).
+# Cache: parsing the 8 GB of text takes minutes, so the rows are cached once in HIGGS.npy (1.3 GB) in the
+# split's order, train rows first: each split is then a slice of the memory-mapped file.
 
 HIGGS_URL = 'https://archive.ics.uci.edu/ml/machine-learning-databases/00280/HIGGS.csv.gz'
 HIGGS_SIZE = 2_816_407_858
 HIGGS_SHA256 = 'ea302c18164d4e3d916a1e2e83a9a8d07069fa6ebc7771e4c0540d54e593b698'
 
 
-def read_higgs(path: Path, max_rows: int = None) -> np.ndarray:
+def read_higgs(path: Path) -> np.ndarray:
     """HIGGS.csv.gz -> float32 (N, 29): the label, then the 28 features."""
     fix = "delete it and download it again"
     try:
         with gzip.open(path, 'rt') as f:
-            a = np.loadtxt(f, delimiter=',', dtype=np.float32, ndmin=2, max_rows=max_rows)
+            a = np.loadtxt(f, delimiter=',', dtype=np.float32, ndmin=2)
     except (ValueError, EOFError, OSError, zlib.error) as e:  # a bad row; a truncated or corrupt gzip
         raise DataError(f"{path} is not the HIGGS csv.gz ({_oneline(e)}): {fix}") from None
     if a.shape[1] != 29:
@@ -757,31 +836,30 @@ def read_higgs(path: Path, max_rows: int = None) -> np.ndarray:
     return a
 
 
-def load_higgs(data_dir: Path, download: bool, max_rows: int = None) -> Splits:
-    """max_rows: use only the file's first rows (quick runs; parsed each time, never cached)."""
-    data_dir = Path(data_dir)
+def load_higgs(data_dir: Path, download: bool) -> Splits:
     cache = data_dir / 'HIGGS.npy'
-    if max_rows is not None or not cache.exists():
+
+    def parse():
         archive = fetch_archive(HIGGS_URL, data_dir / 'HIGGS.csv.gz', HIGGS_SIZE, HIGGS_SHA256, download, None)
-        a = read_higgs(archive, max_rows)
-        a = a[np.random.RandomState(42).permutation(len(a))]
-        if max_rows is None:
-            _write_npy(cache, [a])
-    a = torch.from_numpy(_load_npy(cache) if max_rows is None else a)
-    n_train = math.ceil(0.9 * len(a))
-    if len(a) - n_train < 1:
-        raise DataError(f"HIGGS: {len(a)} rows leave none for the test split: use more rows")
+        a = read_higgs(archive)
+        yield (a[np.concatenate(seeded_split(len(a), archive))],)
+
+    a, = cached_arrays({cache: (np.float32, (29,))}, parse)
+    n_train = len(seeded_split(len(a), cache)[0])  # the cache holds the train rows, then the test rows
+    a = torch.from_numpy(a)
     return Splits(a[:n_train, 1:], a[:n_train, 0].long(), a[n_train:, 1:], a[n_train:, 0].long())
 
 
-HIGGS = Domain(name='higgs', input_shape=(28,), patch_size=(), vocab_size=0, num_classes=2, metric='accuracy',
+HIGGS = Domain(name='higgs', input_shape=(28,), patch_size=(), vocab_size=0, num_classes=2,
                batch_size=256, mask_ratio=0.5, load=load_higgs, to_input=as_float32)
 
 # -----------------------------------------------------------------------------
-# Genomics OOD (Ren et al. 2019): 250-base bacterial DNA fragments labelled with their genus. The TFDS zip
-# holds tab-separated text files with a header (seq, label, seq_info, domain); before_2011_in_tr.txt is
-# the in-distribution training set, 1,000,000 fragments of 10 genera, which DABS pretrains on. Read from
-# the zip as it is. Tokens A C G T = 0 1 2 3. Split as DABS: seed-42 permutation, 90% train, 10% test.
+# Genomics OOD (Ren et al. 2019): 250-base bacterial DNA fragments labelled with their genus.
+# Source: the TFDS zip, with no published checksum (the parser checks every row), read as it is.
+# Format: tab-separated text files with a header (seq, label, seq_info, domain); before_2011_in_tr.txt is
+# the in-distribution training set, 1,000,000 fragments of 10 genera, which DABS pretrains on.
+# Tokens A C G T = 0 1 2 3.
+# Split: seeded_split, as DABS.
 
 GENOMICS_URL = 'https://storage.googleapis.com/tfds-data/downloads/genomics_ood/genomics_ood.zip'
 GENOMICS_GENERA = ['Bacillus', 'Burkholderia', 'Clostridium', 'Escherichia', 'Mycobacterium', 'Pseudomonas',
@@ -819,87 +897,77 @@ def read_genomics(archive: Path, member: str = 'before_2011_in_tr.txt'):
 
 
 def load_genomics(data_dir: Path, download: bool) -> Splits:
-    data_dir = Path(data_dir)  # no published checksum: the parser checks the content
     archive = fetch_archive(GENOMICS_URL, data_dir / 'genomics_ood.zip', None, None, download, None)
     x, y = read_genomics(archive)
-    perm = torch.from_numpy(np.random.RandomState(42).permutation(len(x)))
-    x, y = torch.from_numpy(x)[perm], torch.from_numpy(y)[perm]
-    n_train = math.ceil(0.9 * len(x))
-    if len(x) - n_train < 1:
-        raise DataError(f"{archive}: {len(x)} sequences leave none for the test split: delete it and download it again")
-    return Splits(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+    train, test = seeded_split(len(x), archive)
+    return Splits(*(torch.from_numpy(a) for a in (x[train], y[train], x[test], y[test])))
 
 
 GENOMICS = Domain(name='genomics', input_shape=(GENOMICS_LENGTH,), patch_size=(), vocab_size=4, num_classes=10,
-                  metric='accuracy', batch_size=32, mask_ratio=0.5, load=load_genomics, to_input=as_token_ids)
+                  batch_size=32, mask_ratio=0.5, load=load_genomics, to_input=as_token_ids)
 
 # -----------------------------------------------------------------------------
-# proteins (TAPE's raw JSON): amino-acid strings, cut to 128 and right-padded with X, tokens = index in
-# XARNDCQEGHILKMFPSTWYVUOBZJ (X = 0 is also the padding), vocab 26, as DABS.
-# Pfam: pfam/pfam_train.json (~32M domains; tens of GB of JSON) and pfam_valid.json, each one JSON array
-# of records with 'primary' and 'clan'. Streamed, and parsed once into .npy files beside the JSON (4 GB
-# of tokens for train). Label = rank of the clan among pfam_train's clans (623), as DABS. Train =
-# pfam_train, test = all of pfam_valid (DABS splits pfam_valid into pretraining validation and a 200k
-# transfer set; one test split is simpler and larger).
-# SCOP (TAPE remote homology): remote_homology/remote_homology_{train,valid}.json, label = 'fold_label'
-# (1195 folds). Train = train, test = valid, as DABS.
+# proteins, shared by Pfam and SCOP: TAPE's raw JSON, each file one JSON array of records with an amino-acid
+# string 'primary' and the label. Sequences are cut to 128 and right-padded with X; tokens = index in
+# XARNDCQEGHILKMFPSTWYVUOBZJ (X = 0 is also the padding), vocab 26, as DABS. TAPE publishes no checksum:
+# the parser checks every record.
 
-PFAM_URL = 'http://s3.amazonaws.com/songlabdata/proteindata/data_raw_pytorch/pfam.tar.gz'
-SCOP_URL = 'http://s3.amazonaws.com/songlabdata/proteindata/data_raw_pytorch/remote_homology.tar.gz'
 AMINO_ACIDS = 'XARNDCQEGHILKMFPSTWYVUOBZJ'
 PROTEIN_LENGTH = 128
-PFAM_CLANS, SCOP_FOLDS = 623, 1195
 
 
-def protein_chunks(path: Path, label_key: str, labels: list, size: int = 1 << 16):
-    """Yield uint8 (n, 128) token chunks of a TAPE JSON file; append each chunk's int64 labels to `labels`."""
-    seqs, chunk_labels, start = [], [], 0
+def protein_chunks(path: Path, label_key: str, size: int = 1 << 16):
+    """Yield (tokens uint8 (n, 128), labels int64 (n,)) chunks of a TAPE JSON file, never holding the whole file."""
+    def chunk(seqs, labels, start):  # start: the number of the chunk's first record, for messages
+        text = ''.join(seqs).encode('ascii', 'replace')
+        return _tokenize(text, AMINO_ACIDS, PROTEIN_LENGTH, f"{path}", start), np.array(labels, np.int64)
+
+    seqs, labels, start = [], [], 0
     for i, r in enumerate(iter_json_array(path)):
         seq, label = (r.get('primary'), r.get(label_key)) if isinstance(r, dict) else (None, None)
         if not isinstance(seq, str) or not isinstance(label, int) or isinstance(label, bool):
             raise DataError(f"{path}: element {i} is not a record with a 'primary' string and an integer "
                             f"{label_key!r}: delete it and download the dataset again")
         seqs.append(seq[:PROTEIN_LENGTH].ljust(PROTEIN_LENGTH, 'X'))
-        chunk_labels.append(label)
+        labels.append(label)
         if len(seqs) == size:
-            yield _tokenize(''.join(seqs).encode('ascii', 'replace'), AMINO_ACIDS, PROTEIN_LENGTH, f"{path}", start)
-            labels.append(np.array(chunk_labels, np.int64))
-            seqs, chunk_labels, start = [], [], i + 1
-    yield _tokenize(''.join(seqs).encode('ascii', 'replace'), AMINO_ACIDS, PROTEIN_LENGTH, f"{path}", start)
-    labels.append(np.array(chunk_labels, np.int64))
-
-
-def _nonempty(path: Path, x):
-    if not len(x):
+            yield chunk(seqs, labels, start)
+            seqs, labels, start = [], [], i + 1
+    if start + len(seqs) == 0:  # raised inside cached_arrays' parse, so no cache of an empty file is written
         raise DataError(f"{path} holds no records: delete it and download the dataset again")
-    return x
+    if seqs:
+        yield chunk(seqs, labels, start)
 
 
 def read_proteins(path: Path, label_key: str):
     """A small TAPE JSON file -> (tokens uint8 (N, 128), labels int64 (N,)), in memory."""
-    labels = []
-    x = np.concatenate(list(protein_chunks(path, label_key, labels)))
-    return _nonempty(path, x), np.concatenate(labels)
+    chunks = list(protein_chunks(path, label_key))
+    return np.concatenate([x for x, _ in chunks]), np.concatenate([y for _, y in chunks])
 
 
-def _pfam_arrays(path: Path):
-    """tokens uint8 (N, 128) and clan ids int64 (N,) of one Pfam JSON file, parsed once into two .npy files
-    beside it (the clans file is written last: its presence means both are complete)."""
-    tokens, clans = path.with_suffix('.tokens.npy'), path.with_suffix('.clans.npy')
-    if not clans.exists():
-        print(f"parsing {path} into {tokens.name} and {clans.name} (once)")
-        labels = []
-        _write_npy(tokens, protein_chunks(path, 'clan', labels))
-        _write_npy(clans, [_nonempty(path, np.concatenate(labels))])  # an empty file leaves no complete cache
-    return _load_npy(tokens), np.load(clans)
+# -----------------------------------------------------------------------------
+# Pfam: ~32M protein domains labelled with their clan.
+# Source: TAPE's pfam.tar.gz, extracted to pfam/.
+# Format: pfam_train.json (tens of GB) and pfam_valid.json, records with 'primary' and 'clan'. Label = rank
+# of the clan among pfam_train's clans (623), as DABS.
+# Split: train = pfam_train, test = all of pfam_valid (DABS splits pfam_valid into pretraining validation
+# and a 200k transfer set; one test split is simpler and larger).
+# Cache: each JSON file is streamed once into <name>.tokens.npy and <name>.clans.npy beside it (4 GB of
+# tokens for train).
+
+PFAM_URL = 'http://s3.amazonaws.com/songlabdata/proteindata/data_raw_pytorch/pfam.tar.gz'
+PFAM_CLANS = 623
 
 
 def load_pfam(data_dir: Path, download: bool) -> Splits:
-    data_dir = Path(data_dir)
-    # no published checksum: the parser checks the content
     folder = fetch_and_extract(PFAM_URL, 'pfam.tar.gz', None, None, download, data_dir / 'pfam')
-    x_train, c_train = _pfam_arrays(folder / 'pfam_train.json')
-    x_test, c_test = _pfam_arrays(folder / 'pfam_valid.json')
+
+    def parsed(path):  # tokens uint8 (N, 128) and clan ids int64 (N,), cached beside the JSON
+        return cached_arrays({path.with_suffix('.tokens.npy'): (np.uint8, (PROTEIN_LENGTH,)),
+                              path.with_suffix('.clans.npy'): (np.int64, ())}, lambda: protein_chunks(path, 'clan'))
+
+    x_train, c_train = parsed(folder / 'pfam_train.json')
+    x_test, c_test = parsed(folder / 'pfam_valid.json')
     clans = np.unique(c_train)  # sorted: label = rank, as DABS
     if len(clans) > PFAM_CLANS:
         raise DataError(f"{folder / 'pfam_train.json'} has {len(clans)} clans, expected {PFAM_CLANS}: "
@@ -912,9 +980,20 @@ def load_pfam(data_dir: Path, download: bool) -> Splits:
     return Splits(*(torch.from_numpy(a) for a in (x_train, y_train, x_test, y_test)))
 
 
+PFAM = Domain(name='pfam', input_shape=(PROTEIN_LENGTH,), patch_size=(), vocab_size=len(AMINO_ACIDS),
+              num_classes=PFAM_CLANS, batch_size=128, mask_ratio=0.5, load=load_pfam, to_input=as_token_ids)
+
+# -----------------------------------------------------------------------------
+# SCOP (TAPE remote homology): proteins labelled with their fold, 'fold_label' (1195 folds).
+# Source: TAPE's remote_homology.tar.gz, extracted to remote_homology/.
+# Format: remote_homology_{train,valid}.json, small enough to read in memory.
+# Split: train = train, test = valid, as DABS.
+
+SCOP_URL = 'http://s3.amazonaws.com/songlabdata/proteindata/data_raw_pytorch/remote_homology.tar.gz'
+SCOP_FOLDS = 1195
+
+
 def load_scop(data_dir: Path, download: bool) -> Splits:
-    data_dir = Path(data_dir)
-    # no published checksum: the parser checks the content
     folder = fetch_and_extract(SCOP_URL, 'remote_homology.tar.gz', None, None, download, data_dir / 'remote_homology')
     splits = []
     for name in ('remote_homology_train.json', 'remote_homology_valid.json'):
@@ -927,16 +1006,14 @@ def load_scop(data_dir: Path, download: bool) -> Splits:
     return Splits(*splits)
 
 
-PFAM = Domain(name='pfam', input_shape=(PROTEIN_LENGTH,), patch_size=(), vocab_size=len(AMINO_ACIDS),
-              num_classes=PFAM_CLANS, metric='accuracy', batch_size=128, mask_ratio=0.5, load=load_pfam,
-              to_input=as_token_ids)
-SCOP = dataclasses.replace(PFAM, name='scop', num_classes=SCOP_FOLDS, load=load_scop)
+SCOP = Domain(name='scop', input_shape=(PROTEIN_LENGTH,), patch_size=(), vocab_size=len(AMINO_ACIDS),
+              num_classes=SCOP_FOLDS, batch_size=128, mask_ratio=0.5, load=load_scop, to_input=as_token_ids)
 
 # -----------------------------------------------------------------------------
 # the domains train.py can use: add new sections' Domains here
 
 DOMAINS = {d.name: d for d in (CIFAR10, IMAGENET32, GOOGLE_SPEECH, GOOGLE_SPEECH_SAMPLE, AUDIO_MNIST, PAMAP2, HIGGS,
-                                GENOMICS, PFAM, SCOP)}
+                               GENOMICS, PFAM, SCOP)}
 
 
 def get_domain(name: str) -> Domain:

@@ -1,6 +1,6 @@
 """
 Tests for data.py's shared machinery and its image domains: the on-disk formats as they really are, and
-every way getting them can go wrong. test_domains.py tests the other domains.
+every way getting them can go wrong; the caches and the splits. test_domains.py tests the other domains.
 
 The writers of the genuine formats are in conftest.py. Here small archives are built from them and
 served through file:// URLs or a fake urlopen. Nothing here touches the network or modifies
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import data
-from conftest import data_error, make_cifar, make_imagenet32, serve, write_cifar_batch
+from conftest import data_error, fails, make_cifar, make_imagenet32, serve, write_cifar_batch
 from data import DataError
 
 REAL_CIFAR = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'cifar-10-batches-py'
@@ -342,7 +342,125 @@ def test_imagenet32_zip_with_escaping_member_is_refused(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# split, domains, model input
+# caches: built once, streamed, renamed into place, readable by others, refused in one line when broken
+
+def two_file_cache(folder):
+    return {folder / 'a.npy': (np.float32, (3,)), folder / 'b.npy': (np.int64, ())}
+
+
+def chunks(n_chunks=3, rows=4):
+    rng = np.random.default_rng(0)
+    return [(rng.standard_normal((rows, 3)).astype(np.float32), np.arange(rows) + 100 * i) for i in range(n_chunks)]
+
+
+def test_cache_is_built_once_then_memory_mapped(tmp_path):
+    files = two_file_cache(tmp_path)
+    parts = chunks() + [(np.zeros((0, 3), np.float32), np.zeros(0, np.int64))]  # an empty chunk too
+    a, b = data.cached_arrays(files, lambda: iter(parts))
+    assert np.array_equal(a, np.concatenate([p[0] for p in parts]))
+    assert np.array_equal(b, np.concatenate([p[1] for p in parts]))
+    assert isinstance(a, np.memmap) and a.dtype == np.float32 and b.dtype == np.int64
+    assert sorted(os.listdir(tmp_path)) == ['a.npy', 'b.npy']  # no temporary files left
+    assert np.array_equal(np.load(tmp_path / 'a.npy'), a)  # a plain .npy file: its header has the final count
+    again = data.cached_arrays(files, fails)  # parsed once
+    assert all(np.array_equal(x, y) for x, y in zip(again, (a, b)))
+    # a stale cache (another row count than the data has now) is built again
+    fresh = data.cached_arrays(files, lambda: iter(parts[:1]), rows=4)
+    assert len(fresh[0]) == len(fresh[1]) == 4 and np.array_equal(fresh[1], parts[0][1])
+
+
+@pytest.mark.parametrize('interrupt', [DataError('a bad record'), KeyboardInterrupt()])
+def test_interrupted_cache_build_leaves_nothing(tmp_path, interrupt):
+    files = two_file_cache(tmp_path)
+    seen = []
+
+    def parse():
+        yield from chunks(2)
+        seen.append(sorted(os.listdir(tmp_path)))  # mid-build: only the temporary names
+        raise interrupt
+    with pytest.raises(type(interrupt)):
+        data.cached_arrays(files, parse)
+    assert [name.split('.npy.')[0] for name in seen[0]] == ['.a', '.b']
+    assert all(name.endswith('.part') for name in seen[0])
+    assert os.listdir(tmp_path) == []
+    # a build interrupted between its two renames leaves one file of two: it is built again, not read
+    np.save(tmp_path / 'a.npy', np.zeros((1, 3), np.float32))
+    a, b = data.cached_arrays(files, lambda: iter(chunks(1)))
+    assert len(a) == len(b) == 4
+
+
+@pytest.mark.parametrize('umask, file_mode, dir_mode', [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_written_files_have_the_usual_permissions(tmp_path, monkeypatch, umask, file_mode, dir_mode):
+    # tempfile's files are private (0600, folders 0700), and a rename keeps that: what data.py leaves must
+    # get the permissions of any new file, so that a data folder can be shared
+    archive, _ = make_tarball(tmp_path)
+    serve(monkeypatch, 'CIFAR10', archive)
+    data_dir = tmp_path / 'data'
+    make_imagenet32(tmp_path / 'src')
+    data_dir.mkdir()
+    with zipfile.ZipFile(data_dir / 'Imagenet32_val.zip', 'w') as z:  # files at the root: the folder is ours
+        z.write(tmp_path / 'src' / 'Imagenet32_val' / 'val_data', 'val_data')
+    shutil.copytree(tmp_path / 'src' / 'Imagenet32_train', data_dir / 'Imagenet32_train')
+    old = os.umask(umask)
+    try:
+        data.load_cifar10(data_dir, download=True)
+        data.load_imagenet32(data_dir, download=False)
+        data.cached_arrays(two_file_cache(data_dir), lambda: iter(chunks(1)))
+    finally:
+        os.umask(old)
+    modes = {name: (data_dir / name).stat().st_mode & 0o777 for name in os.listdir(data_dir)}
+    assert {name: modes[name] for name in ('cifar-10-python.tar.gz', 'a.npy', 'b.npy', 'Imagenet32_val')} == \
+        {'cifar-10-python.tar.gz': file_mode, 'a.npy': file_mode, 'b.npy': file_mode, 'Imagenet32_val': dir_mode}
+
+
+@pytest.mark.parametrize('case', ['truncated', 'empty', 'garbage', 'pickled objects', 'float64', 'rows 4 wide',
+                                  'no rows axis', 'row counts differ'])
+def test_broken_cache_is_a_data_error(tmp_path, case):
+    files = two_file_cache(tmp_path)
+    data.cached_arrays(files, lambda: iter(chunks()))
+    a = tmp_path / 'a.npy'
+    needles = ['delete it and run again']
+    if case == 'truncated':
+        a.write_bytes(a.read_bytes()[:-10])
+        needles.append('truncated')
+    elif case == 'empty':
+        a.write_bytes(b'')
+    elif case == 'garbage':
+        a.write_bytes(b'not a numpy file at all' * 10)
+    elif case == 'pickled objects':  # never unpickled: np.load refuses them, and a memory map can't hold them
+        np.save(a, np.array([{'x': 1}] * 12, dtype=object), allow_pickle=True)
+    elif case == 'float64':
+        np.save(a, np.zeros((12, 3)))
+        needles += ['float64', 'float32']
+    elif case == 'rows 4 wide':
+        np.save(a, np.zeros((12, 4), np.float32))
+        needles.append('(12, 4)')
+    elif case == 'no rows axis':
+        np.save(a, np.float32(1))
+    else:
+        np.save(a, np.zeros((11, 3), np.float32))
+        needles = ['different row counts', tmp_path / 'b.npy', 'delete them']
+    data_error(lambda: data.cached_arrays(files, fails), a, *needles)
+
+
+# -----------------------------------------------------------------------------
+# splits, domains, model input
+
+def test_seeded_split_is_dabs_table_split():
+    # DABS: df.sample(frac=1, random_state=42), which is RandomState(42).permutation(n), then the first
+    # ceil(0.9 n) rows train, the rest test. Pinned as the code before seeded_split computed them
+    train, test = data.seeded_split(10, 'x')
+    assert train.tolist() == [8, 1, 5, 0, 7, 2, 9, 4, 3] and test.tolist() == [6]
+    train, test = data.seeded_split(11, 'x')  # ceil(9.9) = 10 train rows
+    assert train.tolist() == [5, 0, 9, 10, 2, 1, 8, 4, 7, 3] and test.tolist() == [6]
+    state = np.random.get_state()[1].copy()
+    train, test = data.seeded_split(1006, 'x')
+    assert np.array_equal(state, np.random.get_state()[1])  # numpy's global RNG is neither used nor advanced
+    assert len(train) == 906 and len(test) == 100  # ceil(905.4), not round
+    assert sorted(train.tolist() + test.tolist()) == list(range(1006))  # disjoint, covers all
+    assert all(np.array_equal(x, y) for x, y in zip(data.seeded_split(1006, 'y'), (train, test)))  # deterministic
+    data_error(lambda: data.seeded_split(9, 'some.csv'), 'some.csv', '9 rows leave none for the test split')
+
 
 def test_train_val_split_is_a_fixed_partition():
     state = torch.get_rng_state()
@@ -360,14 +478,18 @@ def test_train_val_split_is_a_fixed_partition():
     assert [len(t) for t in data.train_val_split(0)] == [0, 0]
     with pytest.raises(ValueError):
         data.train_val_split(10, 1.0)
+    # the partition itself, pinned: train.py's validation split, and the README's validation figures, rest on it
+    assert [t.tolist() for t in data.train_val_split(10)] == [[0, 1, 2, 3, 5, 6, 7, 8, 9], [4]]
+    assert [t.tolist() for t in data.train_val_split(20, 0.25, seed=3)] == \
+        [[0, 2, 4, 5, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19], [1, 3, 6, 7, 12]]
 
 
 def test_domains():
     assert {'cifar10', 'imagenet32'} <= set(data.DOMAINS)
     c = data.get_domain('cifar10')
     # MetaMAE's CIFAR-10: 32x32 in [0, 1], patch 4 (64 tokens), batch 64, mask ratio 0.5, 10 classes
-    assert (c.input_shape, c.patch_size, c.vocab_size, c.num_classes, c.metric, c.batch_size, c.mask_ratio) == \
-        ((3, 32, 32), (4, 4), 0, 10, 'accuracy', 64, 0.5)
+    assert (c.input_shape, c.patch_size, c.vocab_size, c.num_classes, c.batch_size, c.mask_ratio) == \
+        ((3, 32, 32), (4, 4), 0, 10, 64, 0.5)
     assert data.get_domain('imagenet32').num_classes == 1000
     for name, d in data.DOMAINS.items():
         assert d.name == name and callable(d.load) and callable(d.to_input)

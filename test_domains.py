@@ -407,14 +407,31 @@ def test_higgs_rows_split_and_cache(tmp_path, monkeypatch):
     assert torch.equal(again.train_x, s.train_x) and torch.equal(again.test_y, s.test_y)
 
 
-def test_higgs_download_and_row_limit(tmp_path, monkeypatch):
-    a = write_fake_higgs(tmp_path / 'src')
+def test_higgs_download_and_a_small_file(tmp_path, monkeypatch):
+    a = write_fake_higgs(tmp_path / 'src', rows=100)  # quick runs: a small file in the genuine format
     serve(monkeypatch, 'HIGGS', tmp_path / 'src' / 'HIGGS.csv.gz')
-    s = data.load_higgs(tmp_path / 'data', download=True, max_rows=100)  # quick runs: the file's first rows
-    train, test = higgs_split(a[:100])
+    s = data.load_higgs(tmp_path / 'data', download=True)
+    train, test = higgs_split(a)
     assert np.array_equal(s.test_x.numpy(), test[:, 1:]) and len(s.train_x) == 90
-    assert not (tmp_path / 'data' / 'HIGGS.npy').exists()  # a partial parse is never cached
-    assert len(data.load_higgs(tmp_path / 'data', download=True).train_x) == 270
+    assert sorted(os.listdir(tmp_path / 'data')) == ['HIGGS.csv.gz', 'HIGGS.npy']  # no temporary files left
+    # a file too small to leave a test row is refused, and nothing is cached
+    write_fake_higgs(tmp_path / 'tiny', rows=9)
+    serve(monkeypatch, 'HIGGS', tmp_path / 'tiny' / 'HIGGS.csv.gz')
+    data_error(lambda: data.load_higgs(tmp_path / 'tiny', download=False), tmp_path / 'tiny' / 'HIGGS.csv.gz',
+               '9 rows leave none for the test split')
+    assert os.listdir(tmp_path / 'tiny') == ['HIGGS.csv.gz']
+    # and with no file and downloading off, nothing is made, not even the folder
+    data_error(lambda: data.load_higgs(tmp_path / 'nowhere', download=False), 'HIGGS.csv.gz', '--data-dir')
+    assert not (tmp_path / 'nowhere').exists()
+
+
+@pytest.mark.parametrize('cache', ['HIGGS.npy', 'pfam/pfam_valid.tokens.npy'])
+def test_truncated_cache_is_a_data_error(tmp_path, monkeypatch, cache):
+    name = cache.split('.')[0].split('/')[0].lower()
+    data.get_domain(name).load(write_fake(name, tmp_path, monkeypatch), download=False)
+    f = tmp_path / cache
+    f.write_bytes(f.read_bytes()[:-100])  # e.g. a disk that filled up under an older version
+    data_error(lambda: data.get_domain(name).load(tmp_path, download=False), f, 'truncated', 'delete it')
 
 
 @pytest.mark.parametrize('case', ['a short row', '28 columns', 'unknown label', 'truncated', 'not gzip'])
@@ -604,7 +621,6 @@ def test_domain_specs():
     assert spec['higgs'] == ((28,), (), 0, 2, 256)
     assert spec['genomics'] == ((250,), (), 4, 10, 32)
     assert spec['pfam'] == ((128,), (), 26, 623, 128) and spec['scop'] == ((128,), (), 26, 1195, 128)
-    assert all(d.metric == 'accuracy' for d in data.DOMAINS.values())
 
 
 @pytest.mark.parametrize('name', sorted(FAKE_WRITERS))
