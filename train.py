@@ -26,6 +26,7 @@ import math
 import os
 import struct
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -96,8 +97,9 @@ class Config:
     ckpt_interval: int = knob(5_000, "steps between checkpoints (one is always written at the end)")
     eval_interval: int = knob(20_000, "steps between validation probes during pretraining (0: only at the end)")
     resume: bool = knob(False, "continue from <out_dir>/ckpt.pt")
+    overwrite: bool = knob(False, "start a new run in an --out-dir whose ckpt.pt is then replaced")
     eval_only: str = knob("", "only probe: 'ckpt' (<out_dir>/ckpt.pt or --ckpt), 'random' (fresh encoder), 'raw' (inputs)")
-    ckpt: str = knob("", "checkpoint path for --eval-only ckpt (default <out_dir>/ckpt.pt)")
+    ckpt: str = knob("", "the checkpoint --eval-only ckpt probes (default <out_dir>/ckpt.pt); training writes there")
     probe_epochs: int = knob(100, "linear-probe epochs")
     probe_lrs: str = knob("1e-3,1e-4", "linear-probe learning rates, chosen on validation")
     probe_batch_size: int = knob(64, "linear-probe batch size")
@@ -187,6 +189,13 @@ def check(cfg):
         raise UsageError(f"--dtype must be 'auto', 'float32' or 'bfloat16', got {cfg.dtype!r}")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.split(":")[0] == "cuda"):
         raise UsageError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    if cfg.ckpt and cfg.eval_only != "ckpt":
+        raise UsageError("--ckpt names the checkpoint that --eval-only ckpt probes; training reads and writes "
+                         "<out-dir>/ckpt.pt: choose the run with --out-dir")
+    if cfg.resume and (cfg.overwrite or cfg.eval_only):
+        raise UsageError("--resume continues training: it goes with neither --overwrite nor --eval-only")
+    if Path(cfg.data_dir).exists() and not Path(cfg.data_dir).is_dir():
+        raise UsageError(f"--data-dir {cfg.data_dir} is a file, not a folder")
     try:
         lrs = [float(v) for v in cfg.probe_lrs.split(",")]
     except ValueError:
@@ -341,6 +350,10 @@ def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
     os.replace(tmp, path)  # a crash while saving leaves the previous checkpoint intact
 
 
+def one_line(e):
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
 def load_checkpoint(path, mcfg=None):
     """Returns (state, its MetaMAEConfig); with mcfg, refuses a checkpoint of another model."""
     if not path.is_file():
@@ -349,12 +362,25 @@ def load_checkpoint(path, mcfg=None):
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = MetaMAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
     except Exception as e:
-        raise RunError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or point --ckpt elsewhere") from None
+        raise RunError(f"checkpoint {path} is unreadable or not a checkpoint of this project ({type(e).__name__}: "
+                       f"{one_line(e)[:120]}); delete it or point --ckpt elsewhere") from None
     if mcfg is not None and saved != mcfg:
         diff = [f.name for f in fields(mcfg) if getattr(saved, f.name) != getattr(mcfg, f.name)]
         raise RunError(f"checkpoint {path} was trained with a different model ({', '.join(diff)}); "
                        "use the same options, or another --out-dir")
     return state, saved
+
+
+def load_weights(model, state, path):
+    """The checkpoint's weights into model; a missing, mis-shaped or non-finite weight is one line."""
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise RunError(f"checkpoint {path} does not hold this model's weights ({one_line(e)})") from None
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RunError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); it cannot be probed or "
+                       "resumed: use an earlier checkpoint")
 
 # -----------------------------------------------------------------------------
 # the linear probe: frozen features, standardized, AdamW, lr and epoch chosen on validation
@@ -487,7 +513,7 @@ def evaluate_only(cfg, domain, mcfg, splits, device, autocast, out_dir):
             raise RunError(f"checkpoint {path} was trained on inputs {saved.input_shape}, not on "
                            f"{cfg.domain}'s {mcfg.input_shape}; pass the matching --domain")
         model = MetaMAE(saved).to(device)
-        model.load_state_dict(state["model"])
+        load_weights(model, state, path)
     else:
         model = MetaMAE(mcfg).to(device)
     res = probe(model, splits, domain, cfg, autocast, with_test=True, mode=cfg.eval_only)
@@ -512,9 +538,9 @@ def check_ranks_in_sync(model, world, master):
         raise RunError(f"ranks diverged (max parameter difference {max_dev}); this is a bug, please report it")
 
 
-def pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir):
-    master = rank == 0
-    ckpt_path = Path(cfg.ckpt) if cfg.ckpt else out_dir / "ckpt.pt"
+def build(cfg, mcfg, device, rank, world, ckpt_path):
+    """The model, its optimizer, the batch generator and the first step: fresh, or resumed exactly from the
+    checkpoint (weights, optimizer moments, step, and every random state)."""
     torch.manual_seed(cfg.seed)
     model = MetaMAE(mcfg).to(device)
     opt = make_optimizer(model, cfg)
@@ -523,17 +549,31 @@ def pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir):
     step = 0
     if cfg.resume:
         state, _ = load_checkpoint(ckpt_path, mcfg)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng_cpu"])
-        data_gen.set_state(state["rng_data"])
-        if state["rng_cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        if master:
+        load_weights(model, state, ckpt_path)
+        try:
+            opt.load_state_dict(state["optimizer"])
+            step = int(state["step"])
+            torch.set_rng_state(state["rng_cpu"])
+            data_gen.set_state(state["rng_data"])
+            if state.get("rng_cuda") is not None and device.type == "cuda":
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise RunError(f"checkpoint {ckpt_path} cannot be resumed ({type(e).__name__}: {one_line(e)[:120]}); "
+                           "probe it with --eval-only ckpt, or start over with --overwrite") from None
+        if step > cfg.max_steps:
+            raise RunError(f"checkpoint {ckpt_path} is at step {step}, past --max-steps {cfg.max_steps}: raise "
+                           "--max-steps to train on (the lr schedule follows it), or probe it with --eval-only ckpt")
+        if rank == 0:
             print(f"resumed from {ckpt_path} at step {step}")
     elif rank:
         torch.manual_seed(cfg.seed + rank)  # each rank draws its own masks
+    return model, opt, data_gen, step
+
+
+def pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir):
+    master, ckpt_path = rank == 0, out_dir / "ckpt.pt"
+    model, opt, data_gen, step = build(cfg, mcfg, device, rank, world, ckpt_path)
+    saved_step = step if cfg.resume else None  # the step of the checkpoint on disk that this run can continue
     if world > 1 and device.type == "cuda":  # one BatchNorm statistic over all ranks, as the authors do
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (gloo has none: per-rank statistics on CPU)
     raw_model = model  # what is saved and probed: no compile or DDP wrapper in its keys
@@ -544,48 +584,64 @@ def pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir):
     train = make_step(model, opt, cfg, autocast)
 
     stop = min(cfg.stop_step or cfg.max_steps, cfg.max_steps)
-    log_file = open(out_dir / "log.jsonl", "a") if master else None
+    log_file = open(out_dir / "log.jsonl", "a" if cfg.resume else "w") if master else None
     if master:
         print(f"{cfg.domain}: {len(splits.train_x)} training inputs of shape {tuple(domain.input_shape)}, "
               f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, batch {cfg.batch_size} x "
               f"{world}, steps {step}..{stop}, device {device}, {precision(autocast)}")
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     t0, t_start, step_at_t0 = time.time(), time.time(), step
-    while step < stop:
-        lr = lr_at(step, cfg)
-        idx = torch.randint(len(splits.train_x), (cfg.batch_size,), generator=data_gen, device=device)
-        loss, logs = train(domain.to_input(splits.train_x[idx]), lr)
-        # a NaN is remembered on the device and read only when the loop reads anyway: a read per step would
-        # stall the GPU queue (and break CUDA-graph replay), and checkpoints must never save a NaN model
-        nonfinite |= ~torch.isfinite(loss)
-        step += 1
-        last, log_now, ckpt_now = step == stop, step % cfg.log_interval == 0, step % cfg.ckpt_interval == 0
-        if (log_now or last or ckpt_now) and nonfinite.item():
-            raise RunError(f"non-finite loss before step {step}; the last good checkpoint ({ckpt_path}) is "
-                           "intact: lower --lr or --inner-lr and --resume, or start again")
-        if master and (log_now or last):
-            ms = 1000 * (time.time() - t0) / (step - step_at_t0)
-            rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
-                       ms_per_step=ms, samples_per_s=cfg.batch_size * world * 1000 / ms)
-            log_line(rec, f" | {100 * step / stop:.0f}% eta {(stop - step) * ms / 60_000:.1f} min")
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-            t0, step_at_t0 = time.time(), step
-        if master and cfg.eval_interval and step % cfg.eval_interval == 0 and not last:  # validation only
-            if len(domain.input_shape) == 3:
-                reconstruction_grid(raw_model, domain.to_input(splits.train_x[splits.val_idx[:8]]),
-                                    out_dir / f"reconstructions_{step}.png")
-            res = probe(raw_model, splits, domain, cfg, autocast, with_test=False)
-            print(f"step {step} | probe val_acc {res['val_acc']:.4f} (lr {res['lr']}, epoch {res['epoch']})")
-            log_file.write(json.dumps(dict(step=step, probe_val_acc=res["val_acc"])) + "\n")
-            t0, step_at_t0 = time.time(), step  # the probe's time is not the training's
-        if master and (ckpt_now or last):
-            save_checkpoint(ckpt_path, raw_model, opt, cfg, mcfg, step, data_gen)
+    try:
+        while step < stop:
+            lr = lr_at(step, cfg)
+            idx = torch.randint(len(splits.train_x), (cfg.batch_size,), generator=data_gen, device=device)
+            loss, logs = train(domain.to_input(splits.train_x[idx]), lr)
+            # a NaN is remembered on the device and read only when the loop reads anyway: a read per step would
+            # stall the GPU queue (and break CUDA-graph replay), and checkpoints must never save a NaN model
+            nonfinite |= ~torch.isfinite(loss)
+            step += 1
+            last, log_now, ckpt_now = step == stop, step % cfg.log_interval == 0, step % cfg.ckpt_interval == 0
+            if (log_now or last or ckpt_now) and nonfinite.item():
+                raise RunError(f"non-finite loss before step {step}; {nonfinite_cause(splits)}; "
+                               f"{checkpoint_status(ckpt_path, saved_step)}")
+            if master and (log_now or last):
+                ms = 1000 * (time.time() - t0) / (step - step_at_t0)
+                rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
+                           ms_per_step=ms, samples_per_s=cfg.batch_size * world * 1000 / ms)
+                log_line(rec, f" | {100 * step / stop:.0f}% eta {(stop - step) * ms / 60_000:.1f} min")
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+                t0, step_at_t0 = time.time(), step
+            if master and cfg.eval_interval and step % cfg.eval_interval == 0 and not last:  # validation only
+                if len(domain.input_shape) == 3:
+                    reconstruction_grid(raw_model, domain.to_input(splits.train_x[splits.val_idx[:8]]),
+                                        out_dir / f"reconstructions_{step}.png")
+                res = probe(raw_model, splits, domain, cfg, autocast, with_test=False)
+                print(f"step {step} | probe val_acc {res['val_acc']:.4f} (lr {res['lr']}, epoch {res['epoch']})")
+                log_file.write(json.dumps(dict(step=step, probe_val_acc=res["val_acc"])) + "\n")
+                t0, step_at_t0 = time.time(), step  # the probe's time is not the training's
+            if master and (ckpt_now or last):
+                save_checkpoint(ckpt_path, raw_model, opt, cfg, mcfg, step, data_gen)
+                saved_step = step
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted at step {step}; {checkpoint_status(ckpt_path, saved_step)}") from None
 
     if world > 1:
         check_ranks_in_sync(raw_model, world, master)
     if master:
         return finish(cfg, domain, raw_model, splits, autocast, out_dir, log_file, step, t_start)
+
+
+def nonfinite_cause(splits):
+    if splits.train_x.is_floating_point() and not torch.isfinite(splits.train_x).all():
+        return "the training data hold NaN or infinite values: check the dataset files"
+    return "lower --lr or --inner-lr"
+
+
+def checkpoint_status(ckpt_path, saved_step):
+    if saved_step is None:
+        return "no checkpoint of this run was written yet"
+    return f"the checkpoint of step {saved_step} ({ckpt_path}) is intact: --resume continues from it"
 
 
 def finish(cfg, domain, model, splits, autocast, out_dir, log_file, step, t_start):
@@ -604,15 +660,37 @@ def finish(cfg, domain, model, splits, autocast, out_dir, log_file, step, t_star
     return rec
 
 
+def prepare_out_dir(cfg):
+    """The run folder, made and proven writable before any work, so that a run cannot die at its first save.
+    A new run never replaces another run's checkpoint unless told to."""
+    out_dir = Path(cfg.out_dir or f"runs/{cfg.domain}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out-dir {out_dir} is not a writable folder ({e.strerror or one_line(e)}); "
+                         "choose another") from None
+    ckpt = out_dir / "ckpt.pt"
+    if not cfg.eval_only and not cfg.resume and not cfg.overwrite and ckpt.exists():
+        raise UsageError(f"{ckpt} exists: continue that run with --resume, choose another --out-dir, "
+                         "or start over with --overwrite")
+    ckpt.with_name("ckpt.pt.tmp").unlink(missing_ok=True)  # a save cut short by a kill: never a checkpoint
+    return out_dir
+
+
 def run(cfg):
     cfg, domain, mcfg = check(cfg)
+    out_dir = prepare_out_dir(cfg)
     device, rank, world, autocast = setup_device(cfg)
     splits = load_data(cfg, domain, device)
-    out_dir = Path(cfg.out_dir or f"runs/{cfg.domain}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.eval_only:
         return evaluate_only(cfg, domain, mcfg, splits, device, autocast, out_dir)
     return pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir)
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with what is left on disk: exit code 130."""
 
 
 @contextlib.contextmanager
@@ -626,8 +704,11 @@ def one_line_errors():
     except (data.DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (--resume continues from it)", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
