@@ -489,3 +489,38 @@ def test_one_step_on_the_real_cifar10_sample(tmp_path):
     rec = run_main("--domain", "cifar10", "--data-dir", REAL_DATA, *TINY, "--max-steps", "1", "--probe-epochs", "1",
                    "--out-dir", tmp_path, "--eval-interval", "0")
     assert rec["step"] == 1 and 0 <= rec["test_acc"] <= 1
+
+
+class Payload:
+    """A pickle that runs a shell command when loaded: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_checkpoint_cannot_run_code(cifar_dir, tmp_path):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path]
+    marker = tmp_path / "pwned"
+    torch.save(dict(model={}, model_config={}, payload=Payload(marker)), tmp_path / "evil.pt")
+    assert_clean_error(run_cli(*base, "--eval-only", "ckpt", "--ckpt", tmp_path / "evil.pt"), 1, "unreadable")
+    assert not marker.exists()
+
+
+def test_a_run_never_replaces_a_checkpoint_unasked(cifar_dir, tmp_path):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--max-steps", "1",
+            "--probe-epochs", "1", "--eval-interval", "0"]
+    run_main(*base)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    assert_clean_error(run_cli(*base), 2, "--resume", "--overwrite")
+    assert_clean_error(run_cli(*base, "--ckpt", tmp_path / "ckpt.pt"), 2, "--eval-only ckpt")
+    assert_clean_error(run_cli(*base, "--resume", "--max-steps", "0"), 2, "--max-steps")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"a save cut short")
+    run_main(*base, "--overwrite", "--seed", "1")
+    assert (tmp_path / "ckpt.pt").read_bytes() != before and not (tmp_path / "ckpt.pt.tmp").exists()
+    assert len([r for r in read_log(tmp_path / "log.jsonl") if "loss" in r]) == 1  # a new run, a new log
+    (tmp_path / "file").write_text("")
+    assert_clean_error(run_cli(*base, "--out-dir", tmp_path / "file" / "run"), 2, "not a writable folder")
