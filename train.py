@@ -538,7 +538,7 @@ def check_ranks_in_sync(model, world, master):
         raise RunError(f"ranks diverged (max parameter difference {max_dev}); this is a bug, please report it")
 
 
-def build(cfg, mcfg, device, rank, world, ckpt_path):
+def build(cfg, mcfg, device, rank, ckpt_path):
     """The model, its optimizer, the batch generator and the first step: fresh, or resumed exactly from the
     checkpoint (weights, optimizer moments, step, and every random state)."""
     torch.manual_seed(cfg.seed)
@@ -572,7 +572,7 @@ def build(cfg, mcfg, device, rank, world, ckpt_path):
 
 def pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir):
     master, ckpt_path = rank == 0, out_dir / "ckpt.pt"
-    model, opt, data_gen, step = build(cfg, mcfg, device, rank, world, ckpt_path)
+    model, opt, data_gen, step = build(cfg, mcfg, device, rank, ckpt_path)
     saved_step = step if cfg.resume else None  # the step of the checkpoint on disk that this run can continue
     if world > 1 and device.type == "cuda":  # one BatchNorm statistic over all ranks, as the authors do
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (gloo has none: per-rank statistics on CPU)
