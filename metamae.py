@@ -24,7 +24,6 @@ and gradients for the same weights and random state):
 - The patch embedding is a Linear on patchified tokens instead of a Conv with stride = patch: the same
   function (weight.permute maps one onto the other).
 - 2-D position tables work for non-square grids; theirs assume a square one.
-- Hyper-parameters live in one dataclass and are validated when the model is built.
 - `encode` never applies dropout, so features are deterministic whatever the module's mode.
 - The support set is drawn right after the mask noise (theirs: after the encoder pass); the two agree
   whenever the encoder draws no random numbers (dropout 0), and ours is reproducible from `noise` + seed.
@@ -32,6 +31,7 @@ and gradients for the same weights and random state):
 
 import math
 from dataclasses import dataclass
+from numbers import Integral  # numpy's integers too
 from typing import NamedTuple
 
 import torch
@@ -96,25 +96,22 @@ class MetaMAEConfig:
         return int(self.num_tokens * (1 - self.mask_ratio))
 
     def validate(self):
-        """Raises ValueError naming the first invalid field. Checks run in order: later ones may assume
-        that earlier ones passed (the mask ratio check needs a valid grid)."""
+        """Raises ValueError naming the first invalid field; later checks assume the earlier ones passed."""
         def bad(field, why):
             raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(self, field)!r})")
         shape, patch = self.input_shape, self.patch_size
         if (not isinstance(shape, (tuple, list)) or self.modality == "invalid"
-                or not all(isinstance(s, int) and s > 0 for s in shape)
+                or not all(isinstance(s, Integral) and s > 0 for s in shape)
                 or (self.modality == "tokens" and len(shape) != 1)):
             bad("input_shape", "expected a tuple of positive ints (C, H, W), (C, T), (L,) or (F,); tokens are (L,)")
-        if self.vocab_size < 0:
-            bad("vocab_size", "must be >= 0")
         spatial = shape[1:] if self.modality in ("image", "series") else ()
         if spatial and (not isinstance(patch, (tuple, list)) or len(patch) != len(spatial)
-                        or not all(isinstance(p, int) and p > 0 and n % p == 0 for n, p in zip(spatial, patch))):
+                        or not all(isinstance(p, Integral) and p > 0 and n % p == 0 for n, p in zip(spatial, patch))):
             bad("patch_size", f"expected a tuple of {len(spatial)} positive ints that divide {spatial}")
         for field in ("num_heads", "decoder_num_heads", "proj_dim", "mlp_ratio", "temperature"):
             if not getattr(self, field) > 0:
                 bad(field, "must be positive")
-        for field in ("depth", "decoder_depth", "inner_steps", "contrast_weight", "inner_lr"):
+        for field in ("vocab_size", "depth", "decoder_depth", "inner_steps", "contrast_weight", "inner_lr"):
             if not getattr(self, field) >= 0:
                 bad(field, "must be >= 0")
         even = 4 if self.modality == "image" else 2  # sin-cos tables halve the width, 2-D ones halve it again
@@ -151,15 +148,23 @@ class Tokenizer(nn.Module):
             nn.init.xavier_uniform_(self.proj.weight)  # bias keeps PyTorch's default, as their Conv's does
 
     def patchify(self, x):
-        """Input -> reconstruction targets: (B, N, patch_dim) floats, or (B, N) token ids."""
-        if self.cfg.modality == "image":  # MAE's patch order: (ph, pw, C)
-            ph, pw = self.cfg.patch_size
+        """Input (B, *input_shape) -> reconstruction targets: (B, N, patch_dim) floats, or (B, N) token ids.
+        Values in any float dtype are cast to the model's (float64 from numpy too); token ids must be ints."""
+        cfg = self.cfg
+        if tuple(x.shape[1:]) != tuple(cfg.input_shape):
+            raise ValueError(f"MetaMAE: expected input of shape (B, {', '.join(map(str, cfg.input_shape))}) "
+                             f"from cfg.input_shape, got {tuple(x.shape)}")
+        if x.is_floating_point() == (cfg.modality == "tokens"):  # values are floats, token ids integers
+            want = "integer ids" if cfg.modality == "tokens" else "floating point (scale integer pixels first)"
+            raise ValueError(f"MetaMAE: {cfg.modality} input must be {want}, got {x.dtype}")
+        if cfg.modality != "tokens":
+            x = x.to(self.proj.weight.dtype)
+        if cfg.modality == "image":  # MAE's patch order: (ph, pw, C)
+            ph, pw = cfg.patch_size
             return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=ph, p2=pw)
-        if self.cfg.modality == "series":
-            return rearrange(x, "b c (n p) -> b n (p c)", p=self.cfg.patch_size[0])
-        if self.cfg.modality == "tabular":
-            return x.unsqueeze(-1)  # (B, F, 1)
-        return x.long()  # (B, L) token ids
+        if cfg.modality == "series":
+            return rearrange(x, "b c (n p) -> b n (p c)", p=cfg.patch_size[0])
+        return x.unsqueeze(-1) if cfg.modality == "tabular" else x.long()  # (B, F, 1), or (B, L) token ids
 
     def unpatchify(self, t):
         """Inverse of patchify, for predictions: (B, N, patch_dim) -> the input's layout."""
@@ -292,9 +297,7 @@ class Decoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         pred = self.head(self.norm(x)[:, 1:])  # (B, N, out); the cls output is dropped
-        if token_embedding is not None:
-            pred = pred @ token_embedding.t()  # (B, N, vocab) logits
-        return pred
+        return pred if token_embedding is None else pred @ token_embedding.t()  # or (B, N, vocab) logits
 
 # -----------------------------------------------------------------------------
 # masking, the support set, and the losses
@@ -334,7 +337,6 @@ def recon_loss(pred, target, select):
     return (per_token * select).sum() / select.sum()
 
 
-
 def nt_xent(a, b, temperature):
     """SimCLR's NT-Xent on 2B L2-normalized vectors: a[i]'s positive is b[i] and vice versa, the other
     2B-2 vectors are negatives. a, b: (B, P) -> scalar."""
@@ -344,6 +346,15 @@ def nt_xent(a, b, temperature):
     logits = logits.masked_fill(self_pairs, float("-inf"))
     labels = (torch.arange(len(z), device=z.device) + len(a)) % len(z)  # (2B,): i <-> i + B, made on the device
     return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def contrast_cosines(a, b):
+    """NT-Xent's diagnostics, a, b: (B, P) L2-normalized -> the mean cosine of the B positive pairs
+    (alignment) and of the 2B(2B-2) ordered negative pairs (uniformity: near 0 when spread out)."""
+    n, pos = 2 * len(a), (a * b).sum()  # pos: the positives' sum; each is twice among the ordered pairs
+    total = torch.cat([a, b]).sum(dim=0).square().sum()  # all (2B)^2 cosines, the self-pairs' 1s too
+    return pos / len(a), (total - n - 2 * pos) / max(n * (n - 2), 1)  # a batch of 1 has no negatives: 0
 
 # -----------------------------------------------------------------------------
 # the model
@@ -373,10 +384,16 @@ class MetaMAE(nn.Module):
     def make_task(self, x, noise=None):
         """Tokens, mask and support set of a batch x; noise (B, N) fixes the mask (None: drawn)."""
         cfg = self.cfg
+        cfg.validate()  # again: a config changed after the model was built (mask_ratio 0.99) would give NaN
+        if cfg.inner_steps and torch.is_inference_mode_enabled():
+            raise RuntimeError("MetaMAE's inner loop takes a gradient: call it outside torch.inference_mode "
+                               "(torch.no_grad works); encode() works under either")
         target = self.encoder.tokenizer.patchify(x)  # (B, N, P) or (B, N)
         B, N = target.shape[:2]
         if noise is None:
             noise = torch.rand(B, N, device=x.device)
+        elif noise.shape != (B, N):
+            raise ValueError(f"MetaMAE: noise must have shape (B, N) = {(B, N)}, got {tuple(noise.shape)}")
         ids_keep, ids_restore, mask = random_masking(noise, cfg.num_visible)
         support = 1 - mask
         if cfg.inner_steps > 0 and cfg.support_ratio > 0:  # drawn right after the noise (see the docstring)
@@ -391,7 +408,7 @@ class MetaMAE(nn.Module):
         """The inner loop: Z* = Z - inner_lr * grad_Z(B * loss_support), inner_steps times, the gradient
         taken through the decoder. pred = decode(Z), which the caller has made for the MAE loss.
         Returns Z* (B, 1+n, D) and decode(Z*)."""
-        for _ in range(self.cfg.inner_steps):
+        for _ in range(self.cfg.inner_steps if self.cfg.inner_lr else 0):  # inner_lr 0: Z* = Z, no work
             support_loss = recon_loss(pred, task.target, task.support)
             # B * the batch mean: each sample takes its own step, whatever the batch size. Second order
             # keeps the gradient's graph, so the outer loss trains through the adaptation too.
@@ -401,15 +418,16 @@ class MetaMAE(nn.Module):
         return z, pred
 
     def forward(self, x, noise=None):
-        """x: a batch in the input layout; noise: (B, N) to fix the mask. Returns (loss, logs): the detached
-        query loss from Z ('amortized'), and with adaptation the support loss before it, the query loss
-        from Z* ('adapted') and the contrastive loss."""
+        """x: a batch in the input layout; noise: (B, N) to fix the mask. Returns (loss, logs), detached: the
+        query loss from Z ('amortized'); with adaptation the support loss before it, the query loss from Z*
+        ('adapted'), 'shift' = mean ||Z* - Z|| / ||Z||; with the contrastive loss its value and the mean
+        cosines of positive and negative pairs ('pos_cos', 'neg_cos': alignment vs uniformity)."""
         cfg = self.cfg
+        if cfg.contrast_weight > 0 and self.training and len(x) < 2:
+            raise ValueError("MetaMAE: the contrastive loss needs at least 2 inputs per batch in train mode "
+                             "(negatives, and the projector's BatchNorm statistics); got 1")
         if cfg.inner_steps and not torch.is_grad_enabled():
             # the inner step is a gradient: evaluating the loss without one still needs autograd
-            if torch.is_inference_mode_enabled():
-                raise RuntimeError("MetaMAE's inner loop takes a gradient: call it outside torch.inference_mode "
-                                   "(torch.no_grad works); encode() works under either")
             with torch.enable_grad():
                 loss, logs = self(x, noise)
             return loss.detach(), logs
@@ -421,14 +439,16 @@ class MetaMAE(nn.Module):
             return amortized, {"amortized": amortized.detach()}
         z_star, pred_star = self.adapt(z, pred, task)  # the adapted latent, and its reconstruction
         loss = recon_loss(pred_star, task.target, task.mask)  # query loss from Z*
+        shift = (z_star - z).flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1)  # (B,): how far Z moved
         logs = dict(amortized=amortized.detach(), support=recon_loss(pred.detach(), task.target, task.support),
-                    adapted=loss.detach())
+                    adapted=loss.detach(), shift=shift.mean().detach())
         if cfg.contrast_weight > 0:
             # each view through the projector on its own, so each has its own BatchNorm statistics
             a = F.normalize(self.projector(z[:, 1:].mean(dim=1)), dim=-1)  # (B, proj_dim)
             b = F.normalize(self.projector(z_star[:, 1:].mean(dim=1)), dim=-1)  # (B, proj_dim)
             contrast = nt_xent(a, b, cfg.temperature)
             logs["contrast"] = contrast.detach()
+            logs["pos_cos"], logs["neg_cos"] = contrast_cosines(a.detach(), b.detach())
             loss = loss + cfg.contrast_weight * contrast
         return loss, logs
 
@@ -443,7 +463,7 @@ class MetaMAE(nn.Module):
             task = self.make_task(x, noise)
             z = self.encoder(task.target, task.ids_keep)
             pred = self.decode(z, task.ids_restore)
-            pred_star = self.adapt(z, pred, task)[1] if self.cfg.inner_steps else pred
+            pred_star = self.adapt(z, pred, task)[1]  # pred itself without inner steps
         tok = self.encoder.tokenizer
         out = {k: p.argmax(-1) if self.cfg.modality == "tokens" else tok.unpatchify(p.detach())
                for k, p in (("amortized", pred), ("adapted", pred_star))}

@@ -9,8 +9,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from metamae import (MetaMAE, MetaMAEConfig, Task, nt_xent, random_masking, recon_loss, sincos_1d, sincos_table,
-                     support_set)
+import numpy as np
+
+from metamae import (MetaMAE, MetaMAEConfig, Task, contrast_cosines, nt_xent, random_masking, recon_loss, sincos_1d,
+                     sincos_table, support_set)
 
 TINY = dict(embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
             mlp_ratio=2.0, dropout=0.0)
@@ -37,7 +39,7 @@ def test_shapes_every_modality(kind):
     N = model.cfg.num_tokens
     loss, logs = model(x)
     assert loss.shape == () and torch.isfinite(loss)
-    assert set(logs) == {"amortized", "support", "adapted", "contrast"}
+    assert set(logs) == {"amortized", "support", "adapted", "shift", "contrast", "pos_cos", "neg_cos"}
     assert all(v.shape == () and not v.requires_grad for v in logs.values())
     assert model.encode(x).shape == (6, 32)
     rec = model.reconstruct(x)
@@ -50,7 +52,7 @@ def test_shapes_every_modality(kind):
 def test_logs_follow_the_configuration():
     x = torch.rand(4, 3, 8, 12)
     assert set(make(inner_steps=0, contrast_weight=0)[0](x)[1]) == {"amortized"}
-    assert set(make(contrast_weight=0)[0](x)[1]) == {"amortized", "support", "adapted"}
+    assert set(make(contrast_weight=0)[0](x)[1]) == {"amortized", "support", "adapted", "shift"}
 
 
 def test_patchify_is_mae_order_and_unpatchify_inverts_it():
@@ -152,6 +154,18 @@ def test_nt_xent_hand_computation():
     assert nt_xent(a, b, t).item() == pytest.approx(total / 4, rel=1e-6)
 
 
+def test_contrast_cosines_against_every_pair():
+    a, b = F.normalize(torch.randn(5, 3), dim=1), F.normalize(torch.randn(5, 3), dim=1)
+    z = torch.cat([a, b])
+    positives = [float(a[i] @ b[i]) for i in range(5)]
+    negatives = [float(z[i] @ z[j]) for i in range(10) for j in range(10) if j != i and abs(i - j) != 5]
+    assert len(negatives) == 10 * 8
+    pos, neg = contrast_cosines(a, b)
+    assert pos.item() == pytest.approx(sum(positives) / 5, abs=1e-6)
+    assert neg.item() == pytest.approx(sum(negatives) / 80, abs=1e-6)
+    assert contrast_cosines(a, a)[0].item() == pytest.approx(1.0)  # identical views are perfectly aligned
+
+
 def test_mae_loss_is_masked_mse():
     model, make_x = make(inner_steps=0, contrast_weight=0)
     x, noise = make_x(3), torch.rand(3, 12)
@@ -214,7 +228,7 @@ def test_inner_step_is_the_gradient_step_by_hand():
     model.double()
     task, z = visible_only_task(model, make_x(3).double(), torch.rand(3, 8))
     task = task._replace(target=task.target.double())
-    z_star = model.adapt(z, model.decode(z, task.ids_restore), task)[0]
+    z_star = model.adapt(z, model.decode(z, task.ids_restore), task)[0].detach()
     step = (z - z_star).detach() / (0.7 * 3)  # the gradient the inner loop used
     with torch.no_grad():
         eps, i = 1e-6, (1, 2, 5)  # one element of Z
@@ -240,6 +254,26 @@ def test_adaptation_works_under_no_grad_and_says_why_not_under_inference_mode():
     assert not torch.allclose(rec["adapted"], rec["amortized"])
     with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
         model(x, noise)
+
+
+def test_shift_is_zero_without_a_step_and_proportional_to_inner_lr():
+    # One step moves Z by inner_lr * grad, and grad does not depend on inner_lr: shift scales linearly.
+    x, noise = torch.rand(4, 3, 8, 12), torch.rand(4, 12)
+    shifts = {}
+    for lr in (0.0, 0.5, 2.0):
+        model = make(inner_lr=lr)[0]
+        torch.manual_seed(1)  # the same support set for every lr
+        shifts[lr] = model(x, noise)[1]["shift"].item()
+    assert shifts[0.0] == 0.0 and shifts[0.5] > 0
+    assert shifts[2.0] == pytest.approx(4 * shifts[0.5], rel=1e-5)
+    # and it is the per-sample ||Z* - Z|| / ||Z||, averaged: recompute it from adapt
+    model = make(inner_lr=2.0)[0]
+    torch.manual_seed(1)
+    task = model.make_task(x, noise)
+    z = model.encoder(task.target, task.ids_keep)
+    z_star = model.adapt(z, model.decode(z, task.ids_restore), task)[0].detach()
+    by_hand = sum(float((z_star[i] - z[i]).norm() / z[i].norm()) for i in range(4)) / 4
+    assert shifts[2.0] == pytest.approx(by_hand, rel=1e-5)
 
 
 def _grad_vector(model, x, noise):
@@ -416,7 +450,74 @@ def test_mae_configuration_has_no_projector():
     ("support_ratio", dict(support_ratio=1.5)),
     ("temperature", dict(temperature=0.0)),
     ("input_shape", dict(input_shape=(1, 2, 3, 4))),
+    ("patch_size", dict(patch_size=2)),         # an int, not a tuple
+    ("inner_lr", dict(inner_lr=-0.5)),
 ])
 def test_invalid_config_raises_naming_the_field(field, kw):
     with pytest.raises(ValueError, match=field):
         make(**kw)
+
+
+# ----------------------------------------------------------------------------- bad input, as a copier meets it
+
+
+def test_float_inputs_of_any_dtype_are_cast_and_integer_values_refused():
+    model, make_x = make("2d")
+    model.eval()
+    x, noise = make_x(4), torch.rand(4, 12)
+    torch.manual_seed(0)
+    loss32 = model(x, noise)[0]
+    torch.manual_seed(0)
+    loss64 = model(x.double(), noise)[0]  # numpy and scikit-learn hand out float64
+    assert loss64.dtype == torch.float32 and loss64.item() == pytest.approx(loss32.item(), rel=1e-6)
+    assert torch.allclose(model.encode(x.double()), model.encode(x))
+    with pytest.raises(ValueError, match="floating point.*torch.uint8"):
+        model((x * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="integer ids.*torch.float32"):
+        make("tokens")[0](torch.rand(4, 20))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 12, 8), (3, 8, 12), (4, 1, 8, 12)])
+def test_wrong_input_shape_names_the_expected_one(shape):
+    model = make("2d")[0]
+    for call in (model, model.encode, model.reconstruct):
+        with pytest.raises(ValueError, match=r"expected input of shape \(B, 3, 8, 12\).*got"):
+            call(torch.rand(shape))
+
+
+def test_wrong_noise_shape_names_the_expected_one():
+    model, make_x = make("2d")
+    with pytest.raises(ValueError, match=r"noise must have shape \(B, N\) = \(4, 12\), got \(4, 11\)"):
+        model(make_x(4), torch.rand(4, 11))
+
+
+def test_numpy_integers_configure_a_model():
+    cfg = MetaMAEConfig(**{**TINY, "input_shape": tuple(np.array([3, 8, 12])), "patch_size": (np.int64(2), 4)})
+    loss, _ = MetaMAE(cfg)(torch.rand(2, 3, 8, 12))
+    assert torch.isfinite(loss)
+
+
+def test_config_changed_after_build_is_checked_at_forward():
+    model, make_x = make("2d")
+    model.cfg.mask_ratio = 0.99  # would keep no token: NaN losses if not caught
+    with pytest.raises(ValueError, match="mask_ratio"):
+        model(make_x(4))
+
+
+def test_batch_of_one_names_the_contrastive_loss_and_works_in_eval():
+    model, make_x = make("2d")
+    with pytest.raises(ValueError, match="contrastive loss needs at least 2 inputs"):
+        model(make_x(1))
+    model.eval()
+    loss, logs = model(make_x(1))
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in logs.values())
+    mae = make("2d", inner_steps=0, contrast_weight=0)[0]
+    assert torch.isfinite(mae(make_x(1))[0])  # without the contrastive loss a batch of 1 trains
+
+
+def test_reconstruct_under_inference_mode_says_why():
+    model, make_x = make("2d")
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+        model.reconstruct(make_x(2))
+    with torch.inference_mode():
+        assert model.encode(make_x(2)).shape == (2, 32)

@@ -644,10 +644,26 @@ def checkpoint_status(ckpt_path, saved_step):
     return f"the checkpoint of step {saved_step} ({ckpt_path}) is intact: --resume continues from it"
 
 
+def diagnose(model, x, to_input, batch, autocast):
+    """The model's logs (losses, shift, cosines) on held-out inputs, averaged over batches of the training
+    size: a steadier read than one training batch. Eval mode (no dropout, BatchNorm's running statistics);
+    the masks come from a fixed seed and the global RNG is left as it was."""
+    model.eval()
+    sums, starts = {}, range(0, max(len(x) - batch, 0) + 1, batch)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(0)
+        for i in starts:
+            with autocast():
+                logs = model(to_input(x[i:i + batch]))[1]
+            sums = {k: sums.get(k, 0.0) + v.float() for k, v in logs.items()}
+    return {f"val_{k}": (v / len(starts)).item() for k, v in sums.items()}
+
+
 def finish(cfg, domain, model, splits, autocast, out_dir, log_file, step, t_start):
     """The last record of a run; a finished run (step == max_steps) is probed with the test split, once."""
     rec = dict(step=step, train_minutes=(time.time() - t_start) / 60)
     if step == cfg.max_steps:
+        rec.update(diagnose(model, splits.train_x[splits.val_idx], domain.to_input, cfg.batch_size, autocast))
         if len(domain.input_shape) == 3:
             rec["adapt_max_pixel_change"] = reconstruction_grid(model, domain.to_input(splits.train_x[splits.val_idx[:8]]),
                                                                 out_dir / f"reconstructions_{step}.png")
