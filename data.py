@@ -513,9 +513,9 @@ N_FFT, HOP, N_MELS = 2048, 672, 224
 N_FRAMES = 1 + SPEECH_SAMPLES // HOP  # 224
 
 
-def read_wav(path: Path, sample_rate: int) -> np.ndarray:
-    """A mono 16-bit PCM wav -> int16 samples (of the first channel, as DABS takes)."""
-    fix = "delete it and download the dataset again"
+def read_wav(path: Path, sample_rate: int, fix: str = "delete it and download the dataset again") -> np.ndarray:
+    """A mono 16-bit PCM wav -> int16 samples (of the first channel, as DABS takes). fix: how to get a good
+    copy of a damaged file, which depends on where the files came from."""
     try:
         with wave.open(str(path), 'rb') as w:
             channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
@@ -524,12 +524,15 @@ def read_wav(path: Path, sample_rate: int) -> np.ndarray:
         if 'unknown format: 65534' not in str(e):  # WAVE_FORMAT_EXTENSIBLE: Python < 3.12's wave refuses it
             raise DataError(f"{path} is not a PCM wav file ({_oneline(e)}): {fix}") from None
         channels, width, rate, n, raw = _read_wav_extensible(path)
-    except (EOFError, OSError) as e:
-        raise DataError(f"{path} is truncated or unreadable ({_oneline(e)}): {fix}") from None
+    except EOFError:  # the wave module's word for a file that ends inside its header, or is empty
+        raise DataError(f"{path} is empty or cut short inside its header ({path.stat().st_size} bytes): {fix}") from None
+    except OSError as e:
+        raise DataError(f"{path} is unreadable ({_oneline(e)}): {fix}") from None
     if width != 2:
         raise DataError(f"{path} has {8 * width}-bit samples, expected 16-bit PCM: {fix}")
-    if rate != sample_rate:
-        raise DataError(f"{path} is sampled at {rate} Hz, expected {sample_rate} Hz: {fix}")
+    if rate != sample_rate:  # the dataset's clips all have one rate; a file with another was not among them
+        raise DataError(f"{path} is sampled at {rate} Hz, but this dataset's clips are {sample_rate} Hz: resample "
+                        f"it (e.g. 'sox {path.name} -r {sample_rate} out.wav') or remove it")
     if len(raw) != n * channels * width:
         raise DataError(f"{path} is truncated: {len(raw):,} of {n * channels * width:,} sample bytes: {fix}")
     return np.frombuffer(raw, '<i2').reshape(n, channels)[:, 0]
@@ -597,17 +600,17 @@ def log_mel(y: torch.Tensor, sample_rate: int) -> torch.Tensor:
 
 
 def speech_splits(train: list, test: list, labels: list, sample_rate: int, mean: float, std: float,
-                  cache: Path = None) -> Splits:
+                  cache: Path = None, fix: str = None) -> Splits:
     """wav files -> Splits of float16 (N, 1, 224, 224) normalised log-mels; labels: train's, then test's.
 
     Train rows first, then test rows, so that both splits are slices of one array. With `cache`, the
     spectrograms are computed once into that .npy (a full dataset is GBs), and computed again when the
-    number of files changes."""
-    files = train + test
+    number of files changes. fix: read_wav's advice for a damaged file (None: its default)."""
+    files, fix = train + test, {} if fix is None else {"fix": fix}
 
     def batches(size=256):
         for i in range(0, len(files), size):
-            clips = [read_wav(f, sample_rate)[:SPEECH_SAMPLES] for f in files[i:i + size]]
+            clips = [read_wav(f, sample_rate, **fix)[:SPEECH_SAMPLES] for f in files[i:i + size]]
             y = torch.zeros(len(clips), max(len(c) for c in clips))
             for row, c in zip(y, clips):
                 row[:len(c)] = torch.from_numpy(c.astype(np.float32) / 32768)  # the scale torchaudio.load uses
@@ -643,8 +646,10 @@ GOOGLE_SPEECH_WORDS = [
 GOOGLE_SPEECH_MEAN, GOOGLE_SPEECH_STD = -46.847, 19.151
 
 
-def speech_commands_splits(root: Path, cache: Path = None) -> Splits:
-    """A Speech Commands folder (v0.02, or v0.01 whose 30 words are among v0.02's) -> Splits."""
+def speech_commands_splits(root: Path, cache: Path = None, fix: str = None) -> Splits:
+    """A Speech Commands folder (v0.02, or v0.01 whose 30 words are among v0.02's) -> Splits. fix: how to
+    get a good copy of the folder (None: download it again)."""
+    refetch = fix or f"delete {root} and download it again"
     files = sorted(p.relative_to(root).as_posix() for p in root.glob('*/*.wav'))
     lists = {}
     for name in ('validation_list.txt', 'testing_list.txt'):
@@ -652,7 +657,7 @@ def speech_commands_splits(root: Path, cache: Path = None) -> Splits:
             lists[name] = set((root / name).read_text().split())
         except OSError as e:
             raise DataError(f"{root / name} is missing or unreadable ({_oneline(e)}): it comes with the dataset; "
-                            f"delete {root} and download it again") from None
+                            f"{refetch}") from None
     for f in files:
         if f.split('/')[0].lower() not in GOOGLE_SPEECH_WORDS:
             raise DataError(f"{root / f}: unknown word {f.split('/')[0]!r}; expected one of the 35 Speech Commands "
@@ -662,11 +667,10 @@ def speech_commands_splits(root: Path, cache: Path = None) -> Splits:
     test = [f for f in files if f in test]
     for name, split in (('train', train), ('test', test)):
         if not split:
-            raise DataError(f"{root}: no wav file for the {name} split ({len(files)} wav files in all): "
-                            f"delete {root} and download the dataset again")
+            raise DataError(f"{root}: no wav file for the {name} split ({len(files)} wav files in all): {refetch}")
     labels = [GOOGLE_SPEECH_WORDS.index(f.split('/')[0].lower()) for f in train + test]
     return speech_splits([root / f for f in train], [root / f for f in test], labels, 16_000,
-                         GOOGLE_SPEECH_MEAN, GOOGLE_SPEECH_STD, cache)
+                         GOOGLE_SPEECH_MEAN, GOOGLE_SPEECH_STD, cache, fix)
 
 
 def load_google_speech(data_dir: Path, download: bool) -> Splits:
@@ -681,7 +685,9 @@ def load_google_speech_sample(data_dir: Path, download: bool) -> Splits:
     if not folder.is_dir():
         raise DataError(f"{folder}/ not found: it ships with the project in shared/data; "
                         f"pass --data-dir with the folder that holds it")
-    return speech_commands_splits(folder)
+    # it has no download: a damaged file is fixed by restoring the shipped copy
+    return speech_commands_splits(folder, fix=f"the sample shipped in shared/data is damaged: restore {folder.name}/ "
+                                               "from the project's copy")
 
 
 GOOGLE_SPEECH = Domain(name='google_speech', input_shape=(1, 224, 224), patch_size=(16, 16), vocab_size=0,
@@ -720,7 +726,8 @@ def load_audio_mnist(data_dir: Path, download: bool) -> Splits:
             raise DataError(f"{folder}: no wav file of the {name} speakers: is it a complete clone of "
                             f"{AUDIO_MNIST_REPO}?")
     return speech_splits(train, test, [labels[f] for f in train + test], 48_000, AUDIO_MNIST_MEAN,
-                         AUDIO_MNIST_STD, cache=data_dir / 'AudioMNIST.logmel.npy')
+                         AUDIO_MNIST_STD, cache=data_dir / 'AudioMNIST.logmel.npy',
+                         fix=f"restore it with 'git checkout' in {data_dir / 'AudioMNIST'}, or clone it again")
 
 
 AUDIO_MNIST = Domain(name='audio_mnist', input_shape=(1, 224, 224), patch_size=(16, 16), vocab_size=0, num_classes=10,

@@ -156,7 +156,7 @@ def test_read_wav_gives_the_int16_samples(tmp_path):
     assert np.array_equal(data.read_wav(write_wav(tmp_path / 'c.wav', stereo, 16_000, channels=2), 16_000), samples)
 
 
-@pytest.mark.parametrize('case', ['truncated', 'truncated header', '8-bit', '24-bit', 'rate', 'not a wav',
+@pytest.mark.parametrize('case', ['truncated', 'truncated header', 'empty', '8-bit', '24-bit', 'rate', 'not a wav',
                                   'extensible float', 'extensible truncated'])
 def test_bad_wav_is_a_data_error(tmp_path, case):
     f = tmp_path / 'x.wav'
@@ -168,13 +168,16 @@ def test_bad_wav_is_a_data_error(tmp_path, case):
     elif case == 'truncated header':
         f.write_bytes(write_wav(f, samples, 16_000).read_bytes()[:30])
         needles = ['x.wav']
+    elif case == 'empty':  # the wave module says only "EOFError: "
+        f.write_bytes(b'')
+        needles = ['empty or cut short inside its header (0 bytes)']
     elif case in ('8-bit', '24-bit'):
         width = 1 if case == '8-bit' else 3
         write_wav(f, samples if width == 3 else samples % 256, 16_000, width=width)
         needles = [case, 'expected 16-bit']
     elif case == 'rate':
-        write_wav(f, samples, 44_100)
-        needles = ['44100 Hz', '16000 Hz']
+        write_wav(f, samples, 44_100)  # not a file of this dataset: downloading it again would not help
+        needles = ['44100 Hz', '16000 Hz', 'resample it']
     elif case == 'not a wav':
         f.write_bytes(b'ID3\x03' + bytes(100))  # an mp3
         needles = ['not a PCM wav']
@@ -637,3 +640,20 @@ def test_fixture_gives_model_input(tmp_path, monkeypatch, name):
         assert x.max() < domain.vocab_size
     else:
         assert torch.isfinite(x).all()
+
+
+def test_the_speech_sample_says_restore_it(tmp_path):
+    # the sample ships with the project and has no download: its errors say to restore it
+    root = tmp_path / 'speech_commands_v0.01_sample'
+    for word in ('yes', 'no'):
+        for n in range(2):
+            write_wav(root / word / f'a{n}_nohash_0.wav', np.arange(100, dtype=np.int16), 16_000)
+    (root / 'validation_list.txt').write_text('')
+    (root / 'testing_list.txt').write_text('yes/a1_nohash_0.wav\nno/a1_nohash_0.wav\n')
+    assert len(data.load_google_speech_sample(tmp_path, download=False).train_x) == 2
+    (root / 'no' / 'a0_nohash_0.wav').write_bytes(b'')
+    msg = data_error(lambda: data.load_google_speech_sample(tmp_path, download=False), 'a0_nohash_0.wav', 'restore')
+    assert 'download' not in msg
+    (root / 'testing_list.txt').unlink()
+    msg = data_error(lambda: data.load_google_speech_sample(tmp_path, download=False), 'testing_list.txt', 'restore')
+    assert 'download' not in msg

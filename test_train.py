@@ -524,3 +524,91 @@ def test_a_run_never_replaces_a_checkpoint_unasked(cifar_dir, tmp_path):
     assert len([r for r in read_log(tmp_path / "log.jsonl") if "loss" in r]) == 1  # a new run, a new log
     (tmp_path / "file").write_text("")
     assert_clean_error(run_cli(*base, "--out-dir", tmp_path / "file" / "run"), 2, "not a writable folder")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ckpt-interval", "0"], "--ckpt-interval must be positive"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0"),
+    (["--min-lr", "-1"], "--min-lr must be a finite number >= 0"),
+    (["--weight-decay", "-5"], "--weight-decay must be a finite number >= 0"),
+    (["--inner-lr", "-0.5"], "inner_lr: must be >= 0"),
+    (["--probe-lrs", "nan"], "--probe-lrs must be positive finite numbers"),  # before, not after, pretraining
+    (["--device", "tpu"], "--device must be"),
+    (["--device", "gpu"], "'cuda'"),
+    (["--batch-size", "-5", "--contrast-weight", "0"], "--batch-size must be positive"),
+    (["--domain", "nope"], "unknown --domain 'nope'; choose one of cifar10"),
+    (["--bench", "--bench-steps", "0"], "--bench-steps and --bench-repeats must be positive"),
+    (["--bench", "--bench-repeats", "0"], "--bench-steps and --bench-repeats must be positive"),
+])
+def test_bad_options_are_refused_before_any_work_with_exit_2(cifar_dir, tmp_path, args, needle):
+    out_dir = tmp_path / "run"
+    assert_clean_error(run_cli("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", out_dir, *args),
+                       2, needle)
+    assert not out_dir.exists()  # nothing written
+
+
+def test_data_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "data").write_text("")
+    assert_clean_error(run_cli("--domain", "cifar10", "--data-dir", tmp_path / "data"), 2, "is a file, not a folder")
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda s: s.pop("model"), "does not hold this model's weights"),
+    (lambda s: s.pop("optimizer"), "cannot be resumed"),
+    (lambda s: s.pop("rng_cpu"), "cannot be resumed"),
+    (lambda s: s["model"].pop("encoder.norm.weight"), "encoder.norm.weight"),
+    (lambda s: s["model"].update({"encoder.norm.weight": torch.ones(3)}), "encoder.norm.weight"),
+    (lambda s: s["model"]["encoder.norm.bias"].fill_(float("nan")), "non-finite weights (encoder.norm.bias)"),
+])
+def test_damaged_checkpoints_are_refused_in_one_line(cifar_dir, tmp_path, damage, needle):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--max-steps", "2"]
+    run_main(*base, "--stop-step", "1")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    damage(state)
+    torch.save(state, tmp_path / "ckpt.pt")
+    assert_clean_error(run_cli(*base, "--resume"), 1, needle)
+    if "optimizer" in state and "rng_cpu" in state:  # a checkpoint only probed needs its weights, and they are bad
+        assert_clean_error(run_cli(*base, "--eval-only", "ckpt"), 1, needle)
+
+
+def test_resume_past_max_steps_says_so(cifar_dir, tmp_path):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path]
+    run_main(*base, "--max-steps", "3", "--stop-step", "2")
+    assert_clean_error(run_cli(*base, "--max-steps", "1", "--resume"), 1, "is at step 2, past --max-steps 1")
+
+
+def test_non_finite_messages_say_what_exists_and_blame_nan_data(tmp_path):
+    make_cifar(tmp_path / "d1" / "cifar-10-batches-py", rows_per_file=20)
+    base = ["--domain", "cifar10", "--data-dir", tmp_path / "d1", *TINY, "--max-steps", "3", "--probe-epochs", "1"]
+    # no checkpoint yet: the message must not promise one
+    assert_clean_error(run_cli(*base, "--out-dir", tmp_path / "r1", "--lr", "1e30"), 1, "non-finite",
+                       "no checkpoint of this run was written yet")
+    # NaN in the inputs: blame the data, not the learning rate
+    assert "the training data hold NaN" in train.nonfinite_cause(
+        type("S", (), {"train_x": torch.tensor([[0.0, float("nan")]])})())
+    assert train.nonfinite_cause(type("S", (), {"train_x": torch.zeros(2, 2)})()).startswith("lower --lr")
+
+
+def test_ctrl_c_exits_130_and_says_whether_a_checkpoint_exists(cifar_dir, tmp_path):
+    import signal
+    args = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "100000", "--out-dir", tmp_path]
+    p = subprocess.Popen([sys.executable, str(HERE / "train.py"), *map(str, args)], cwd=HERE, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    for line in p.stdout:  # wait until training runs
+        if line.startswith("step 3 "):
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "no checkpoint of this run was written yet" in err, err
+    assert not (tmp_path / "ckpt.pt").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_dir_is_refused_before_work(cifar_dir, tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        assert_clean_error(run_cli("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--eval-only", "raw",
+                                   "--out-dir", tmp_path / "run"), 2, "not a writable folder")
+    finally:
+        tmp_path.chmod(0o755)
