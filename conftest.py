@@ -4,8 +4,9 @@ Shared test helpers: writers of every dataset's genuine on-disk format, and the 
 The writers are plain functions, imported where needed (`from conftest import make_cifar`: pytest puts this
 folder on sys.path), so that a test calls them with the arguments it needs. CIFAR-format files are written
 the way the originals were (protocol-2 pickles from Python 2, so bytes keys and byte strings); wav files
-through `wave`, PAMAP2's .dat text with NaN gaps, gzip CSV, a TSV inside a zip, JSON arrays. Each writer
-returns what the loader must give back. `write_fake(name, data_dir, monkeypatch)` writes any domain's fake,
+through `wave`, PAMAP2's .dat text with NaN gaps, gzip CSV, a TSV inside a zip, JSON arrays, and what
+README.md's one-time conversions write (LibriSpeech's WAV beside each FLAC, the wafer maps' .npz). Each
+writer returns what the loader must give back. `write_fake(name, data_dir, monkeypatch)` writes any domain's fake,
 e.g. for one training step per domain. Nothing here touches the network or writes into /work/shared/data.
 """
 import gzip
@@ -186,6 +187,37 @@ def write_fake_audio_mnist(data_dir, seed=0):
     return out
 
 
+# LibriSpeech: {split: {speaker: {chapter: utterances}}}. Speaker ids whose string order differs from their
+# numeric order (the walker sorts stems as strings; labels rank the ids as numbers); train-clean-360 is absent.
+LIBRISPEECH_LAYOUT = {
+    'train-clean-100': {19: {198: 3, 227: 2}, 103: {1240: 3}},
+    'train-other-500': {20: {205: 2}},
+    'dev-clean': {84: {121123: 3}, 174: {50561: 2, 84280: 3}, 1272: {128104: 6}, 2412: {153948: 4}},
+}
+
+
+def write_fake_librispeech(data_dir, seed=0, layout=None):
+    """LibriSpeech/<split>/<speaker>/<chapter>/ as extracted from openslr and converted as README.md says: each
+    <speaker>-<chapter>-<utterance>.wav (16 kHz) beside its .flac (here a stub: the loader never reads it), and
+    the chapter's .trans.txt. Returns {split: wav paths sorted by stem (torchaudio's walker order)}."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, speakers in (layout or LIBRISPEECH_LAYOUT).items():
+        files = []
+        for speaker, chapters in speakers.items():
+            for chapter, n in chapters.items():
+                folder = Path(data_dir) / 'LibriSpeech' / split / str(speaker) / str(chapter)
+                for u in range(n):
+                    stem = f'{speaker}-{chapter}-{u:04d}'
+                    clip = speech_like(rng, int(rng.integers(3000, 8001)), 16_000)
+                    files.append(write_wav(folder / f'{stem}.wav', clip, 16_000))
+                    (folder / f'{stem}.flac').write_bytes(b'fLaC' + bytes(30))
+                (folder / f'{speaker}-{chapter}.trans.txt').write_text(
+                    ''.join(f'{speaker}-{chapter}-{u:04d} HELLO WORLD\n' for u in range(n)))
+        out[split] = sorted(files, key=lambda f: f.stem)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # PAMAP2, HIGGS, genomics, proteins
 
@@ -276,7 +308,7 @@ def write_json_array(path, records):
 
 
 def write_fake_pfam(data_dir, seed=0):
-    """pfam/pfam_{train,valid}.json. Returns {'train': records, 'test': records}."""
+    """pfam/pfam_{train,valid}.json. Returns {'train': pfam_train's records, 'test': pfam_valid's}."""
     clans = [3, 17, 42, 100, 622]
     out = {'train': protein_records(40, 'clan', clans, seed), 'test': protein_records(10, 'clan', clans, seed + 1)}
     write_json_array(Path(data_dir) / 'pfam' / 'pfam_train.json', out['train'])
@@ -295,11 +327,38 @@ def write_fake_scop(data_dir, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# WM-811K wafer maps: the .npz that README.md's one-time conversion writes
+
+def write_wafer_npz(path, maps, labels):
+    """maps: uint8 arrays of values 0-2, of any sizes; labels: -1 (unlabelled) or 0-8. Written as the
+    conversion writes them (np.savez of maps, shapes, offsets, int16 label)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, maps=np.concatenate([np.asarray(x, np.uint8).ravel() for x in maps]),
+             shapes=np.array([x.shape for x in maps]), offsets=np.cumsum([0] + [x.size for x in maps])[:-1],
+             label=np.array(labels, np.int16))
+    return path
+
+
+def write_fake_wafer(data_dir, seed=0):
+    """wafer.npz with 20 unlabelled and 20 labelled maps (every class, 'none' the most) of several sizes, some
+    smaller than 32x32. Returns {'maps': [uint8 arrays], 'label': int array}."""
+    rng = np.random.default_rng(seed)
+    sizes = [(2, 2), (5, 7), (26, 26), (33, 40), (64, 64), (45, 31)]
+    labels = [-1] * 20 + list(range(9)) + [0] * 11
+    labels = [labels[i] for i in rng.permutation(len(labels))]
+    maps = [rng.integers(0, 3, sizes[rng.integers(len(sizes))], dtype=np.uint8) for _ in labels]
+    write_wafer_npz(Path(data_dir) / 'wafer.npz', maps, labels)
+    return {'maps': maps, 'label': np.array(labels)}
+
+
+# -----------------------------------------------------------------------------
 # any domain's fake, by name
 
 FAKE_WRITERS = {'google_speech': write_fake_google_speech, 'audio_mnist': write_fake_audio_mnist,
+                'librispeech': write_fake_librispeech, 'librispeech_transfer': write_fake_librispeech,
                 'pamap2': write_fake_pamap2, 'higgs': write_fake_higgs, 'genomics': write_fake_genomics,
-                'pfam': write_fake_pfam, 'scop': write_fake_scop}
+                'pfam': write_fake_pfam, 'pfam_transfer': write_fake_pfam, 'scop': write_fake_scop,
+                'wafer': write_fake_wafer, 'wafer_transfer': write_fake_wafer}
 
 
 def write_fake(name, data_dir, monkeypatch):

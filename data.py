@@ -27,8 +27,12 @@ Notable choices:
 - Every failure the user can fix is a DataError with one line: what is wrong, and what to do.
 - Sources that publish no checksum (PAMAP2, genomics, TAPE's proteins) are not verified: their
   parsers check every record instead.
-- What takes minutes to parse (speech spectrograms, HIGGS, Pfam) is parsed once into .npy files beside
-  the data (`cached_arrays`) and memory-mapped from then on.
+- What takes minutes to parse (speech spectrograms, HIGGS, Pfam, wafer maps) is parsed once into .npy files
+  beside the data (`cached_arrays`) and memory-mapped from then on.
+- LibriSpeech (FLAC) and WM-811K (a pandas pickle) need a one-time conversion outside the project (README.md);
+  their loaders read what it writes, check it, and name the command when it is missing.
+- Pretraining-only domains (num_classes 0: librispeech, pfam, wafer) have no labels to learn and no test split;
+  each names the labelled domain(s) a run pretrained on it is probed on (Domain.transfer), as DABS pairs them.
 - Loaders take `data_dir` as a Path: train.py converts its --data-dir once.
 """
 import contextlib
@@ -84,6 +88,13 @@ class Domain:
     mask_ratio: float           # pretraining mask ratio default for this domain
     load: Callable              # load(data_dir: Path, download: bool) -> Splits
     to_input: Callable          # stored batch (on any device) -> model input; e.g. uint8 -> float in [0,1]
+    metric: str = 'accuracy'    # what the probe reports: 'accuracy', or 'weighted_f1' (wafer maps, as DABS)
+    transfer: tuple = ()        # the domains a run pretrained on this one probes by default, e.g. ('wafer_transfer',)
+
+
+# num_classes 0: a pretraining domain whose labels are not used (LibriSpeech's 960 h, the unlabelled wafer maps,
+# pfam_train). Its Splits have train_y all 0 and an empty test split (label_free); train.py does not probe it
+# itself, but probes the domains named in its `transfer`.
 
 
 # the three kinds of Domain.to_input: stored batches stay compact (uint8, float16), the model gets these
@@ -313,6 +324,13 @@ def seeded_split(n: int, what) -> tuple[np.ndarray, np.ndarray]:
     if n - n_train < 1:
         raise DataError(f"{what}: {n} rows leave none for the test split: delete it and download it again")
     return perm[:n_train], perm[n_train:]
+
+
+def label_free(train_x: torch.Tensor) -> Splits:
+    """A pretraining domain's Splits (num_classes 0): labels all 0 (int64), and an empty test split of the
+    same row shape, (0, *stored shape)."""
+    zeros = torch.zeros(len(train_x), dtype=torch.int64)
+    return Splits(train_x, zeros, train_x[:0], zeros[:0])
 
 
 def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -734,6 +752,124 @@ AUDIO_MNIST = Domain(name='audio_mnist', input_shape=(1, 224, 224), patch_size=(
                      batch_size=64, mask_ratio=0.5, load=load_audio_mnist, to_input=as_float32)
 
 # -----------------------------------------------------------------------------
+# LibriSpeech: read English audiobooks, 16 kHz, each utterance's speaker known.
+# Source: openslr.org/12 (CC BY 4.0): train-clean-100, train-clean-360 and train-other-500 (the 960 h: 281,241
+# utterances, 2,338 speakers) and dev-clean (2,703 utterances, 40 speakers). The archives hold FLAC, which the
+# standard library cannot decode, so there is no download: the user extracts them in data_dir and converts the
+# FLAC once to 16-bit WAV beside each file (README.md, "Formats that need a one-time conversion"); a FLAC whose
+# WAV is missing stops the load with that command.
+# Format: LibriSpeech/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utterance>.wav (next to the .flac and
+# the .trans.txt), each split's files in the order of their stems (a string sort), as torchaudio's walker
+# lists them for DABS. Log-mels as the other speech domains, with DABS's LibriSpeech mean and std.
+# librispeech (pretraining; labels not used): every utterance of the training splits present, in DABS's order
+# (train-clean-100, -360, other-500), and no test split. DABS uses all three; fewer are allowed (e.g.
+# train-clean-100 alone, 28,539 utterances), and the run says which are missing.
+# librispeech_transfer: dev-clean; label = rank of the speaker id (a number) among dev-clean's speakers. Split
+# per speaker exactly as DABS: one RandomState(42); for each speaker in increasing id order, that speaker's
+# files (in the walker's order) are shuffled, the first int(0.8 n) go to train and the rest to test. Rows are
+# in that order (speaker by speaker).
+# Cache: LibriSpeech.<splits>.logmel.npy beside the folder (the name says which splits it holds; 28 GB and
+# about an hour of CPU, 10 ms a clip, for the 960 h), LibriSpeech.dev-clean.logmel.npy (270 MB).
+
+LIBRISPEECH_URL = 'http://www.openslr.org/resources/12/'
+LIBRISPEECH_TRAIN = ('train-clean-100', 'train-clean-360', 'train-other-500')
+LIBRISPEECH_DEV = 'dev-clean'
+LIBRISPEECH_SPEAKERS = 40  # dev-clean's: the classes of librispeech_transfer
+LIBRISPEECH_MEAN, LIBRISPEECH_STD = -22.924, 12.587
+LIBRISPEECH_FIX = "decode it again from the .flac beside it: flac -d -s -f -o <name>.wav <name>.flac"  # for read_wav
+
+
+def librispeech_convert(folder: Path) -> str:
+    """The README's one-time FLAC -> WAV conversion, as one shell command over `folder`."""
+    return f"find {folder} -name '*.flac' -exec sh -c 'flac -d -s -f -o \"${{1%.flac}}.wav\" \"$1\"' _ {{}} \\;"
+
+
+def librispeech_missing(data_dir: Path, splits) -> DataError:
+    root = data_dir / 'LibriSpeech'
+    return DataError(
+        f"{' and '.join(f'{s}/' for s in splits)} not found in {root}: LibriSpeech is FLAC, which this project "
+        f"cannot decode, so there is no download: get {', '.join(f'{s}.tar.gz' for s in splits)} from "
+        f"{LIBRISPEECH_URL}, extract them in {data_dir} (they unpack to LibriSpeech/<split>/), then convert the "
+        f"FLAC to WAV once: {librispeech_convert(root)}; or pass --data-dir with the folder that holds LibriSpeech/")
+
+
+def librispeech_files(folder: Path) -> list:
+    """The WAV files of one split folder, sorted by stem as torchaudio's walker sorts them."""
+    flac = sorted(folder.glob('*/*/*.flac'))
+    unconverted = [f for f in flac if not f.with_suffix('.wav').is_file()]
+    if unconverted:
+        raise DataError(f"{unconverted[0]} has no .wav beside it ({len(unconverted)} of {len(flac)} FLAC files in "
+                        f"{folder} are not converted), and the loader reads WAV: convert them once: "
+                        f"{librispeech_convert(folder)}")
+    files = sorted(folder.glob('*/*/*.wav'), key=lambda f: f.stem)
+    for f in files:
+        m = re.fullmatch(r'(\d+)-(\d+)-\d+', f.stem)
+        if not (m and m[1] == f.parent.parent.name and m[2] == f.parent.name):
+            raise DataError(f"{f}: expected <speaker>/<chapter>/<speaker>-<chapter>-<utterance>.wav: is {folder} "
+                            f"a LibriSpeech split extracted from {LIBRISPEECH_URL}?")
+    if not files:
+        raise DataError(f"{folder} holds no <speaker>/<chapter>/*.wav or *.flac file: extract its archive from "
+                        f"{LIBRISPEECH_URL} again")
+    return files
+
+
+def load_librispeech(data_dir: Path, download: bool) -> Splits:
+    # `download` is unused: the archives are FLAC (see the header)
+    root = data_dir / 'LibriSpeech'
+    present = [s for s in LIBRISPEECH_TRAIN if (root / s).is_dir()]
+    if not present:
+        raise librispeech_missing(data_dir, LIBRISPEECH_TRAIN)
+    if len(present) < len(LIBRISPEECH_TRAIN):
+        print(f"librispeech: pretraining on {' + '.join(present)} only; "
+              f"{', '.join(s for s in LIBRISPEECH_TRAIN if s not in present)} not found in {root}")
+    files = [f for s in present for f in librispeech_files(root / s)]
+    s = speech_splits(files, [], [0] * len(files), 16_000, LIBRISPEECH_MEAN, LIBRISPEECH_STD,
+                      cache=data_dir / f"LibriSpeech.{'+'.join(present)}.logmel.npy",
+                      fix=LIBRISPEECH_FIX)
+    return label_free(s.train_x)
+
+
+def librispeech_transfer_split(speakers: np.ndarray) -> tuple[list, list]:
+    """DABS's per-speaker split of dev-clean: speakers[i] is file i's speaker id -> (train, test) file indices."""
+    rs = np.random.RandomState(42)
+    train, test = [], []
+    for speaker in np.unique(speakers):  # sorted
+        idx = np.flatnonzero(speakers == speaker)
+        rs.shuffle(idx)
+        n_train = int(0.8 * len(idx))
+        train += idx[:n_train].tolist()
+        test += idx[n_train:].tolist()
+    return train, test
+
+
+def load_librispeech_transfer(data_dir: Path, download: bool) -> Splits:
+    folder = data_dir / 'LibriSpeech' / LIBRISPEECH_DEV
+    if not folder.is_dir():
+        raise librispeech_missing(data_dir, [LIBRISPEECH_DEV])
+    files = librispeech_files(folder)
+    speakers = np.array([int(f.parent.parent.name) for f in files])
+    ids = np.unique(speakers)
+    if len(ids) > LIBRISPEECH_SPEAKERS:
+        raise DataError(f"{folder} has {len(ids)} speakers, but dev-clean has {LIBRISPEECH_SPEAKERS}: is it "
+                        f"another split? Extract dev-clean.tar.gz from {LIBRISPEECH_URL} again")
+    train, test = librispeech_transfer_split(speakers)
+    if not train:
+        raise DataError(f"{folder}: no speaker has 2 utterances, so the train split is empty: extract "
+                        f"dev-clean.tar.gz from {LIBRISPEECH_URL} again")
+    labels = np.searchsorted(ids, speakers)  # rank of the speaker id
+    return speech_splits([files[i] for i in train], [files[i] for i in test], labels[train + test].tolist(),
+                         16_000, LIBRISPEECH_MEAN, LIBRISPEECH_STD, cache=data_dir / 'LibriSpeech.dev-clean.logmel.npy',
+                         fix=LIBRISPEECH_FIX)
+
+
+LIBRISPEECH = Domain(name='librispeech', input_shape=(1, 224, 224), patch_size=(16, 16), vocab_size=0, num_classes=0,
+                     batch_size=64, mask_ratio=0.5, load=load_librispeech, to_input=as_float32,
+                     transfer=('librispeech_transfer',))
+LIBRISPEECH_TRANSFER = Domain(name='librispeech_transfer', input_shape=(1, 224, 224), patch_size=(16, 16),
+                              vocab_size=0, num_classes=LIBRISPEECH_SPEAKERS, batch_size=64, mask_ratio=0.5,
+                              load=load_librispeech_transfer, to_input=as_float32)
+
+# -----------------------------------------------------------------------------
 # PAMAP2: 9 subjects wearing 3 IMUs and a heart-rate monitor, 100 Hz.
 # Source: UCI #231, a zip with no published checksum (the parser checks every row), extracted to PAMAP2_Dataset/.
 # Format: Protocol/subject1NN.dat, space-separated text with 54 columns (timestamp, activity ID, heart rate,
@@ -956,39 +1092,67 @@ def read_proteins(path: Path, label_key: str):
 # Pfam: ~32M protein domains labelled with their clan.
 # Source: TAPE's pfam.tar.gz, extracted to pfam/.
 # Format: pfam_train.json (tens of GB) and pfam_valid.json, records with 'primary' and 'clan'. Label = rank
-# of the clan among pfam_train's clans (623), as DABS.
-# Split: train = pfam_train, test = all of pfam_valid (DABS splits pfam_valid into pretraining validation
-# and a 200k transfer set; one test split is simpler and larger).
+# of the clan among pfam_train's clans (623), as DABS; a transfer record whose clan pfam_train lacks is an error.
+# pfam (pretraining; labels not used): all of pfam_train, no test split, as DABS.
+# pfam_transfer: DABS's carve-out of pfam_valid: its seed-42 permutation (DABS's df.sample(frac=1,
+# random_state=42)), whose last 200,000 rows (pandas' tail(200000): all of them for a smaller file, such as a
+# test fixture) are the transfer set, cut in order (no second shuffle) into the first ceil(90%) = 180,000 train
+# and the remaining 20,000 test rows. The rest of pfam_valid is DABS's pretraining validation, unused here.
 # Cache: each JSON file is streamed once into <name>.tokens.npy and <name>.clans.npy beside it (4 GB of
-# tokens for train).
+# tokens for train); pfam_transfer reads pfam_train's for the clan list.
 
 PFAM_URL = 'http://s3.amazonaws.com/songlabdata/proteindata/data_raw_pytorch/pfam.tar.gz'
 PFAM_CLANS = 623
+PFAM_TRANSFER_RECORDS = 200_000  # the tail of the permuted pfam_valid that DABS transfers to
+
+
+def pfam_parsed(path: Path) -> list:
+    """A TAPE Pfam JSON file -> [tokens uint8 (N, 128), clan ids int64 (N,)], cached beside it."""
+    return cached_arrays({path.with_suffix('.tokens.npy'): (np.uint8, (PROTEIN_LENGTH,)),
+                          path.with_suffix('.clans.npy'): (np.int64, ())}, lambda: protein_chunks(path, 'clan'))
+
+
+def pfam_transfer_split(n: int, what) -> tuple[np.ndarray, np.ndarray]:
+    """DABS's pfam_transfer rows of a pfam_valid of n records -> (train, test) row indices, in order."""
+    perm = np.random.RandomState(42).permutation(n)
+    transfer = perm[n - min(PFAM_TRANSFER_RECORDS, n):]  # pandas' tail(200000)
+    n_train = math.ceil(0.9 * len(transfer))  # DABS's head(ceil(0.9 m)) / tail(floor(0.1 m))
+    if len(transfer) - n_train < 1:
+        raise DataError(f"{what}: {n} records leave none for the test split: delete it and download it again")
+    return transfer[:n_train], transfer[n_train:]
 
 
 def load_pfam(data_dir: Path, download: bool) -> Splits:
     folder = fetch_and_extract(PFAM_URL, 'pfam.tar.gz', None, None, download, data_dir / 'pfam')
+    x, _ = pfam_parsed(folder / 'pfam_train.json')
+    return label_free(torch.from_numpy(x))
 
-    def parsed(path):  # tokens uint8 (N, 128) and clan ids int64 (N,), cached beside the JSON
-        return cached_arrays({path.with_suffix('.tokens.npy'): (np.uint8, (PROTEIN_LENGTH,)),
-                              path.with_suffix('.clans.npy'): (np.int64, ())}, lambda: protein_chunks(path, 'clan'))
 
-    x_train, c_train = parsed(folder / 'pfam_train.json')
-    x_test, c_test = parsed(folder / 'pfam_valid.json')
-    clans = np.unique(c_train)  # sorted: label = rank, as DABS
+def load_pfam_transfer(data_dir: Path, download: bool) -> Splits:
+    folder = fetch_and_extract(PFAM_URL, 'pfam.tar.gz', None, None, download, data_dir / 'pfam')
+    clans = np.unique(pfam_parsed(folder / 'pfam_train.json')[1])  # sorted: label = rank, as DABS
     if len(clans) > PFAM_CLANS:
         raise DataError(f"{folder / 'pfam_train.json'} has {len(clans)} clans, expected {PFAM_CLANS}: "
                         f"delete {folder} and download it again")
-    y_train, y_test = np.searchsorted(clans, c_train), np.searchsorted(clans, c_test)
-    unknown = c_test[clans[np.minimum(y_test, len(clans) - 1)] != c_test]
+    x, c = pfam_parsed(folder / 'pfam_valid.json')
+    train, test = pfam_transfer_split(len(x), folder / 'pfam_valid.json')
+    rows = np.concatenate([train, test])
+    c = c[rows]
+    y = np.searchsorted(clans, c)
+    unknown = c[clans[np.minimum(y, len(clans) - 1)] != c]
     if len(unknown):
         raise DataError(f"{folder / 'pfam_valid.json'}: unknown clan {unknown[0]}, which pfam_train.json does not "
                         f"have: delete {folder} and download it again")
-    return Splits(*(torch.from_numpy(a) for a in (x_train, y_train, x_test, y_test)))
+    x = torch.from_numpy(x[rows])
+    y = torch.from_numpy(y)
+    return Splits(x[:len(train)], y[:len(train)], x[len(train):], y[len(train):])
 
 
 PFAM = Domain(name='pfam', input_shape=(PROTEIN_LENGTH,), patch_size=(), vocab_size=len(AMINO_ACIDS),
-              num_classes=PFAM_CLANS, batch_size=128, mask_ratio=0.5, load=load_pfam, to_input=as_token_ids)
+              num_classes=0, batch_size=128, mask_ratio=0.5, load=load_pfam, to_input=as_token_ids,
+              transfer=('pfam_transfer',))
+PFAM_TRANSFER = dataclasses.replace(PFAM, name='pfam_transfer', num_classes=PFAM_CLANS, load=load_pfam_transfer,
+                                    transfer=())
 
 # -----------------------------------------------------------------------------
 # SCOP (TAPE remote homology): proteins labelled with their fold, 'fold_label' (1195 folds).
@@ -1017,10 +1181,187 @@ SCOP = Domain(name='scop', input_shape=(PROTEIN_LENGTH,), patch_size=(), vocab_s
               num_classes=SCOP_FOLDS, batch_size=128, mask_ratio=0.5, load=load_scop, to_input=as_token_ids)
 
 # -----------------------------------------------------------------------------
+# WM-811K wafer maps (Wu et al. 2015): 811,457 maps of the dies on a wafer (0 = off the wafer, 1 = pass, 2 =
+# fail), of many sizes; 172,950 are labelled with a failure pattern (147,431 of them 'none'), 638,507 are not.
+# Source: MIR-WM811K.zip from mirlab.org (no published checksum). Its pandas pickle and MATLAB v7.3 file need
+# pandas or HDF5, so there is no download: the user converts the pickle once into wafer.npz in data_dir
+# (README.md, "Formats that need a one-time conversion"): `maps` (uint8, every map flattened, concatenated),
+# `shapes` (N, 2), `offsets` (N,) into `maps`, and int16 `label` (N,): -1 unlabelled, else the index in
+# WAFER_CLASSES (DABS's codes). Every array is checked when the cache is built.
+# Preprocessing as DABS: pixel = int(value * 127.5), so 0, 127, 255; 3 identical channels; torchvision's
+# Resize((32, 32)), i.e. PIL's bilinear resize with antialiasing, reproduced bit for bit (pil_resize: PIL's
+# fixed-point weights, width first, rounded to 8 bits between the passes; checked equal to Pillow 9.5 on maps
+# of many sizes; F.interpolate(antialias=True) is 1 off on ~2% of pixels, and so is Pillow 13 on some maps, as
+# it may run the height pass first). Stored uint8 (N, 3, 32, 32) and fed in [0, 1], as CIFAR; patches 4x4.
+# Split as DABS, in the file's row order (DABS uses the .mat file's order; that the pickle's is the same is
+# assumed, not checked): the unlabelled maps and the labelled maps each get seeded_split (the seed-42
+# permutation, ceil(90%) train): 574,657 / 63,850 and 155,655 / 17,295 maps.
+# wafer (pretraining; labels not used): the 574,657 train maps of the unlabelled set, which DABS pretrains on
+# (its 63,850 validation maps are not used). wafer_transfer: the labelled maps, 9 classes ('none' = 0), scored
+# with weighted F1 as DABS and MetaMAE.
+# Cache: the resized maps of each, in split order, as wafer.unlabelled.32x32.npy (1.8 GB) and
+# wafer.labelled.32x32.npy (530 MB) beside the .npz; the labels are read from the .npz each time (1.6 MB).
+
+WAFER_URL = 'http://mirlab.org/dataSet/public/MIR-WM811K.zip'
+WAFER_CLASSES = ['none', 'random', 'donut', 'scratch', 'center', 'loc', 'edge-loc', 'edge-ring', 'near-full']
+WAFER_PIXELS = np.array([0, 127, 255], np.uint8)  # int(value * 127.5) for the values 0, 1, 2, as DABS
+WAFER_SIZE = 32
+WAFER_REDO = "re-run the conversion that writes it (README.md, 'Formats that need a one-time conversion')"
+
+
+def wafer_npz(path: Path, keys: tuple) -> list:
+    """The arrays `keys` of the converted wafer.npz (only those are read)."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: WM-811K ships as a pandas pickle and a MATLAB v7.3 file, which this "
+                        f"project cannot read, so there is no download: get MIR-WM811K.zip from {WAFER_URL} and "
+                        f"convert MIR-WM811K/Python/WM811K.pkl once into {path.name} in {path.parent} as README.md "
+                        f"shows ('Formats that need a one-time conversion'); or pass --data-dir with the folder "
+                        f"that holds {path.name}")
+    try:
+        z = np.load(path)  # allow_pickle=False: arrays only
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataError(f"{path} is a single array, not the .npz of arrays {', '.join(keys)}: {WAFER_REDO}")
+        with z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise DataError(f"{path} has no array {missing[0]!r} (it has {', '.join(z.files) or 'none'}): "
+                                f"{WAFER_REDO}")
+            return [z[k] for k in keys]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is truncated or no .npz ({_oneline(e)}): {WAFER_REDO}") from None
+
+
+def _wafer_ints(path: Path, name: str, a: np.ndarray, shape: tuple, lo: int, hi: int) -> np.ndarray:
+    """Check that array `name` has `shape` (None: any length) and integer values in lo..hi; returns it."""
+    if a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape)) or \
+            (a.size and a.dtype.kind not in 'iu'):
+        want = ', '.join('N' if s is None else str(s) for s in shape) + (',' if len(shape) == 1 else '')
+        raise DataError(f"{path}: '{name}' is {a.dtype} {a.shape}, expected integers of shape ({want}): {WAFER_REDO}")
+    if a.size and (a.min() < lo or a.max() > hi):
+        raise DataError(f"{path}: '{name}' holds {a.min() if a.min() < lo else a.max()}, expected {lo}..{hi}: "
+                        f"{WAFER_REDO}")
+    return a
+
+
+def wafer_labels(path: Path) -> np.ndarray:
+    """The .npz's labels, int64 (N,): -1 unlabelled, else 0..8."""
+    label, = wafer_npz(path, ('label',))
+    label = _wafer_ints(path, 'label', label, (None,), -1, len(WAFER_CLASSES) - 1).astype(np.int64)
+    if not len(label):
+        raise DataError(f"{path} holds no map: {WAFER_REDO}")
+    return label
+
+
+def read_wafer(path: Path):
+    """The .npz, every array checked -> (maps uint8 (M,), shapes int64 (N, 2), offsets int64 (N,))."""
+    maps, shapes, offsets, label = wafer_npz(path, ('maps', 'shapes', 'offsets', 'label'))
+    n = len(label)
+    shapes = _wafer_ints(path, 'shapes', shapes, (n, 2), 1, 1 << 20).astype(np.int64)
+    offsets = _wafer_ints(path, 'offsets', offsets, (n,), 0, 1 << 62).astype(np.int64)
+    maps = _wafer_ints(path, 'maps', maps, (None,), 0, 2).astype(np.uint8, copy=False)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    if len(maps) != sizes.sum():
+        raise DataError(f"{path}: 'maps' has {len(maps):,} values, but 'shapes' makes {sizes.sum():,}: {WAFER_REDO}")
+    bad = np.flatnonzero(offsets != np.cumsum(sizes) - sizes)
+    if len(bad):
+        raise DataError(f"{path}: 'offsets' of map {bad[0]} is {offsets[bad[0]]}, but the maps before it (by "
+                        f"'shapes') end at {(np.cumsum(sizes) - sizes)[bad[0]]}: {WAFER_REDO}")
+    return maps, shapes, offsets
+
+
+PIL_BITS = 22  # PIL's fixed-point precision for 8-bit images: 32 - 8 - 2
+
+
+@functools.lru_cache(maxsize=None)
+def pil_bilinear(n_in: int, n_out: int) -> np.ndarray:
+    """PIL's bilinear resampling of n_in pixels to n_out, as a float64 (n_out, n_in) matrix of its integer
+    fixed-point weights (Pillow's Resample.c: precompute_coeffs, then normalize_coeffs_8bpc).
+
+    The triangle filter is stretched by the scale when shrinking (antialiasing), centred on each output pixel
+    at (i + 0.5) * scale (align_corners=False); each row's weights are normalised to sum 1, then rounded to
+    multiples of 2**-22. F.interpolate(mode='bilinear', antialias=True) computes the same filter in floating
+    point, which differs from PIL by 1 on about 2% of the pixels."""
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    out = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo, hi = max(int(center - stretch + 0.5), 0), min(int(center + stretch + 0.5), n_in)
+        w = np.maximum(0, 1 - np.abs((np.arange(lo, hi) - center + 0.5) / stretch))
+        out[i, lo:hi] = np.trunc(w / w.sum() * (1 << PIL_BITS) + 0.5)  # weights are >= 0: C's (int)(0.5 + k)
+    return out
+
+
+def pil_resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 images (B, H, W) -> uint8 (B, height, width), bit for bit what PIL's Image.resize(..., BILINEAR)
+    gives for an 8-bit image: the width first, rounded to 8 bits, then the height, each in fixed point (the
+    sums are below 2**53, so exact in float64)."""
+    def rounded(a):  # PIL's clip8: (sum + 2**21) >> 22, clipped to 0..255
+        return np.clip(np.floor((a + (1 << PIL_BITS - 1)) / (1 << PIL_BITS)), 0, 255)
+    x = rounded(x.astype(np.float64) @ pil_bilinear(x.shape[2], width).T)  # (B, H, width)
+    return rounded(pil_bilinear(x.shape[1], height) @ x).astype(np.uint8)  # (B, height, width)
+
+
+def wafer_images(maps: np.ndarray, shapes: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The maps `rows` -> uint8 (len(rows), 3, 32, 32), as DABS's PIL Resize((32, 32)) makes them."""
+    out = np.empty((len(rows), WAFER_SIZE, WAFER_SIZE), np.uint8)
+    sizes, which = np.unique(shapes[rows], axis=0, return_inverse=True)  # maps of one size are resized together
+    for k, (h, w) in enumerate(sizes):
+        same = np.flatnonzero(which.reshape(-1) == k)
+        for part in np.array_split(same, -(-len(same) * h * w // (1 << 22))):  # <= 4M pixels at a time
+            pixels = WAFER_PIXELS[maps[offsets[rows[part], None] + np.arange(h * w)]]
+            out[part] = pil_resize(pixels.reshape(-1, h, w), WAFER_SIZE, WAFER_SIZE)
+    return np.repeat(out[:, None], 3, axis=1)  # PIL's convert('RGB'): 3 equal channels
+
+
+def wafer_split(path: Path, labelled: bool):
+    """DABS's split of the labelled (or unlabelled) maps -> (train rows, test rows) of the file, labels (N,)."""
+    label = wafer_labels(path)
+    rows = np.flatnonzero(label >= 0 if labelled else label < 0)
+    if len(rows) < 10:
+        raise DataError(f"{path} holds {len(rows)} {'labelled' if labelled else 'unlabelled'} maps, too few to split "
+                        f"90/10 (the real data has {'172,950' if labelled else '638,507'}): {WAFER_REDO}")
+    train, test = seeded_split(len(rows), path)
+    return rows[train], rows[test], label
+
+
+def wafer_cache(path: Path, cache: Path, rows: np.ndarray) -> np.ndarray:
+    """The resized maps `rows` of the .npz, cached in that order."""
+    def parse(chunk=16_384):
+        maps, shapes, offsets = read_wafer(path)
+        for i in range(0, len(rows), chunk):
+            yield (wafer_images(maps, shapes, offsets, rows[i:i + chunk]),)
+    x, = cached_arrays({cache: (np.uint8, (3, WAFER_SIZE, WAFER_SIZE))}, parse, rows=len(rows))
+    return x
+
+
+def load_wafer(data_dir: Path, download: bool) -> Splits:
+    # `download` is unused: the source needs a conversion (see the header)
+    path = data_dir / 'wafer.npz'
+    train, _, _ = wafer_split(path, labelled=False)
+    return label_free(torch.from_numpy(wafer_cache(path, data_dir / 'wafer.unlabelled.32x32.npy', train)))
+
+
+def load_wafer_transfer(data_dir: Path, download: bool) -> Splits:
+    path = data_dir / 'wafer.npz'
+    train, test, label = wafer_split(path, labelled=True)
+    rows = np.concatenate([train, test])
+    x = torch.from_numpy(wafer_cache(path, data_dir / 'wafer.labelled.32x32.npy', rows))
+    y = torch.from_numpy(label[rows])
+    return Splits(x[:len(train)], y[:len(train)], x[len(train):], y[len(train):])
+
+
+WAFER = Domain(name='wafer', input_shape=(3, WAFER_SIZE, WAFER_SIZE), patch_size=(4, 4), vocab_size=0, num_classes=0,
+               batch_size=128, mask_ratio=0.5, load=load_wafer, to_input=images_to_unit, transfer=('wafer_transfer',))
+WAFER_TRANSFER = dataclasses.replace(WAFER, name='wafer_transfer', num_classes=len(WAFER_CLASSES),
+                                     load=load_wafer_transfer, metric='weighted_f1', transfer=())
+
+# -----------------------------------------------------------------------------
 # the domains train.py can use: add new sections' Domains here
 
-DOMAINS = {d.name: d for d in (CIFAR10, IMAGENET32, GOOGLE_SPEECH, GOOGLE_SPEECH_SAMPLE, AUDIO_MNIST, PAMAP2, HIGGS,
-                               GENOMICS, PFAM, SCOP)}
+DOMAINS = {d.name: d for d in (CIFAR10, IMAGENET32, GOOGLE_SPEECH, GOOGLE_SPEECH_SAMPLE, AUDIO_MNIST, LIBRISPEECH,
+                               LIBRISPEECH_TRANSFER, PAMAP2, HIGGS, GENOMICS, PFAM, PFAM_TRANSFER, SCOP, WAFER,
+                               WAFER_TRANSFER)}
 
 
 def get_domain(name: str) -> Domain:

@@ -23,9 +23,10 @@ import pytest
 import torch
 
 import data
-from conftest import (FAKE_WRITERS, data_error, fails, serve, write_fake, write_fake_audio_mnist, write_fake_genomics,
-                      write_fake_google_speech, write_fake_higgs, write_fake_pamap2, write_fake_pfam, write_fake_scop,
-                      write_genomics_zip, write_json_array, write_wav)
+from conftest import (FAKE_WRITERS, data_error, fails, protein_records, serve, write_fake,
+                      write_fake_audio_mnist, write_fake_genomics, write_fake_google_speech, write_fake_higgs,
+                      write_fake_librispeech, write_fake_pamap2, write_fake_pfam, write_fake_scop, write_fake_wafer,
+                      write_genomics_zip, write_json_array, write_wafer_npz, write_wav)
 
 SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
 SPEECH_SAMPLE = SHARED / 'speech_commands_v0.01_sample'
@@ -321,6 +322,99 @@ def test_bad_audio_mnist_is_a_data_error(tmp_path, case):
 
 
 # -----------------------------------------------------------------------------
+# LibriSpeech (WAV converted from its FLAC)
+
+def librispeech_rows(files):
+    return expected_speech_rows(Path('/'), [f.as_posix() for f in files], data.LIBRISPEECH_MEAN, data.LIBRISPEECH_STD)
+
+
+def test_librispeech_pretrains_on_the_training_splits_present(tmp_path, capsys):
+    files = write_fake_librispeech(tmp_path)
+    s = data.load_librispeech(tmp_path, download=False)
+    # train-clean-100 then train-other-500 (DABS's order), each sorted by stem; train-clean-360 is absent, and said
+    rows = files['train-clean-100'] + files['train-other-500']
+    assert [f.stem for f in rows[:3]] == ['103-1240-0000', '103-1240-0001', '103-1240-0002']  # '103' < '19' as strings
+    assert s.train_x.shape == (10, 1, 224, 224) and s.train_x.dtype == torch.float16
+    assert (s.train_x.float() - librispeech_rows(rows)).abs().max() < 0.01
+    assert s.train_y.dtype == torch.int64 and s.train_y.tolist() == [0] * 10
+    assert s.test_x.shape == (0, 1, 224, 224) and s.test_y.shape == (0,)
+    assert 'train-clean-360 not found' in capsys.readouterr().out
+    assert (tmp_path / 'LibriSpeech.train-clean-100+train-other-500.logmel.npy').is_file()
+    # a split added later: a cache of its own, the rows in DABS's order
+    more = write_fake_librispeech(tmp_path / 'more', seed=1, layout={'train-clean-360': {7: {100: 2}}})
+    (tmp_path / 'more' / 'LibriSpeech' / 'train-clean-360').rename(tmp_path / 'LibriSpeech' / 'train-clean-360')
+    s = data.load_librispeech(tmp_path, download=False)
+    assert len(s.train_x) == 12 and 'not found' not in capsys.readouterr().out
+    moved = [tmp_path / 'LibriSpeech' / 'train-clean-360' / f.parent.parent.name / f.parent.name / f.name
+             for f in more['train-clean-360']]
+    assert (s.train_x[8:10].float() - librispeech_rows(moved)).abs().max() < 0.01
+    assert (tmp_path / 'LibriSpeech.train-clean-100+train-clean-360+train-other-500.logmel.npy').is_file()
+
+
+def test_librispeech_transfer_is_dabs_per_speaker_split(tmp_path, monkeypatch):
+    files = write_fake_librispeech(tmp_path)['dev-clean']
+    s = data.load_librispeech_transfer(tmp_path, download=False)
+    # by hand, as DABS's LibriSpeechTransfer: the walker's order (stems sorted as strings), speakers as numbers
+    speaker_ids = np.array([int(f.stem.split('-')[0]) for f in files])
+    assert [f.stem.split('-')[0] for f in files][:2] == ['1272', '1272'] and speaker_ids[-1] == 84
+    rs = np.random.RandomState(42)
+    train, test = [], []
+    for speaker in sorted(set(speaker_ids.tolist())):  # 84, 174, 1272, 2412
+        idx = np.where(speaker_ids == speaker)[0]
+        rs.shuffle(idx)
+        train += idx[:int(0.8 * len(idx))].tolist()
+        test += idx[int(0.8 * len(idx)):].tolist()
+    rank = {84: 0, 174: 1, 1272: 2, 2412: 3}
+    assert (len(train), len(test)) == (2 + 4 + 4 + 3, 1 + 1 + 2 + 1)
+    assert s.train_y.tolist() == [rank[speaker_ids[i]] for i in train]
+    assert s.test_y.tolist() == [rank[speaker_ids[i]] for i in test]
+    assert (s.train_x.float() - librispeech_rows([files[i] for i in train])).abs().max() < 0.01
+    assert (s.test_x.float() - librispeech_rows([files[i] for i in test])).abs().max() < 0.01
+    assert data.LIBRISPEECH_TRANSFER.num_classes == 40
+    # cached: the second load reads no wav
+    monkeypatch.setattr(data, 'read_wav', fails)
+    again = data.load_librispeech_transfer(tmp_path, download=False)
+    assert torch.equal(again.test_x, s.test_x) and torch.equal(again.train_y, s.train_y)
+
+
+@pytest.mark.parametrize('case', ['flac without wav', 'no folder', 'no training split', 'misnamed', 'empty split',
+                                  '41 speakers', 'bad wav'])
+def test_bad_librispeech_is_a_data_error(tmp_path, case):
+    load = data.load_librispeech_transfer
+    if case == 'no folder':
+        msg = data_error(lambda: load(tmp_path, download=False), 'dev-clean/', tmp_path / 'LibriSpeech',
+                         data.LIBRISPEECH_URL, 'dev-clean.tar.gz', 'flac -d')
+        assert 'train-clean' not in msg
+        return
+    files = write_fake_librispeech(tmp_path)
+    dev = tmp_path / 'LibriSpeech' / 'dev-clean'
+    if case == 'flac without wav':
+        files['dev-clean'][4].unlink()
+        needles = [files['dev-clean'][4].with_suffix('.flac'), '1 of 18 FLAC files', "find ", "flac -d -s -f -o"]
+    elif case == 'no training split':
+        load = data.load_librispeech
+        for split in ('train-clean-100', 'train-other-500'):
+            shutil.rmtree(tmp_path / 'LibriSpeech' / split)
+        needles = ['train-clean-100/ and train-clean-360/ and train-other-500/', data.LIBRISPEECH_URL,
+                   'train-other-500.tar.gz', 'flac -d']
+    elif case == 'misnamed':
+        write_wav(dev / '84' / '121123' / '84-999-0000.wav', np.zeros(10, np.int16), 16_000)
+        needles = ['84-999-0000.wav', '<speaker>/<chapter>/<speaker>-<chapter>-<utterance>.wav']
+    elif case == 'empty split':
+        shutil.rmtree(dev)
+        dev.mkdir()
+        needles = [dev, 'holds no']
+    elif case == '41 speakers':
+        for speaker in range(37):
+            write_wav(dev / str(9000 + speaker) / '1' / f'{9000 + speaker}-1-0000.wav', np.zeros(10, np.int16), 16_000)
+        needles = ['41 speakers', 'dev-clean has 40']
+    else:
+        files['dev-clean'][0].write_bytes(files['dev-clean'][0].read_bytes()[:-10])
+        needles = [files['dev-clean'][0], 'truncated', '.flac beside it']
+    data_error(lambda: load(tmp_path, download=False), *needles)
+
+
+# -----------------------------------------------------------------------------
 # PAMAP2
 
 def test_interpolation_is_pandas_linear_interpolate():
@@ -428,7 +522,7 @@ def test_higgs_download_and_a_small_file(tmp_path, monkeypatch):
     assert not (tmp_path / 'nowhere').exists()
 
 
-@pytest.mark.parametrize('cache', ['HIGGS.npy', 'pfam/pfam_valid.tokens.npy'])
+@pytest.mark.parametrize('cache', ['HIGGS.npy', 'pfam/pfam_train.tokens.npy'])
 def test_truncated_cache_is_a_data_error(tmp_path, monkeypatch, cache):
     name = cache.split('.')[0].split('/')[0].lower()
     data.get_domain(name).load(write_fake(name, tmp_path, monkeypatch), download=False)
@@ -542,28 +636,84 @@ def test_broken_json_is_a_data_error(tmp_path, text, needles):
     data_error(lambda: list(data.iter_json_array(f, 3)), str(f), *needles)
 
 
-def test_pfam_tokens_labels_and_cache(tmp_path, monkeypatch):
+def test_pfam_pretrains_on_pfam_train_without_labels(tmp_path, monkeypatch):
     records = write_fake_pfam(tmp_path)
     s = data.load_pfam(tmp_path, download=False)
-    clans = sorted({r['clan'] for r in records['train']})  # label = rank among pfam_train's clans
-    for x, y, split in ((s.train_x, s.train_y, 'train'), (s.test_x, s.test_y, 'test')):
-        assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), protein_tokens(records[split]))
-        assert y.tolist() == [clans.index(r['clan']) for r in records[split]]
+    assert s.train_x.dtype == torch.uint8 and np.array_equal(s.train_x.numpy(), protein_tokens(records['train']))
     assert (s.train_x == 0).any() and (protein_tokens(records['train']) != 0).all(axis=1).any()  # padded and cut
-    assert sorted(os.listdir(tmp_path / 'pfam')) == ['pfam_train.clans.npy', 'pfam_train.json', 'pfam_train.tokens.npy',
-                                                    'pfam_valid.clans.npy', 'pfam_valid.json', 'pfam_valid.tokens.npy']
+    assert s.train_y.dtype == torch.int64 and s.train_y.tolist() == [0] * 40  # labels not used
+    assert s.test_x.shape == (0, 128) and s.test_x.dtype == torch.uint8 and s.test_y.shape == (0,)
+    assert data.PFAM.num_classes == 0 and data.PFAM.transfer == ('pfam_transfer',)
+    assert sorted(os.listdir(tmp_path / 'pfam')) == [  # pfam_valid is the transfer domain's
+        'pfam_train.clans.npy', 'pfam_train.json', 'pfam_train.tokens.npy', 'pfam_valid.json']
     monkeypatch.setattr(data, 'iter_json_array', fails)  # parsed once
-    again = data.load_pfam(tmp_path, download=False)
-    assert torch.equal(again.train_x, s.train_x) and torch.equal(again.test_y, s.test_y)
+    assert torch.equal(data.load_pfam(tmp_path, download=False).train_x, s.train_x)
+
+
+def pfam_transfer_by_hand(n, tail=200_000):
+    """DABS: pfam_valid.sample(frac=1, random_state=42).tail(200000), then head(ceil(0.9 m)) / tail(floor(0.1 m))."""
+    perm = np.random.RandomState(42).permutation(n)
+    transfer = perm[max(n - tail, 0):]
+    m = len(transfer)
+    assert math.ceil(0.9 * m) + math.floor(0.1 * m) == m
+    return transfer[:math.ceil(0.9 * m)], transfer[m - math.floor(0.1 * m):]
+
+
+def test_pfam_transfer_is_dabs_carve_out_of_pfam_valid(tmp_path, monkeypatch):
+    records = write_fake_pfam(tmp_path)
+    s = data.load_pfam_transfer(tmp_path, download=False)
+    clans = sorted({r['clan'] for r in records['train']})  # label = rank among pfam_train's clans
+    tokens, labels = protein_tokens(records['test']), np.array([clans.index(r['clan']) for r in records['test']])
+    train, test = pfam_transfer_by_hand(10)  # a file under 200,000 records: all of it, 9 / 1
+    assert len(train) == 9 and len(test) == 1
+    assert np.array_equal(s.train_x.numpy(), tokens[train]) and np.array_equal(s.test_x.numpy(), tokens[test])
+    assert s.train_y.tolist() == labels[train].tolist() and s.test_y.tolist() == labels[test].tolist()
+    assert data.PFAM_TRANSFER.num_classes == 623 and s.train_y.dtype == torch.int64
+    monkeypatch.setattr(data, 'iter_json_array', fails)  # both files' caches are used from now on
+    assert torch.equal(data.load_pfam_transfer(tmp_path, download=False).test_x, s.test_x)
+
+
+def test_pfam_transfer_takes_the_tail_of_the_permutation(tmp_path, monkeypatch):
+    # the real rule on a file larger than the tail: 200,000 of ~1M records in DABS, here 20 of 25
+    write_fake_pfam(tmp_path)
+    valid = protein_records(25, 'clan', [3, 17, 42, 100, 622], seed=5)
+    perm = np.random.RandomState(42).permutation(25)
+    valid[perm[2]]['clan'] = 7  # a clan pfam_train lacks, in DABS's pretraining validation: not used, no error
+    write_json_array(tmp_path / 'pfam' / 'pfam_valid.json', valid)
+    monkeypatch.setattr(data, 'PFAM_TRANSFER_RECORDS', 20)
+    s = data.load_pfam_transfer(tmp_path, download=False)
+    train, test = pfam_transfer_by_hand(25, tail=20)
+    assert list(train) == list(perm[5:23]) and list(test) == list(perm[23:])  # 18 / 2, in the permuted order
+    assert np.array_equal(s.train_x.numpy(), protein_tokens(valid)[train])
+    assert np.array_equal(s.test_x.numpy(), protein_tokens(valid)[test])
+    # the same clan in a transfer row is an error
+    valid[perm[7]]['clan'] = 7
+    write_json_array(tmp_path / 'pfam' / 'pfam_valid.json', valid)
+    for f in (tmp_path / 'pfam').glob('pfam_valid.*.npy'):
+        f.unlink()
+    data_error(lambda: data.load_pfam_transfer(tmp_path, download=False), 'pfam_valid.json', 'unknown clan 7',
+               'pfam_train.json does not have')
+
+
+def test_pfam_transfer_needs_a_test_row(tmp_path):
+    records = write_fake_pfam(tmp_path)
+    write_json_array(tmp_path / 'pfam' / 'pfam_valid.json', records['test'][:9])  # ceil(0.9 * 9) = 9: none left
+    data_error(lambda: data.load_pfam_transfer(tmp_path, download=False), 'pfam_valid.json',
+               '9 records leave none for the test split')
 
 
 def test_pfam_and_scop_download_extract(tmp_path, monkeypatch):
     records = {'pfam': write_fake_pfam(tmp_path / 'src'), 'scop': write_fake_scop(tmp_path / 'src')}
-    for prefix, folder, load in (('PFAM', 'pfam', data.load_pfam), ('SCOP', 'remote_homology', data.load_scop)):
+    for prefix, folder, load in (('PFAM', 'pfam', data.load_pfam_transfer),
+                                 ('SCOP', 'remote_homology', data.load_scop)):
         archive = tar_gz(tmp_path / f'{folder}.tar.gz', tmp_path / 'src' / folder, folder)
         serve(monkeypatch, prefix, archive, digest=False)  # TAPE publishes no checksum
         s = load(tmp_path / 'data', download=True)
-        assert np.array_equal(s.test_x.numpy(), protein_tokens(records[folder if folder == 'pfam' else 'scop']['test']))
+        if folder == 'pfam':
+            test = pfam_transfer_by_hand(10)[1]
+            assert np.array_equal(s.test_x.numpy(), protein_tokens(records['pfam']['test'])[test])
+        else:
+            assert np.array_equal(s.test_x.numpy(), protein_tokens(records['scop']['test']))
 
 
 def test_scop_labels_are_fold_labels(tmp_path):
@@ -579,7 +729,7 @@ def test_scop_labels_are_fold_labels(tmp_path):
 def test_bad_protein_json_is_a_data_error(tmp_path, case):
     records = write_fake_pfam(tmp_path)
     scop = write_fake_scop(tmp_path)
-    load = data.load_pfam
+    load = data.load_pfam_transfer  # the domain that reads pfam_valid
     f = tmp_path / 'pfam' / 'pfam_valid.json'
     if case == 'unknown clan':
         records['test'][3]['clan'] = 5
@@ -609,7 +759,140 @@ def test_bad_protein_json_is_a_data_error(tmp_path, case):
     data_error(lambda: load(tmp_path, download=False), str(f), *needles)
     if case == 'empty':  # nothing of the failed parse is kept: the fixed file is parsed afresh
         write_json_array(f, write_fake_pfam(tmp_path / 'again')['test'])
-        assert len(data.load_pfam(tmp_path, download=False).test_x) == 10
+        s = data.load_pfam_transfer(tmp_path, download=False)
+        assert len(s.train_x) + len(s.test_x) == 10
+
+
+# -----------------------------------------------------------------------------
+# WM-811K wafer maps (the .npz of README.md's conversion)
+
+def one_map(m):
+    """data.wafer_images of a single map."""
+    return data.wafer_images(np.asarray(m, np.uint8).ravel(), np.array([m.shape]), np.array([0]), np.array([0]))[0]
+
+
+def pil_bilinear_by_hand(pixels, size=32):
+    """PIL's Resize((32, 32)) (bilinear) of a map no larger than 32 x 32 written out: output pixel i samples the
+    input at x = (i + 0.5) * n / 32 - 0.5, clamped to the edge pixels, linearly between its two neighbours;
+    the width first, rounded half up to 8 bits, then the height."""
+    def axis(a, n):  # a: (..., n) -> (..., 32)
+        x = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+        lo = np.floor(x).astype(int)
+        hi, t = np.minimum(lo + 1, n - 1), x - lo
+        return np.floor(a[..., lo] * (1 - t) + a[..., hi] * t + 0.5)
+    a = axis(np.asarray(pixels, np.float64), pixels.shape[1])
+    return axis(a.T, pixels.shape[0]).T
+
+
+def test_wafer_preprocessing_by_hand():
+    # DABS: pixel = int(value * 127.5); a constant map stays constant whatever its size
+    for value, pixel in ((0, 0), (1, 127), (2, 255)):
+        for shape in ((2, 2), (5, 7), (45, 31), (64, 64), (300, 202)):
+            img = one_map(np.full(shape, value))
+            assert img.shape == (3, 32, 32) and img.dtype == np.uint8 and (img == pixel).all(), (value, shape)
+    # a 2 x 2 map enlarged: bilinear between the 4 pixels, edges held
+    m = np.array([[0, 1], [2, 1]])
+    img = one_map(m)
+    expect = pil_bilinear_by_hand(data.WAFER_PIXELS[m])
+    assert np.array_equal(img[0], expect) and np.array_equal(img[1], img[0]) and np.array_equal(img[2], img[0])
+    assert img[0, 0, 0] == 0 and img[0, 0, 31] == 127 and img[0, 31, 0] == 255 and img[0, 31, 31] == 127
+    assert img[0, 15, 0] == 120  # 0 * 17/32 + 255 * 15/32 = 119.53 rounded
+    # a 5 x 7 map enlarged (no ties: every value is an odd multiple of 1/32 away from x.5)
+    m = np.random.default_rng(0).integers(0, 3, (5, 7))
+    assert np.array_equal(one_map(m)[0], pil_bilinear_by_hand(data.WAFER_PIXELS[m]))
+    # shrinking is antialiased: 64 -> 32 averages 4 columns with weights 1/8, 3/8, 3/8, 1/8 (plain bilinear
+    # would sample 2 columns: 127 and 255 here)
+    m = np.ones((64, 64), int)
+    m[:, 32:] = 2
+    row = one_map(m)[0, 7]
+    assert row[:15].tolist() == [127] * 15 and row[17:].tolist() == [255] * 15
+    assert row[15] == 143 and row[16] == 239  # 7/8 * 127 + 1/8 * 255, 1/8 * 127 + 7/8 * 255
+    # and any map agrees with torch's antialiased bilinear resize to within PIL's 8-bit rounding
+    rng = np.random.default_rng(1)
+    for shape in ((45, 31), (71, 19), (300, 202), (32, 77)):
+        m = rng.integers(0, 3, shape)
+        x = torch.from_numpy(data.WAFER_PIXELS[m]).double()[None, None]
+        ref = torch.nn.functional.interpolate(x, size=(32, 32), mode='bilinear', antialias=True, align_corners=False)
+        assert (torch.from_numpy(one_map(m)[0]).double() - ref[0, 0]).abs().max() <= 1
+
+
+def test_wafer_maps_labels_and_splits(tmp_path, monkeypatch):
+    fake = write_fake_wafer(tmp_path)
+    label = fake['label']
+    images = np.stack([one_map(m) for m in fake['maps']])
+    # DABS: each set in the file's order, the seed-42 permutation, ceil(90%) train
+    unlabelled, labelled = np.flatnonzero(label == -1), np.flatnonzero(label >= 0)
+    pu, pl = np.random.RandomState(42).permutation(20), np.random.RandomState(42).permutation(20)
+    s = data.load_wafer(tmp_path, download=False)
+    assert s.train_x.dtype == torch.uint8 and np.array_equal(s.train_x.numpy(), images[unlabelled[pu[:18]]])
+    assert s.train_y.tolist() == [0] * 18 and s.test_x.shape == (0, 3, 32, 32) and s.test_y.shape == (0,)
+    t = data.load_wafer_transfer(tmp_path, download=False)
+    assert np.array_equal(t.train_x.numpy(), images[labelled[pl[:18]]])
+    assert np.array_equal(t.test_x.numpy(), images[labelled[pl[18:]]])
+    assert t.train_y.tolist() == label[labelled[pl[:18]]].tolist()
+    assert t.test_y.tolist() == label[labelled[pl[18:]]].tolist()
+    assert t.train_y.dtype == torch.int64 and sorted(set(label[labelled])) == list(range(9))
+    assert data.WAFER_TRANSFER.to_input(t.train_x[:2]).max() <= 1
+    assert sorted(os.listdir(tmp_path)) == ['wafer.labelled.32x32.npy', 'wafer.npz', 'wafer.unlabelled.32x32.npy']
+    # the real sizes: 638,507 unlabelled and 172,950 labelled maps give DABS's 574,657 / 63,850 and 155,655 / 17,295
+    assert [len(a) for a in data.seeded_split(638_507, '')] == [574_657, 63_850]
+    assert [len(a) for a in data.seeded_split(172_950, '')] == [155_655, 17_295]
+    # cached: the maps are not read again (the labels are: 1.6 MB)
+    monkeypatch.setattr(data, 'read_wafer', fails)
+    assert torch.equal(data.load_wafer_transfer(tmp_path, download=False).test_x, t.test_x)
+    assert torch.equal(data.load_wafer(tmp_path, download=False).train_x, s.train_x)
+
+
+@pytest.mark.parametrize('case', ['missing', 'truncated', 'not a zip', 'a .npy', 'no offsets', 'offsets', 'shapes',
+                                  'short maps', 'label 9', 'value 3', 'float maps', 'too few'])
+def test_bad_wafer_npz_is_a_data_error(tmp_path, case):
+    f = tmp_path / 'wafer.npz'
+    needles = ['re-run the conversion']
+    if case == 'missing':
+        data_error(lambda: data.load_wafer(tmp_path, download=False), f, data.WAFER_URL, 'WM811K.pkl', 'README.md')
+        return
+    fake = write_fake_wafer(tmp_path)
+    maps = fake['maps']
+    arrays = dict(np.load(f))
+    if case == 'truncated':
+        f.write_bytes(f.read_bytes()[:-300])
+        needles.append('truncated')
+    elif case == 'not a zip':
+        f.write_bytes(b'PK\x03\x04' + bytes(100))
+        needles.append('truncated or no .npz')
+    elif case == 'a .npy':
+        with open(f, 'wb') as out:
+            np.save(out, arrays['maps'])
+        needles.append('single array')
+    elif case == 'too few':  # 9 labelled maps cannot be split 90/10
+        write_wafer_npz(f, maps[:29], [-1] * 20 + [1] * 9)
+        needles.append('9 labelled maps')
+    else:
+        if case == 'no offsets':
+            del arrays['offsets']
+            needles.append("no array 'offsets'")
+        elif case == 'offsets':
+            arrays['offsets'][5] += 1
+            needles.append("'offsets' of map 5")
+        elif case == 'shapes':
+            arrays['shapes'] = arrays['shapes'][:-1]
+            needles.append("'shapes' is int64 (39, 2), expected integers of shape (40, 2)")
+        elif case == 'short maps':
+            arrays['maps'] = arrays['maps'][:-1]
+            needles.append("but 'shapes' makes")
+        elif case == 'label 9':
+            arrays['label'][3] = 9
+            needles.append("'label' holds 9, expected -1..8")
+        elif case == 'value 3':
+            arrays['maps'][17] = 3
+            needles.append("'maps' holds 3, expected 0..2")
+        elif case == 'float maps':
+            arrays['maps'] = arrays['maps'].astype(np.float32)
+            needles.append("'maps' is float32")
+        np.savez(f, **arrays)
+    load = data.load_wafer_transfer if case == 'too few' else data.load_wafer
+    data_error(lambda: load(tmp_path, download=False), f, *needles)
+    assert os.listdir(tmp_path) == ['wafer.npz']  # nothing cached
 
 
 # -----------------------------------------------------------------------------
@@ -623,7 +906,25 @@ def test_domain_specs():
     assert spec['pamap2'] == ((52, 320), (5,), 0, 12, 256)
     assert spec['higgs'] == ((28,), (), 0, 2, 256)
     assert spec['genomics'] == ((250,), (), 4, 10, 32)
-    assert spec['pfam'] == ((128,), (), 26, 623, 128) and spec['scop'] == ((128,), (), 26, 1195, 128)
+    assert spec['pfam'] == ((128,), (), 26, 0, 128) and spec['pfam_transfer'] == ((128,), (), 26, 623, 128)
+    assert spec['scop'] == ((128,), (), 26, 1195, 128)
+    assert spec['librispeech'] == ((1, 224, 224), (16, 16), 0, 0, 64)
+    assert spec['librispeech_transfer'] == ((1, 224, 224), (16, 16), 0, 40, 64)
+    assert spec['wafer'] == ((3, 32, 32), (4, 4), 0, 0, 128)
+    assert spec['wafer_transfer'] == ((3, 32, 32), (4, 4), 0, 9, 128)
+    # the metric the probe reports, and what a pretraining domain is probed on (DABS's pairs)
+    assert {n for n, d in data.DOMAINS.items() if d.metric != 'accuracy'} == {'wafer_transfer'}
+    assert data.WAFER_TRANSFER.metric == 'weighted_f1'
+    assert {n: d.transfer for n, d in data.DOMAINS.items() if d.transfer} == {
+        'librispeech': ('librispeech_transfer',), 'pfam': ('pfam_transfer',), 'wafer': ('wafer_transfer',)}
+    for name in ('librispeech', 'librispeech_transfer', 'wafer', 'wafer_transfer', 'pfam', 'pfam_transfer'):
+        assert data.DOMAINS[name].mask_ratio == 0.5
+    for d in data.DOMAINS.values():
+        for t in d.transfer:  # a transfer domain reads the same inputs, and has labels
+            t = data.DOMAINS[t]
+            assert (t.input_shape, t.patch_size, t.vocab_size, t.to_input) == \
+                (d.input_shape, d.patch_size, d.vocab_size, d.to_input)
+            assert t.num_classes > 0 and d.num_classes == 0
 
 
 @pytest.mark.parametrize('name', sorted(FAKE_WRITERS))
@@ -631,8 +932,13 @@ def test_fixture_gives_model_input(tmp_path, monkeypatch, name):
     domain = data.get_domain(name)
     s = domain.load(write_fake(name, tmp_path, monkeypatch), download=False)
     for x, y in ((s.train_x, s.train_y), (s.test_x, s.test_y)):
-        assert x.device.type == 'cpu' and len(x) == len(y) > 0 and y.dtype == torch.int64
-        assert 0 <= y.min() and y.max() < domain.num_classes
+        assert x.device.type == 'cpu' and len(x) == len(y) and y.dtype == torch.int64
+    assert len(s.train_x) > 0 and s.test_x.shape[1:] == s.train_x.shape[1:] and s.test_x.dtype == s.train_x.dtype
+    if domain.num_classes:
+        assert len(s.test_x) > 0
+        assert 0 <= s.train_y.min() and max(s.train_y.max(), s.test_y.max()) < domain.num_classes
+    else:  # a pretraining domain: labels unused (all 0), no test split
+        assert len(s.test_x) == 0 and (s.train_y == 0).all()
     x = domain.to_input(s.train_x[:4])
     assert x.shape == (4, *domain.input_shape)
     assert x.dtype == (torch.int64 if domain.vocab_size else torch.float32)
