@@ -512,7 +512,8 @@ def load_imagenet32(data_dir: Path, download: bool) -> Splits:
 
 
 IMAGENET32 = Domain(name='imagenet32', input_shape=(3, 32, 32), patch_size=(4, 4), vocab_size=0, num_classes=1000,
-                    batch_size=64, mask_ratio=0.5, load=load_imagenet32, to_input=images_to_unit)
+                    batch_size=64, mask_ratio=0.5, load=load_imagenet32, to_input=images_to_unit,
+                    transfer=('cifar10',))  # DABS's natural-image protocol: pretrain on ImageNet, probe CIFAR-10
 
 # -----------------------------------------------------------------------------
 # speech, shared by Google Speech Commands and AudioMNIST: 16-bit PCM wav files -> the log-mel spectrogram

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 import bench
 import train
-from conftest import FAKE_WRITERS, make_cifar, write_fake
+from conftest import FAKE_WRITERS, make_cifar, make_imagenet32, write_fake
 
 HERE = Path(__file__).resolve().parent
 REAL_DATA = HERE.parent / "shared" / "data"
@@ -140,6 +140,29 @@ def test_linear_probe_selects_on_validation_and_scores_test_once():
     assert (garbage["lr"], garbage["epoch"], garbage["val_acc"]) == (res["lr"], res["epoch"], res["val_acc"])
     assert garbage["test_acc"] < 0.5
     assert "test_acc" not in train.linear_probe(tr, va, 3, cfg)  # no test unless asked
+
+
+def test_weighted_f1_by_hand():
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 0, 1, 1, 2, 2])
+    # per class F1 = 2 tp / (true + predicted): 4/5, 2/4, 2/3; weights 3, 2, 1 of 6; class 3 never occurs
+    assert train.weighted_f1(pred, y, 4) == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
+    assert train.weighted_f1(y, y, 4) == pytest.approx(1.0)
+    # unlike accuracy, predicting the majority class everywhere scores low
+    majority = torch.zeros_like(y)
+    assert (majority == y).float().mean() == 0.5 and train.weighted_f1(majority, y, 4) == pytest.approx(3 / 6 * 2 * 3 / 9)
+
+
+def test_probe_selects_and_reports_by_the_domains_metric():
+    torch.manual_seed(0)
+    w = torch.randn(8, 3)
+    make = lambda n: (lambda f: (f, (f @ w).argmax(1)))(torch.randn(n, 8))  # noqa: E731
+    cfg = train.parse_args(["--probe-epochs", "5"])
+    res = train.linear_probe(make(300), make(100), 3, cfg, test=make(100), metric="weighted_f1")
+    assert set(res) == {"val_acc", "val_f1", "test_acc", "test_f1", "lr", "epoch"}
+    assert 0 < res["test_f1"] <= 1 and 0 < res["val_f1"] <= 1
+    assert set(train.linear_probe(make(300), make(100), 3, cfg, test=make(100))) == {"val_acc", "test_acc", "lr",
+                                                                                     "epoch"}
 
 
 def test_png_is_valid(tmp_path):
@@ -479,7 +502,13 @@ def test_every_domain_pretrains_and_probes_through_train_py(name, tmp_path, monk
     data_dir = write_fake(name, tmp_path / "data", monkeypatch)
     rec = run_main("--domain", name, "--data-dir", data_dir, *TINY, "--max-steps", "2", "--probe-epochs", "1",
                    "--download", "false", "--eval-interval", "0", "--out-dir", tmp_path / "run")
-    assert rec["step"] == 2 and 0 <= rec["test_acc"] <= 1
+    domain = train.data.DOMAINS[name]
+    # a domain with labels is probed itself; a label-free one (LibriSpeech, wafer, Pfam) on its DABS transfer domain
+    key = "test_acc" if domain.num_classes else f"{domain.transfer[0]}_test_acc"
+    assert rec["step"] == 2 and 0 <= rec[key] <= 1
+    if domain.metric == "weighted_f1" or (not domain.num_classes and
+                                          train.data.DOMAINS[domain.transfer[0]].metric == "weighted_f1"):
+        assert 0 <= rec[key.replace("acc", "f1")] <= 1
     log = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
 
@@ -612,3 +641,51 @@ def test_read_only_out_dir_is_refused_before_work(cifar_dir, tmp_path):
                                    "--out-dir", tmp_path / "run"), 2, "not a writable folder")
     finally:
         tmp_path.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- transfer: pretrain on one domain, probe on others
+
+
+def test_transfer_imagenet32_to_cifar10_then_probe_the_checkpoint_alone(tmp_path):
+    make_imagenet32(tmp_path / "data")
+    make_cifar(tmp_path / "data" / "cifar-10-batches-py", rows_per_file=20)
+    base = ["--data-dir", tmp_path / "data", *TINY, "--download", "false", "--probe-epochs", "1"]
+    rec = run_main("--domain", "imagenet32", "--probe-domains", "cifar10", *base, "--max-steps", "2",
+                   "--eval-interval", "0", "--out-dir", tmp_path / "run")
+    assert 0 <= rec["test_acc"] <= 1 and 0 <= rec["cifar10_test_acc"] <= 1  # its own probe, then CIFAR-10's
+    # the same checkpoint probed on CIFAR-10 alone: the same features and the same seeded probe, the same result
+    alone = run_main("--domain", "cifar10", "--eval-only", "ckpt", "--ckpt", tmp_path / "run" / "ckpt.pt", *base,
+                     "--out-dir", tmp_path / "probe")
+    assert (alone["val_acc"], alone["test_acc"]) == (rec["cifar10_val_acc"], rec["cifar10_test_acc"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--probe-domains", "google_speech"], "its inputs (1, 224, 224)"),  # another shape than cifar10's
+    (["--probe-domains", "cifar10,nope"], "unknown --probe-domains entry 'nope'"),
+    (["--domain", "imagenet32", "--probe-domains", "pamap2"], "the model reads one input shape"),
+])
+def test_a_probe_domain_of_another_shape_is_refused(cifar_dir, tmp_path, args, needle):
+    assert_clean_error(run_cli("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path / "r",
+                               *args), 2, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_missing_transfer_dataset_stops_the_run_before_pretraining(cifar_dir, tmp_path):
+    make_imagenet32(tmp_path / "data")  # no CIFAR-10 beside it
+    rc, out, err = run_cli("--domain", "imagenet32", "--probe-domains", "cifar10", "--data-dir", tmp_path / "data",
+                           *TINY, "--download", "false", "--out-dir", tmp_path / "r")
+    assert_clean_error((rc, out, err), 1, "cifar-10-python.tar.gz")
+    assert "step 1" not in out and not (tmp_path / "r" / "ckpt.pt").exists()
+
+
+def test_librispeech_probes_its_transfer_domains_and_a_label_free_domain_is_not_probed(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    for name in ("librispeech", "audio_mnist", "google_speech"):
+        write_fake(name, data_dir, monkeypatch)
+    rec = run_main("--domain", "librispeech", "--probe-domains", "librispeech_transfer,audio_mnist,google_speech",
+                   "--data-dir", data_dir, *TINY, "--max-steps", "1", "--probe-epochs", "1", "--download", "false",
+                   "--eval-interval", "0", "--out-dir", tmp_path / "run")
+    assert "test_acc" not in rec  # no labels: no probe of its own
+    assert all(0 <= rec[f"{d}_test_acc"] <= 1 for d in ("librispeech_transfer", "audio_mnist", "google_speech"))
+    assert_clean_error(run_cli("--domain", "librispeech", "--eval-only", "random", "--probe-domains", "none",
+                               "--data-dir", data_dir, *TINY, "--out-dir", tmp_path / "e"), 2, "has no labels to probe")

@@ -55,6 +55,9 @@ DOMAIN_SET = ("input_shape", "patch_size", "vocab_size")  # model fields that th
 class Config:
     # data
     domain: str = knob("cifar10", "dataset: " + ", ".join(data.DOMAINS))
+    probe_domains: str = knob("", "domains probed after pretraining besides the run's own (which is probed when it has "
+                              "labels), comma-separated, of the same input shape, e.g. cifar10 after imagenet32; "
+                              "default: the domain's DABS transfer targets; 'none': none")
     data_dir: str = knob("./data", "where datasets are downloaded / looked for")
     download: bool = knob(True, "download the dataset when it is missing")
     out_dir: str = knob("", "run folder for checkpoint, log.jsonl and pictures (default runs/<domain>)")
@@ -162,6 +165,34 @@ def parse_args(argv, config_class=Config, doc=__doc__):
     return config_class(**{**PRESETS[preset], **given})
 
 
+def check_probe_domains(cfg, domain):
+    """The transfer domains of --probe-domains (default: the domain's own list, as DABS evaluates it). A model
+    reads one input shape, so each must have the pretraining domain's; each must have labels."""
+    given = cfg.probe_domains
+    names = list(domain.transfer) if given == "" else [] if given == "none" else given.split(",")
+    out = []
+    for name in names:
+        if name not in data.DOMAINS:
+            raise UsageError(f"unknown --probe-domains entry {name!r}; choose among {', '.join(data.DOMAINS)}")
+        d = data.DOMAINS[name]
+        if (d.input_shape, d.patch_size, d.vocab_size) != (domain.input_shape, domain.patch_size, domain.vocab_size):
+            raise UsageError(f"--probe-domains {name}: its inputs {tuple(d.input_shape)} (patches {tuple(d.patch_size)}"
+                             f", vocab {d.vocab_size}) are not {domain.name}'s {tuple(domain.input_shape)} (patches "
+                             f"{tuple(domain.patch_size)}, vocab {domain.vocab_size}): the model reads one input shape")
+        if not d.num_classes:
+            raise UsageError(f"--probe-domains {name} has no labels: it can be pretrained on, not probed")
+        if d != domain and d not in out:
+            out.append(d)
+    return out
+
+
+def probe_targets(cfg, domain):
+    """What a finished run (or --eval-only) probes: its own domain when it has labels, then the transfer domains
+    (cfg.probe_domains as check() resolved it)."""
+    own = [domain] if domain.num_classes else []
+    return own + ([] if cfg.probe_domains == "none" else [data.DOMAINS[n] for n in cfg.probe_domains.split(",")])
+
+
 def check(cfg):
     """Every option is checked here, once, before any work. Returns the config with the domain's defaults
     filled in, the domain, and the model's config."""
@@ -202,6 +233,10 @@ def check(cfg):
         raise UsageError(f"--probe-lrs expects comma-separated numbers, got {cfg.probe_lrs!r}") from None
     if not all(lr > 0 and math.isfinite(lr) for lr in lrs):
         raise UsageError(f"--probe-lrs must be positive finite numbers, got {cfg.probe_lrs!r}")
+    cfg = replace(cfg, probe_domains=",".join(d.name for d in check_probe_domains(cfg, domain)) or "none")
+    if cfg.eval_only and not probe_targets(cfg, domain):
+        raise UsageError(f"{domain.name} has no labels to probe: name labelled domains of its input shape with "
+                         "--probe-domains, or probe with --domain set to one")
     mcfg = MetaMAEConfig(input_shape=tuple(domain.input_shape), patch_size=tuple(domain.patch_size),
                          vocab_size=domain.vocab_size,
                          **{f.name: getattr(cfg, f.name) for f in fields(MetaMAEConfig) if f.name not in DOMAIN_SET})
@@ -402,12 +437,34 @@ def raw_features(x, to_input, vocab_size):
     return F.one_hot(inputs, vocab_size).flatten(1).float() if vocab_size else inputs.flatten(1).float()
 
 
-def linear_probe(train, val, num_classes, cfg, test=None, seed=0):
-    """train/val/test: (features, labels). Returns a dict with the chosen lr/epoch, val and (once) test accuracy."""
+def weighted_f1(pred, y, num_classes):
+    """F1 of each class weighted by its share of the true labels (torchmetrics' and scikit-learn's 'weighted'):
+    DABS's metric for the wafer maps, where 85% are 'none' and accuracy says little. pred, y: (N,) -> float."""
+    true_n = torch.bincount(y, minlength=num_classes).float()  # (C,)
+    pred_n = torch.bincount(pred, minlength=num_classes).float()  # (C,)
+    hits = torch.bincount(y[pred == y], minlength=num_classes).float()  # (C,) true positives
+    f1 = 2 * hits / (true_n + pred_n).clamp_min(1)  # (C,); a class never true nor predicted weighs 0 anyway
+    return ((f1 * true_n).sum() / len(y)).item()
+
+
+def scores(head, x, y, num_classes, metric):
+    """Accuracy, and the domain's metric when it is another: {'acc': ..., 'f1': ...}."""
+    with torch.no_grad():
+        pred = head(x).argmax(1)
+    out = dict(acc=(pred == y).float().mean().item())
+    if metric == "weighted_f1":
+        out["f1"] = weighted_f1(pred, y, num_classes)
+    return out
+
+
+def linear_probe(train, val, num_classes, cfg, test=None, seed=0, metric="accuracy"):
+    """train/val/test: (features, labels). Returns a dict with the lr/epoch chosen on validation by the domain's
+    metric, the validation scores and (once) the test scores: val_acc, test_acc, and val_f1, test_f1 for F1."""
     mean, std = train[0].mean(0), train[0].std(0) + 1e-6  # training statistics only
     norm = lambda f: (f - mean) / std  # noqa: E731
     (xtr, ytr), (xva, yva) = (norm(train[0]), train[1]), (norm(val[0]), val[1])
-    best = dict(val_acc=-1.0)
+    key = "f1" if metric == "weighted_f1" else "acc"  # what selects the lr and the epoch
+    best = dict(score=-1.0)
     for lr in (float(v) for v in cfg.probe_lrs.split(",")):
         g = torch.Generator(device=xtr.device).manual_seed(seed)
         with torch.random.fork_rng(devices=[]):  # the same head init whatever ran before, global RNG untouched
@@ -423,15 +480,14 @@ def linear_probe(train, val, num_classes, cfg, test=None, seed=0):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            with torch.no_grad():
-                acc = (head(xva).argmax(1) == yva).float().mean().item()
-            if acc > best["val_acc"]:
-                best = dict(val_acc=acc, lr=lr, epoch=epoch, state={k: v.clone() for k, v in head.state_dict().items()})
+            val = scores(head, xva, yva, num_classes, metric)
+            if val[key] > best["score"]:
+                best = dict(score=val[key], **{f"val_{k}": v for k, v in val.items()}, lr=lr, epoch=epoch,
+                            state={k: v.clone() for k, v in head.state_dict().items()})
     if test is not None:  # scored once, with the head chosen on validation
         head.load_state_dict(best["state"])
-        with torch.no_grad():
-            best["test_acc"] = (head(norm(test[0])).argmax(1) == test[1]).float().mean().item()
-    best.pop("state")
+        best.update({f"test_{k}": v for k, v in scores(head, norm(test[0]), test[1], num_classes, metric).items()})
+    best.pop("state"), best.pop("score")
     return best
 
 
@@ -445,7 +501,10 @@ def probe(model, splits, domain, cfg, autocast, with_test, mode="model"):
     tr = (ftrain[splits.train_idx], splits.train_y[splits.train_idx])
     va = (ftrain[splits.val_idx], splits.train_y[splits.val_idx])
     te = (feats(splits.test_x), splits.test_y) if with_test else None
-    return linear_probe(tr, va, domain.num_classes, cfg, te, seed=cfg.seed)
+    res = linear_probe(tr, va, domain.num_classes, cfg, te, seed=cfg.seed, metric=domain.metric)
+    res["probe_lr"], res["probe_epoch"] = res.pop("lr"), res.pop("epoch")
+    return res
+
 
 # -----------------------------------------------------------------------------
 # pictures: originals, masked, reconstructions before/after adaptation, amplified difference
@@ -502,6 +561,16 @@ def load_data(cfg, domain, device):
     return splits
 
 
+def probe_all(model, cfg, domain, splits, device, autocast, mode="model"):
+    """The final probes: the run's own domain (when it has labels) with its splits, then each transfer domain,
+    loaded now; each scored on its test split once. Transfer keys carry the domain's name: cifar10_test_acc."""
+    rec = {}
+    for d in probe_targets(cfg, domain):
+        res = probe(model, splits if d == domain else load_data(cfg, d, device), d, cfg, autocast, True, mode)
+        rec.update({(k if d == domain else f"{d.name}_{k}"): v for k, v in res.items()})
+    return rec
+
+
 def evaluate_only(cfg, domain, mcfg, splits, device, autocast, out_dir):
     """--eval-only: probe a checkpoint, a random-init encoder, or the raw inputs; appends to eval.jsonl."""
     torch.manual_seed(cfg.seed)
@@ -516,9 +585,8 @@ def evaluate_only(cfg, domain, mcfg, splits, device, autocast, out_dir):
         load_weights(model, state, path)
     else:
         model = MetaMAE(mcfg).to(device)
-    res = probe(model, splits, domain, cfg, autocast, with_test=True, mode=cfg.eval_only)
-    rec = dict(mode=f"eval-only {cfg.eval_only}", val_acc=res["val_acc"], test_acc=res["test_acc"],
-               probe_lr=res["lr"], probe_epoch=res["epoch"])
+    rec = dict(mode=f"eval-only {cfg.eval_only}", **probe_all(model, cfg, domain, splits, device, autocast,
+                                                                mode=cfg.eval_only))
     log_line(rec)
     with open(out_dir / "eval.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -612,12 +680,12 @@ def pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir):
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
                 t0, step_at_t0 = time.time(), step
-            if master and cfg.eval_interval and step % cfg.eval_interval == 0 and not last:  # validation only
+            if master and cfg.eval_interval and step % cfg.eval_interval == 0 and not last and domain.num_classes:
                 if len(domain.input_shape) == 3:
                     reconstruction_grid(raw_model, domain.to_input(splits.train_x[splits.val_idx[:8]]),
                                         out_dir / f"reconstructions_{step}.png")
                 res = probe(raw_model, splits, domain, cfg, autocast, with_test=False)
-                print(f"step {step} | probe val_acc {res['val_acc']:.4f} (lr {res['lr']}, epoch {res['epoch']})")
+                print(f"step {step} | probe val_acc {res['val_acc']:.4f} (lr {res['probe_lr']}, epoch {res['probe_epoch']})")
                 log_file.write(json.dumps(dict(step=step, probe_val_acc=res["val_acc"])) + "\n")
                 t0, step_at_t0 = time.time(), step  # the probe's time is not the training's
             if master and (ckpt_now or last):
@@ -629,7 +697,7 @@ def pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir):
     if world > 1:
         check_ranks_in_sync(raw_model, world, master)
     if master:
-        return finish(cfg, domain, raw_model, splits, autocast, out_dir, log_file, step, t_start)
+        return finish(cfg, domain, raw_model, splits, device, autocast, out_dir, log_file, step, t_start)
 
 
 def nonfinite_cause(splits):
@@ -659,17 +727,15 @@ def diagnose(model, x, to_input, batch, autocast):
     return {f"val_{k}": (v / len(starts)).item() for k, v in sums.items()}
 
 
-def finish(cfg, domain, model, splits, autocast, out_dir, log_file, step, t_start):
-    """The last record of a run; a finished run (step == max_steps) is probed with the test split, once."""
+def finish(cfg, domain, model, splits, device, autocast, out_dir, log_file, step, t_start):
+    """The last record of a run; a finished run (step == max_steps) is probed with the test splits, once."""
     rec = dict(step=step, train_minutes=(time.time() - t_start) / 60)
     if step == cfg.max_steps:
         rec.update(diagnose(model, splits.train_x[splits.val_idx], domain.to_input, cfg.batch_size, autocast))
         if len(domain.input_shape) == 3:
             rec["adapt_max_pixel_change"] = reconstruction_grid(model, domain.to_input(splits.train_x[splits.val_idx[:8]]),
                                                                 out_dir / f"reconstructions_{step}.png")
-        res = probe(model, splits, domain, cfg, autocast, with_test=True)
-        rec.update(val_acc=res["val_acc"], test_acc=res["test_acc"], probe_lr=res["lr"], probe_epoch=res["epoch"],
-                   total_minutes=(time.time() - t_start) / 60)
+        rec.update(probe_all(model, cfg, domain, splits, device, autocast), total_minutes=(time.time() - t_start) / 60)
     log_line(rec)
     log_file.write(json.dumps(rec) + "\n")
     log_file.close()
@@ -700,6 +766,8 @@ def run(cfg):
     out_dir = prepare_out_dir(cfg)
     device, rank, world, autocast = setup_device(cfg)
     splits = load_data(cfg, domain, device)
+    for d in probe_targets(cfg, domain)[1 if domain.num_classes else 0:]:  # a missing or broken transfer dataset
+        d.load(Path(cfg.data_dir), cfg.download)  # stops the run now (and builds its cache), not after pretraining
     if cfg.eval_only:
         return evaluate_only(cfg, domain, mcfg, splits, device, autocast, out_dir)
     return pretrain(cfg, domain, mcfg, splits, device, rank, world, autocast, out_dir)
