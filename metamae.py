@@ -157,11 +157,9 @@ class Tokenizer(nn.Module):
         if x.is_floating_point() == (cfg.modality == "tokens"):  # values are floats, token ids integers
             want = "integer ids" if cfg.modality == "tokens" else "floating point (scale integer pixels first)"
             raise ValueError(f"MetaMAE: {cfg.modality} input must be {want}, got {x.dtype}")
-        if cfg.modality != "tokens":
-            x = x.to(self.proj.weight.dtype)
+        x = x if cfg.modality == "tokens" else x.to(self.proj.weight.dtype)
         if cfg.modality == "image":  # MAE's patch order: (ph, pw, C)
-            ph, pw = cfg.patch_size
-            return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=ph, p2=pw)
+            return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=cfg.patch_size[0], p2=cfg.patch_size[1])
         if cfg.modality == "series":
             return rearrange(x, "b c (n p) -> b n (p c)", p=cfg.patch_size[0])
         return x.unsqueeze(-1) if cfg.modality == "tabular" else x.long()  # (B, F, 1), or (B, L) token ids
