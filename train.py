@@ -766,7 +766,7 @@ def run(cfg):
     out_dir = prepare_out_dir(cfg)
     device, rank, world, autocast = setup_device(cfg)
     splits = load_data(cfg, domain, device)
-    for d in probe_targets(cfg, domain)[1 if domain.num_classes else 0:]:  # a missing or broken transfer dataset
+    for d in (d for d in probe_targets(cfg, domain) if d != domain):  # a missing or broken transfer dataset
         d.load(Path(cfg.data_dir), cfg.download)  # stops the run now (and builds its cache), not after pretraining
     if cfg.eval_only:
         return evaluate_only(cfg, domain, mcfg, splits, device, autocast, out_dir)
