@@ -9,8 +9,7 @@ Speed and memory of one training step: MAE vs MetaMAE first and second order, th
 It takes every option of train.py (the model, the domain's input shape and batch, --dtype, --compile,
 --cuda-graph) plus the three below, and times the very step that training runs (train.make_step). The
 three variants run interleaved, so that a noisy shared machine slows all of them alike; it prints medians
-and ratios to MAE, and minutes per 100k steps (the paper's budget). `python train.py --bench ...` is the
-same command.
+and ratios to MAE, and minutes per 100k steps (the paper's budget).
 """
 
 import statistics
@@ -21,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+import cli
 import train
+from cli import UsageError, knob
 from metamae import MetaMAE
-from train import UsageError, knob
 
 
 @dataclass
@@ -48,11 +48,11 @@ def peak_memory_mb(device, reset=False):
 
 def bench(cfg):
     """Times the training step of MAE, first-order and second-order MetaMAE; returns their figures by name."""
-    cfg, domain, mcfg = train.check(cfg)
+    cfg, domain, _, mcfg = train.check(cfg)
     if cfg.bench_steps <= 0 or cfg.bench_repeats <= 0:
         raise UsageError(f"--bench-steps and --bench-repeats must be positive, got {cfg.bench_steps}, "
                          f"{cfg.bench_repeats}")
-    device, _, _, autocast = train.setup_device(cfg)
+    device, autocast = cli.device_and_precision(cfg)
     B = cfg.batch_size
     if cfg.bench_data:
         pool = domain.load(Path(cfg.data_dir), cfg.download).train_x.to(device)
@@ -86,7 +86,7 @@ def bench(cfg):
                 run["mem"] = max(run["mem"], peak_memory_mb(device))
     print(f"bench: {cfg.domain} {tuple(mcfg.input_shape)}, {mcfg.num_tokens} tokens, mask {mcfg.mask_ratio}, batch {B}, "
           f"width {mcfg.embed_dim} depth {mcfg.depth}, decoder {mcfg.decoder_embed_dim}x{mcfg.decoder_depth}, "
-          f"{device}, {train.precision(autocast)}, threads {torch.get_num_threads()}, compile {cfg.compile}, "
+          f"{device}, {cli.precision(autocast)}, threads {torch.get_num_threads()}, compile {cfg.compile}, "
           f"cuda graph {cfg.cuda_graph}, median of {cfg.bench_repeats} x {cfg.bench_steps} steps")
     mem_kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
     print(f"{'model':<20}{'ms/step':>10}{'samples/s':>12}{'x MAE':>8}{'min/100k steps':>16}{mem_kind + ' MB':>24}")
@@ -101,8 +101,8 @@ def bench(cfg):
 
 
 def main(argv=None):
-    with train.one_line_errors():
-        bench(train.parse_args(sys.argv[1:] if argv is None else argv, BenchConfig, __doc__))
+    with cli.one_line_errors():
+        bench(cli.parse_args(sys.argv[1:] if argv is None else argv, BenchConfig, __doc__, train.PRESETS))
 
 
 if __name__ == "__main__":

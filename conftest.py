@@ -7,21 +7,27 @@ the way the originals were (protocol-2 pickles from Python 2, so bytes keys and 
 through `wave`, PAMAP2's .dat text with NaN gaps, gzip CSV, a TSV inside a zip, JSON arrays, and what
 README.md's one-time conversions write (LibriSpeech's WAV beside each FLAC, the wafer maps' .npz). Each
 writer returns what the loader must give back. `write_fake(name, data_dir, monkeypatch)` writes any domain's fake,
-e.g. for one training step per domain. Nothing here touches the network or writes into /work/shared/data.
+e.g. for one training step per domain. Last, what the command-line tests share: `run_cli` runs a script as a
+user would, `assert_clean_error` checks the one-line promise, `tiny_model` is a model small enough for
+step-by-step checks. Nothing here touches the network or writes into shared/data.
 """
 import gzip
 import hashlib
 import json
 import math
+import os
 import pickle
 import random
 import struct
+import subprocess
+import sys
 import wave
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import data
 from data import DataError
@@ -369,3 +375,58 @@ def write_fake(name, data_dir, monkeypatch):
     if name == 'higgs':
         serve(monkeypatch, 'HIGGS', Path(data_dir) / 'HIGGS.csv.gz')
     return Path(data_dir)
+
+
+# -----------------------------------------------------------------------------
+# the commands as a user runs them, and a tiny model: shared by the tests of train.py, probe.py, bench.py and
+# cuda_graph.py
+
+HERE = Path(__file__).resolve().parent
+REAL_DATA = HERE.parent / 'shared' / 'data'  # the real samples, where this checkout has them
+TINY = ("--embed-dim 32 --depth 1 --num-heads 2 --decoder-embed-dim 16 --decoder-depth 1 --decoder-num-heads 2 "
+        "--batch-size 8 --probe-epochs 2 --log-interval 1 --warmup-steps 2 --threads 1").split()
+
+
+def run_cli(script, *args, cwd=HERE, timeout=300):
+    """python <script> as a user runs it; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_clean_error(result, code, *needles):
+    """What the README promises of bad input: exit code `code`, one line on stderr, no traceback."""
+    rc, out, err = result
+    assert rc == code, (rc, out, err)
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def tiny_model(**kw):
+    import metamae  # noqa: the data tests need no model
+    torch.manual_seed(0)
+    return metamae.MetaMAE(metamae.MetaMAEConfig(input_shape=(3, 16, 16), patch_size=(4, 4), embed_dim=32, depth=1,
+                                                 num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                                                 decoder_num_heads=2, **kw))
+
+
+def train_losses(model, opt, cfg, lrs, x, lr_tensor=None):
+    """train.py's steps at the given lrs, set as Python floats, or by filling lr_tensor as GraphedStep does."""
+    import cli
+    import train
+    autocast = cli.device_and_precision(cfg)[1]
+    step = train.make_step(model, opt, cfg, autocast)
+    out = []
+    for i, lr in enumerate(lrs):
+        torch.manual_seed(i)  # the same masks and dropout in every run
+        if lr_tensor is None:
+            out.append(step(x, lr)[0].item())
+        else:
+            lr_tensor.fill_(lr)
+            out.append(train.train_step(model, opt, x, cfg, autocast)[0].item())
+    return out

@@ -1,12 +1,13 @@
 """
 DABS datasets in their genuine on-disk formats: download, verify, parse, preprocess.
 
-The file reads top to bottom: what a dataset is (Splits, Domain) and the model inputs, then the shared
-helpers (download and verify, extract, cache, split, parse), then one section per domain. Every section
-has the same shape: a header comment (what the data is, where it comes from, its format and quirks, how
-it is split), the constants (URL, size, md5 or sha256), its reader(s), `load_<domain>(data_dir, download)
--> Splits`, and the `Domain` saying what the model sees. To add a domain, copy the CIFAR-10 section,
-adapt it, and add its Domain to DOMAINS at the bottom.
+The file reads top to bottom: what a dataset is (Splits, Domain), the model inputs and how datasets are
+split, then one section per domain (CIFAR-10 first), then DOMAINS, the registry train.py reads, and last
+the machinery the sections call (download and verify, extract, cache), which a reader of a domain can skip.
+Every section has the same shape: a header comment (what the data is, where it comes from, its format and
+quirks, how it is split), the constants (URL, size, md5 or sha256), its reader(s), `load_<domain>(data_dir,
+download) -> Splits`, and the `Domain` saying what the model sees. To add a domain, copy the CIFAR-10
+section, adapt it, and add its Domain to DOMAINS.
 
 Notable choices:
 - Splits hold compact CPU tensors (uint8 images). `Domain.to_input` turns a batch into model input
@@ -15,9 +16,9 @@ Notable choices:
 - Test split = the official test split, which is what MetaMAE reports on; tables without one are split
   as DABS splits them (`seeded_split`). `train_val_split` carves a fixed validation set out of train for
   anything that must not look at test.
-- Nothing appears complete before it is: archives are streamed to a temporary name, checked (size + md5
-  or sha256) and renamed into place; they are extracted into a temporary folder that is renamed into
-  place; caches are written under temporary names and renamed. What is written gets the permissions of
+- Nothing appears complete before it is: every file is written through `atomic_file` (a temporary name,
+  renamed into place when complete: archives after their size + md5 or sha256 check, caches, and train.py's
+  checkpoints and pictures); archives are extracted into a temporary folder that is renamed into place. What is written gets the permissions of
   any new file (0644 / 0755 under the usual umask), not tempfile's private 0600 / 0700, so a data folder
   can be shared. Archive members that would land outside their folder are refused.
 - Pickles are read with an allow-list (numpy arrays only): unpickling can run code, and a folder
@@ -113,205 +114,12 @@ def as_token_ids(x: torch.Tensor) -> torch.Tensor:
     """Stored uint8 token ids -> int64, on x's device (what nn.Embedding takes)."""
     return x.long()
 
-
 # -----------------------------------------------------------------------------
-# shared helpers: download, verify, extract (each written under a temporary name, then renamed)
+# how a dataset is split, and the one-line message of an error
 
-def _oneline(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An exception as one line, 'Type: message', for the project's one-line errors (train.py, probe.py too)."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
-
-
-def _temp_beside(path: Path, folder: bool = False) -> Path:
-    """A new temporary file (or folder) next to `path`, to be renamed to `path` once complete: the rename is
-    atomic (same filesystem), so `path` never appears half-written.
-
-    tempfile makes it private (0600 / 0700), which the rename would keep; it gets the permissions of any
-    new file instead (0644 / 0755 under the usual umask 022), so that others can read a shared data folder."""
-    if folder:
-        tmp = tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
-    else:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
-        os.close(fd)
-    umask = os.umask(0)  # the only way to read the umask is to set it, so set it straight back
-    os.umask(umask)
-    os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)
-    return Path(tmp)
-
-
-def _check(path: Path, size, digest):
-    """None if `path` has the expected size and md5 (32 hex digits) or sha256 (64) digest, else what is wrong
-    (got vs expected). A size or digest of None is not checked: some sources publish neither."""
-    got = path.stat().st_size
-    if size is not None and got != size:  # cheap, and catches the usual truncated download before hashing
-        return f"size {got:,} bytes, expected {size:,}"
-    if digest is None:
-        return None
-    algo = 'md5' if len(digest) == 32 else 'sha256'
-    h = hashlib.new(algo, usedforsecurity=False)  # an integrity check, so allowed on FIPS systems too
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    if h.hexdigest() != digest:
-        return f"{algo} {h.hexdigest()}, expected {digest}"
-    return None
-
-
-def fetch_archive(url: str, path: Path, size, digest, download: bool, folder: str) -> Path:
-    """Make sure `path` holds the verified archive from `url`; download it only if it is absent."""
-    extracted = f" or the extracted {folder}/" if folder else ""  # folder None: the file is used as it is
-    place = (f"place {path.name} (from {url}){extracted} in {path.parent}, "
-             f"or pass --data-dir with the folder that holds them")
-    if path.exists():  # already downloaded, or placed by hand: verify, never overwrite
-        problem = _check(path, size, digest)
-        if problem:
-            raise DataError(f"{path} is not the expected archive ({problem}): delete it and run again to "
-                            f"re-download it, or place a good copy from {url}")
-        return path
-    if not download:
-        raise DataError(f"{f'{folder}/' if folder else path.name} not found in {path.parent} and downloading is off: "
-                        f"{place}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)  # `path` only ever appears complete and verified
-    try:
-        print(f"downloading {url} ({f'{size / 1e6:.0f} MB' if size else 'size not published'}) to {path}")
-        try:
-            with open(tmp, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
-                shutil.copyfileobj(r, f, 1 << 20)
-        except OSError as e:  # URLError, HTTPError, timeouts, resets, disk full: all OSErrors
-            raise DataError(f"could not download {url} ({_oneline(e)}): {place}") from e
-        problem = _check(tmp, size, digest)
-        if problem:
-            raise DataError(f"downloaded {path.name} failed verification ({problem}) and was deleted: "
-                            f"run again, or {place}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone after os.replace; otherwise leave nothing behind
-    return path
-
-
-def _escapes(name: str) -> bool:
-    # absolute, or with a '..' part: could land outside the target folder
-    return name.startswith('/') or '..' in name.split('/')
-
-
-def _tar_member_unsafe(m: tarfile.TarInfo) -> bool:
-    # Datasets need only files and folders. Links are refused even when they point inside: a link
-    # through a link ('a/l1' -> '..', then 'a/l1/l2' -> '..') escapes although every path looks inside.
-    return _escapes(m.name) or not (m.isfile() or m.isdir())
-
-
-def _refuse(archive: Path, target: Path, bad: list):
-    if bad:
-        raise DataError(f"refusing to extract {archive}: member {bad[0]!r} could land outside {target} (absolute "
-                        f"path, '..', a link or a device); delete it and download it again from the official source")
-
-
-def extract_archive(archive: Path, target: Path):
-    """Extract a .tar(.gz) or .zip into the folder `target`, all or nothing, refusing members that
-    would land outside it. The archive may hold the folder itself (cifar-10-batches-py/...) or its files."""
-    print(f"extracting {archive} to {target}")
-    tmp = _temp_beside(target, folder=True)
-    try:
-        try:
-            if archive.suffix == '.zip':
-                with zipfile.ZipFile(archive) as z:  # zipfile writes links as plain files: names suffice
-                    _refuse(archive, target, [n for n in z.namelist() if _escapes(n)])
-                    z.extractall(tmp)
-            else:
-                with tarfile.open(archive) as t:
-                    _refuse(archive, target, [m.name for m in t.getmembers() if _tar_member_unsafe(m)])
-                    # the 'data' filter (Python >= 3.11.4) checks again while writing: a backstop
-                    t.extractall(tmp, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
-            raise DataError(f"cannot extract {archive} ({_oneline(e)}): delete it and download it again") from e
-        top = list(tmp.iterdir())
-        src = top[0] if len(top) == 1 and top[0].name == target.name and top[0].is_dir() else tmp
-        try:
-            os.replace(src, target)
-        except OSError:
-            if not target.is_dir():  # else another process got there first, which is fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def fetch_and_extract(url: str, archive_name: str, size, digest, download: bool, folder: Path) -> Path:
-    """The dataset's folder: used as it is when there (no network, no hashing), else its archive is
-    fetched (or found in place), verified and extracted safely into it."""
-    if not folder.is_dir():
-        extract_archive(fetch_archive(url, folder.parent / archive_name, size, digest, download, folder.name), folder)
-    return folder
-
-
-# -----------------------------------------------------------------------------
-# shared helpers: caches and splits
-
-def _npy_header(dtype, shape: tuple) -> bytes:
-    b = io.BytesIO()
-    np.lib.format.write_array_header_1_0(b, {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                             'fortran_order': False, 'shape': shape})
-    return b.getvalue()
-
-
-def _read_cache(path: Path, dtype, row_shape: tuple) -> np.ndarray:
-    fix = "delete it and run again to rebuild it"
-    try:
-        a = np.load(path, mmap_mode='c')  # memory-mapped copy-on-write: read when used, never written
-    except (ValueError, OSError, EOFError) as e:  # not a .npy, a bad header, fewer bytes than the header says
-        raise DataError(f"{path} is a truncated or unreadable cache ({_oneline(e)}): {fix}") from None
-    if a.dtype != dtype or a.shape[1:] != row_shape or a.ndim != 1 + len(row_shape):
-        raise DataError(f"{path} holds {a.dtype} {a.shape}, expected {np.dtype(dtype)} (N, "
-                        f"{', '.join(map(str, row_shape))}): it is no cache of this loader; {fix}")
-    return a
-
-
-def _write_cache(files: dict, parse: Callable):
-    """Stream parse()'s chunks into the .npy `files`, which appear, renamed into place in order, only once all
-    are complete. The row count is known only at the end, so each header is written for 0 rows first and
-    rewritten: numpy pads it to the same size whatever the count, which the assert checks."""
-    chunks = iter(parse())
-    first = next(chunks, None)  # before any file is made: parse() may fetch the data, and make its folder
-    tmps = [_temp_beside(path) for path in files]
-    try:
-        with contextlib.ExitStack() as stack:
-            outs = [stack.enter_context(open(tmp, 'wb')) for tmp in tmps]
-            specs, counts = list(files.values()), [0] * len(files)
-            for f, (dtype, row_shape) in zip(outs, specs):
-                f.write(_npy_header(dtype, (0, *row_shape)))
-            for part in itertools.chain([] if first is None else [first], chunks):
-                for i, (f, (dtype, row_shape), a) in enumerate(zip(outs, specs, part)):
-                    assert a.shape[1:] == row_shape, (a.shape, row_shape)
-                    f.write(np.ascontiguousarray(a, dtype).tobytes())
-                    counts[i] += len(a)
-            for f, (dtype, row_shape), n in zip(outs, specs, counts):
-                header = _npy_header(dtype, (n, *row_shape))
-                assert len(header) == len(_npy_header(dtype, (0, *row_shape)))
-                f.seek(0)
-                f.write(header)
-        for tmp, path in zip(tmps, files):
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)  # gone after os.replace; otherwise leave nothing behind
-
-
-def cached_arrays(files: dict, parse: Callable, rows: int = None) -> list:
-    """The arrays of the .npy `files` ({path: (dtype, shape of one row)}), memory-mapped; built first from
-    parse() if one is missing, or if they do not hold `rows` rows (when given: a stale cache).
-
-    parse() yields tuples of chunks, one chunk of rows per file: a dataset can exceed the memory, so the
-    chunks are streamed to disk. A file missing means an interrupted build; a file that does not read as
-    the array it should hold is a DataError that says to delete it."""
-    if all(path.exists() for path in files):
-        arrays = [_read_cache(path, *spec) for path, spec in files.items()]
-        if len({len(a) for a in arrays}) > 1:
-            raise DataError(f"{' and '.join(map(str, files))} hold different row counts, so they are not one "
-                            f"cache: delete them and run again to rebuild them")
-        if rows is None or len(arrays[0]) == rows:
-            return arrays
-    print(f"parsing into {' and '.join(map(str, files))} (once; later runs memory-map it)")
-    _write_cache(files, parse)
-    return [_read_cache(path, *spec) for path, spec in files.items()]
 
 
 def seeded_split(n: int, what) -> tuple[np.ndarray, np.ndarray]:
@@ -324,6 +132,11 @@ def seeded_split(n: int, what) -> tuple[np.ndarray, np.ndarray]:
     if n - n_train < 1:
         raise DataError(f"{what}: {n} rows leave none for the test split: delete it and download it again")
     return perm[:n_train], perm[n_train:]
+
+
+def split_rows(x: torch.Tensor, y: torch.Tensor, n_train: int) -> Splits:
+    """Rows of one array, train rows first: the first n_train are the train split, the rest the test split."""
+    return Splits(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
 
 
 def label_free(train_x: torch.Tensor) -> Splits:
@@ -346,9 +159,17 @@ def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[torch
     n_val = round(n * val_frac)
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
-
 # -----------------------------------------------------------------------------
-# shared helpers: parse (pickled images, letters to tokens, streamed JSON)
+# CIFAR-10: 32x32 RGB photos, 10 classes, 50k train / 10k test.
+# Source: the official python archive (md5 published), extracted to cifar-10-batches-py/.
+# Format: data_batch_1..5 and test_batch, pickles in the CIFAR plane layout (read_image_batch).
+# Split: the official train / test. MetaMAE uses the images as they are: 32x32 in [0, 1], patch 4.
+
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+CIFAR10_SIZE = 170_498_071
+CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
+
+
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     # what a pickled numpy array needs (numpy 1 and 2 names; _codecs for Python-3 protocol-2 bytes)
@@ -375,7 +196,7 @@ def read_image_batch(path: Path, num_classes: int, first_label: int = 0):
     except FileNotFoundError:
         raise DataError(f"{path} is missing: {fix}") from None
     except Exception as e:  # UnpicklingError, EOFError (truncated), ValueError, ...: a broken file
-        raise DataError(f"{path} is corrupt or truncated ({_oneline(e)}): {fix}") from e
+        raise DataError(f"{path} is corrupt or truncated ({one_line(e)}): {fix}") from e
     # CIFAR-10 has bytes keys (Python 2); the ImageNet32 pickles have str keys (Python 3)
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()} if isinstance(d, dict) else {}
     x, y = d.get('data'), np.asarray(d.get('labels'))
@@ -396,78 +217,6 @@ def to_splits(train: list, test: list) -> Splits:
     def cat(batches, i):
         return torch.from_numpy(np.concatenate([b[i] for b in batches]))
     return Splits(cat(train, 0), cat(train, 1), cat(test, 0), cat(test, 1))
-
-
-def _tokenize(text: bytes, alphabet: str, width: int, what: str, first: int = 0) -> np.ndarray:
-    """Concatenated sequences of `width` letters -> uint8 (N, width) token ids (index in `alphabet`).
-    `first`: the number of the first sequence, for messages."""
-    table = np.full(256, 255, np.uint8)
-    table[np.frombuffer(alphabet.encode(), np.uint8)] = np.arange(len(alphabet))
-    ids = table[np.frombuffer(text, np.uint8)]
-    bad = np.flatnonzero(ids == 255)
-    if len(bad):
-        raise DataError(f"{what}: sequence {first + bad[0] // width} has the letter {chr(text[bad[0]])!r}, which is "
-                        f"not one of {alphabet}: the file is not the expected dataset; delete it and download it again")
-    return ids.reshape(-1, width)
-
-
-def iter_json_array(path: Path, chunk_chars: int = 1 << 22):
-    """Yield the elements of the JSON array in `path` one at a time, never holding the whole file.
-
-    json.JSONDecoder.raw_decode parses one element from a buffer of `chunk_chars` characters. An element
-    cut by the buffer's end fails to parse and is tried again with the next chunk appended; a margin
-    of unread text is kept ahead so that no number can be cut short and still parse."""
-    decoder = json.JSONDecoder()
-    fix = "the file is not the expected dataset or is truncated: delete it and download it again"
-    with open(path, encoding='utf-8') as f:
-        buf, pos, n, expect, eof = '', 0, 0, '[', False  # expect: '[', 'element', or ',' (or ']')
-
-        def read_more():
-            nonlocal buf, pos, eof
-            if len(buf) - pos > 1 << 28:  # a syntax error must not read the whole file into memory
-                raise DataError(f"{path}: element {n} is over 256 MB, so it is no dataset record: {fix}")
-            more = f.read(chunk_chars)
-            buf, pos, eof = buf[pos:] + more, 0, not more
-
-        while True:
-            if len(buf) - pos < 1 << 16 and not eof:
-                read_more()
-                continue
-            while pos < len(buf) and buf[pos] in ' \t\r\n':
-                pos += 1
-            if pos == len(buf):
-                if eof:
-                    raise DataError(f"{path}: the JSON array ends early, after {n} elements: {fix}")
-            elif expect == '[' and buf[pos] == '[':
-                pos, expect = pos + 1, 'element'
-            elif buf[pos] == ']' and (expect == ',' or expect == 'element' and n == 0):
-                return
-            elif expect == ',' and buf[pos] == ',':
-                pos, expect = pos + 1, 'element'
-            elif expect == 'element':
-                try:
-                    obj, pos = decoder.raw_decode(buf, pos)
-                except json.JSONDecodeError:
-                    if eof:
-                        raise DataError(f"{path}: element {n} is not valid JSON: {fix}") from None
-                    read_more()
-                    continue
-                yield obj
-                n, expect = n + 1, ','
-            else:
-                raise DataError(f"{path}: expected {expect!r} after element {n}, found {buf[pos]!r}: {fix}")
-
-
-# -----------------------------------------------------------------------------
-# CIFAR-10: 32x32 RGB photos, 10 classes, 50k train / 10k test.
-# Source: the official python archive (md5 published), extracted to cifar-10-batches-py/.
-# Format: data_batch_1..5 and test_batch, pickles in the CIFAR plane layout (read_image_batch).
-# Split: the official train / test. MetaMAE uses the images as they are: 32x32 in [0, 1], patch 4.
-
-CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-CIFAR10_SIZE = 170_498_071
-CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
-
 
 def load_cifar10(data_dir: Path, download: bool) -> Splits:
     folder = fetch_and_extract(CIFAR10_URL, 'cifar-10-python.tar.gz', CIFAR10_SIZE, CIFAR10_MD5, download,
@@ -541,12 +290,12 @@ def read_wav(path: Path, sample_rate: int, fix: str = "delete it and download th
             raw = w.readframes(n)
     except wave.Error as e:
         if 'unknown format: 65534' not in str(e):  # WAVE_FORMAT_EXTENSIBLE: Python < 3.12's wave refuses it
-            raise DataError(f"{path} is not a PCM wav file ({_oneline(e)}): {fix}") from None
+            raise DataError(f"{path} is not a PCM wav file ({one_line(e)}): {fix}") from None
         channels, width, rate, n, raw = _read_wav_extensible(path)
     except EOFError:  # the wave module's word for a file that ends inside its header, or is empty
         raise DataError(f"{path} is empty or cut short inside its header ({path.stat().st_size} bytes): {fix}") from None
     except OSError as e:
-        raise DataError(f"{path} is unreadable ({_oneline(e)}): {fix}") from None
+        raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     if width != 2:
         raise DataError(f"{path} has {8 * width}-bit samples, expected 16-bit PCM: {fix}")
     if rate != sample_rate:  # the dataset's clips all have one rate; a file with another was not among them
@@ -640,8 +389,7 @@ def speech_splits(train: list, test: list, labels: list, sample_rate: int, mean:
     else:
         x, = cached_arrays({cache: (np.float16, (1, N_MELS, N_FRAMES))}, batches, rows=len(files))
     x, y = torch.from_numpy(x), torch.tensor(labels, dtype=torch.int64)
-    return Splits(x[:len(train)], y[:len(train)], x[len(train):], y[len(train):])
-
+    return split_rows(x, y, len(train))
 
 # -----------------------------------------------------------------------------
 # Google Speech Commands v0.02: 105,829 one-second clips (16 kHz) of 35 words, plus 6 long recordings in
@@ -675,7 +423,7 @@ def speech_commands_splits(root: Path, cache: Path = None, fix: str = None) -> S
         try:
             lists[name] = set((root / name).read_text().split())
         except OSError as e:
-            raise DataError(f"{root / name} is missing or unreadable ({_oneline(e)}): it comes with the dataset; "
+            raise DataError(f"{root / name} is missing or unreadable ({one_line(e)}): it comes with the dataset; "
                             f"{refetch}") from None
     for f in files:
         if f.split('/')[0].lower() not in GOOGLE_SPEECH_WORDS:
@@ -912,7 +660,7 @@ def read_pamap2(path: Path):
     except FileNotFoundError:
         raise DataError(f"{path} is missing: {fix}") from None
     except ValueError as e:  # a row with another number of columns, or a value that is no number
-        raise DataError(f"{path} is not a PAMAP2 .dat file ({_oneline(e)}): {fix}") from None
+        raise DataError(f"{path} is not a PAMAP2 .dat file ({one_line(e)}): {fix}") from None
     if a.shape[1] != 54:
         raise DataError(f"{path} has {a.shape[1]} columns, expected 54: {fix}")
     activity = a[:, 1]
@@ -972,7 +720,7 @@ def read_higgs(path: Path) -> np.ndarray:
         with gzip.open(path, 'rt') as f:
             a = np.loadtxt(f, delimiter=',', dtype=np.float32, ndmin=2)
     except (ValueError, EOFError, OSError, zlib.error) as e:  # a bad row; a truncated or corrupt gzip
-        raise DataError(f"{path} is not the HIGGS csv.gz ({_oneline(e)}): {fix}") from None
+        raise DataError(f"{path} is not the HIGGS csv.gz ({one_line(e)}): {fix}") from None
     if a.shape[1] != 29:
         raise DataError(f"{path} has {a.shape[1]} columns, expected 29 (label + 28 features): {fix}")
     if not np.isin(a[:, 0], (0, 1)).all():
@@ -991,7 +739,7 @@ def load_higgs(data_dir: Path, download: bool) -> Splits:
     a, = cached_arrays({cache: (np.float32, (29,))}, parse)
     n_train = len(seeded_split(len(a), cache)[0])  # the cache holds the train rows, then the test rows
     a = torch.from_numpy(a)
-    return Splits(a[:n_train, 1:], a[:n_train, 0].long(), a[n_train:, 1:], a[n_train:, 0].long())
+    return split_rows(a[:, 1:], a[:, 0].long(), n_train)
 
 
 HIGGS = Domain(name='higgs', input_shape=(28,), patch_size=(), vocab_size=0, num_classes=2,
@@ -1010,6 +758,19 @@ GENOMICS_GENERA = ['Bacillus', 'Burkholderia', 'Clostridium', 'Escherichia', 'My
                    'Salmonella', 'Staphylococcus', 'Streptococcus', 'Yersinia']  # TFDS's labels 0-9
 GENOMICS_LENGTH = 250
 
+
+
+def _tokenize(text: bytes, alphabet: str, width: int, what: str, first: int = 0) -> np.ndarray:
+    """Concatenated sequences of `width` letters -> uint8 (N, width) token ids (index in `alphabet`).
+    `first`: the number of the first sequence, for messages."""
+    table = np.full(256, 255, np.uint8)
+    table[np.frombuffer(alphabet.encode(), np.uint8)] = np.arange(len(alphabet))
+    ids = table[np.frombuffer(text, np.uint8)]
+    bad = np.flatnonzero(ids == 255)
+    if len(bad):
+        raise DataError(f"{what}: sequence {first + bad[0] // width} has the letter {chr(text[bad[0]])!r}, which is "
+                        f"not one of {alphabet}: the file is not the expected dataset; delete it and download it again")
+    return ids.reshape(-1, width)
 
 def read_genomics(archive: Path, member: str = 'before_2011_in_tr.txt'):
     """The TSV `member` of the genomics_ood zip -> (tokens uint8 (N, 250), labels int64 (N,))."""
@@ -1035,7 +796,7 @@ def read_genomics(archive: Path, member: str = 'before_2011_in_tr.txt'):
                     seqs.append(row['seq'])
                     labels.append(genus[row['label']])
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, csv.Error, UnicodeDecodeError) as e:
-        raise DataError(f"{archive} is not a readable zip of text files ({_oneline(e)}): {fix}") from None
+        raise DataError(f"{archive} is not a readable zip of text files ({one_line(e)}): {fix}") from None
     text = ''.join(seqs).encode('ascii', 'replace')
     return _tokenize(text, 'ACGT', GENOMICS_LENGTH, f"{archive}: {member}"), np.array(labels, np.int64)
 
@@ -1059,6 +820,53 @@ GENOMICS = Domain(name='genomics', input_shape=(GENOMICS_LENGTH,), patch_size=()
 AMINO_ACIDS = 'XARNDCQEGHILKMFPSTWYVUOBZJ'
 PROTEIN_LENGTH = 128
 
+
+
+def iter_json_array(path: Path, chunk_chars: int = 1 << 22):
+    """Yield the elements of the JSON array in `path` one at a time, never holding the whole file.
+
+    json.JSONDecoder.raw_decode parses one element from a buffer of `chunk_chars` characters. An element
+    cut by the buffer's end fails to parse and is tried again with the next chunk appended; a margin
+    of unread text is kept ahead so that no number can be cut short and still parse."""
+    decoder = json.JSONDecoder()
+    fix = "the file is not the expected dataset or is truncated: delete it and download it again"
+    with open(path, encoding='utf-8') as f:
+        buf, pos, n, expect, eof = '', 0, 0, '[', False  # expect: '[', 'element', or ',' (or ']')
+
+        def read_more():
+            nonlocal buf, pos, eof
+            if len(buf) - pos > 1 << 28:  # a syntax error must not read the whole file into memory
+                raise DataError(f"{path}: element {n} is over 256 MB, so it is no dataset record: {fix}")
+            more = f.read(chunk_chars)
+            buf, pos, eof = buf[pos:] + more, 0, not more
+
+        while True:
+            if len(buf) - pos < 1 << 16 and not eof:
+                read_more()
+                continue
+            while pos < len(buf) and buf[pos] in ' \t\r\n':
+                pos += 1
+            if pos == len(buf):
+                if eof:
+                    raise DataError(f"{path}: the JSON array ends early, after {n} elements: {fix}")
+            elif expect == '[' and buf[pos] == '[':
+                pos, expect = pos + 1, 'element'
+            elif buf[pos] == ']' and (expect == ',' or expect == 'element' and n == 0):
+                return
+            elif expect == ',' and buf[pos] == ',':
+                pos, expect = pos + 1, 'element'
+            elif expect == 'element':
+                try:
+                    obj, pos = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError:
+                    if eof:
+                        raise DataError(f"{path}: element {n} is not valid JSON: {fix}") from None
+                    read_more()
+                    continue
+                yield obj
+                n, expect = n + 1, ','
+            else:
+                raise DataError(f"{path}: expected {expect!r} after element {n}, found {buf[pos]!r}: {fix}")
 
 def protein_chunks(path: Path, label_key: str, size: int = 1 << 16):
     """Yield (tokens uint8 (n, 128), labels int64 (n,)) chunks of a TAPE JSON file, never holding the whole file."""
@@ -1087,7 +895,6 @@ def read_proteins(path: Path, label_key: str):
     """A small TAPE JSON file -> (tokens uint8 (N, 128), labels int64 (N,)), in memory."""
     chunks = list(protein_chunks(path, label_key))
     return np.concatenate([x for x, _ in chunks]), np.concatenate([y for _, y in chunks])
-
 
 # -----------------------------------------------------------------------------
 # Pfam: ~32M protein domains labelled with their clan.
@@ -1146,7 +953,7 @@ def load_pfam_transfer(data_dir: Path, download: bool) -> Splits:
                         f"have: delete {folder} and download it again")
     x = torch.from_numpy(x[rows])
     y = torch.from_numpy(y)
-    return Splits(x[:len(train)], y[:len(train)], x[len(train):], y[len(train):])
+    return split_rows(x, y, len(train))
 
 
 PFAM = Domain(name='pfam', input_shape=(PROTEIN_LENGTH,), patch_size=(), vocab_size=len(AMINO_ACIDS),
@@ -1229,7 +1036,7 @@ def wafer_npz(path: Path, keys: tuple) -> list:
                                 f"{WAFER_REDO}")
             return [z[k] for k in keys]
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path} is truncated or no .npz ({_oneline(e)}): {WAFER_REDO}") from None
+        raise DataError(f"{path} is truncated or no .npz ({one_line(e)}): {WAFER_REDO}") from None
 
 
 def _wafer_ints(path: Path, name: str, a: np.ndarray, shape: tuple, lo: int, hi: int) -> np.ndarray:
@@ -1349,7 +1156,7 @@ def load_wafer_transfer(data_dir: Path, download: bool) -> Splits:
     rows = np.concatenate([train, test])
     x = torch.from_numpy(wafer_cache(path, data_dir / 'wafer.labelled.32x32.npy', rows))
     y = torch.from_numpy(label[rows])
-    return Splits(x[:len(train)], y[:len(train)], x[len(train):], y[len(train):])
+    return split_rows(x, y, len(train))
 
 
 WAFER = Domain(name='wafer', input_shape=(3, WAFER_SIZE, WAFER_SIZE), patch_size=(4, 4), vocab_size=0, num_classes=0,
@@ -1369,3 +1176,199 @@ def get_domain(name: str) -> Domain:
     if name not in DOMAINS:
         raise DataError(f"unknown domain {name!r}: choose one of {', '.join(DOMAINS)}")
     return DOMAINS[name]
+
+# -----------------------------------------------------------------------------
+# the machinery the sections call: download, verify, extract, cache (each file written under a temporary
+# name, then renamed)
+
+def _temp_beside(path: Path, folder: bool = False) -> Path:
+    """A new temporary file (or folder) next to `path`, with a name no other process uses, to be renamed to
+    `path` once complete: the rename is atomic (same filesystem), so `path` never appears half-written.
+
+    tempfile makes it private (0600 / 0700), which the rename would keep; it gets the permissions of any
+    new file instead (0644 / 0755 under the usual umask 022), so that others can read a shared data folder."""
+    if folder:
+        tmp = tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
+    else:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
+        os.close(fd)
+    umask = os.umask(0)  # the only way to read the umask is to set it, so set it straight back
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """The project's one way to write a file: `with atomic_file(path) as tmp:` write tmp; when the block ends
+    without an error, tmp is renamed to `path`, else deleted. A kill or an error (a full disk, a failed
+    check) leaves `path` as it was: the old checkpoint, cache or archive, or none."""
+    tmp = _temp_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after os.replace; otherwise leave nothing behind
+
+
+def _check(path: Path, size, digest):
+    """None if `path` has the expected size and md5 (32 hex digits) or sha256 (64) digest, else what is wrong
+    (got vs expected). A size or digest of None is not checked: some sources publish neither."""
+    got = path.stat().st_size
+    if size is not None and got != size:  # cheap, and catches the usual truncated download before hashing
+        return f"size {got:,} bytes, expected {size:,}"
+    if digest is None:
+        return None
+    algo = 'md5' if len(digest) == 32 else 'sha256'
+    h = hashlib.new(algo, usedforsecurity=False)  # an integrity check, so allowed on FIPS systems too
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    if h.hexdigest() != digest:
+        return f"{algo} {h.hexdigest()}, expected {digest}"
+    return None
+
+
+def fetch_archive(url: str, path: Path, size, digest, download: bool, folder: str) -> Path:
+    """Make sure `path` holds the verified archive from `url`; download it only if it is absent."""
+    extracted = f" or the extracted {folder}/" if folder else ""  # folder None: the file is used as it is
+    place = (f"place {path.name} (from {url}){extracted} in {path.parent}, "
+             f"or pass --data-dir with the folder that holds them")
+    if path.exists():  # already downloaded, or placed by hand: verify, never overwrite
+        problem = _check(path, size, digest)
+        if problem:
+            raise DataError(f"{path} is not the expected archive ({problem}): delete it and run again to "
+                            f"re-download it, or place a good copy from {url}")
+        return path
+    if not download:
+        raise DataError(f"{f'{folder}/' if folder else path.name} not found in {path.parent} and downloading is off: "
+                        f"{place}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:  # `path` only ever appears complete and verified
+        print(f"downloading {url} ({f'{size / 1e6:.0f} MB' if size else 'size not published'}) to {path}")
+        try:
+            with open(tmp, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
+                shutil.copyfileobj(r, f, 1 << 20)
+        except OSError as e:  # URLError, HTTPError, timeouts, resets, disk full: all OSErrors
+            raise DataError(f"could not download {url} ({one_line(e)}): {place}") from e
+        problem = _check(tmp, size, digest)
+        if problem:
+            raise DataError(f"downloaded {path.name} failed verification ({problem}) and was deleted: "
+                            f"run again, or {place}")
+    return path
+
+
+def _escapes(name: str) -> bool:
+    # absolute, or with a '..' part: could land outside the target folder
+    return name.startswith('/') or '..' in name.split('/')
+
+
+def _tar_member_unsafe(m: tarfile.TarInfo) -> bool:
+    # Datasets need only files and folders. Links are refused even when they point inside: a link
+    # through a link ('a/l1' -> '..', then 'a/l1/l2' -> '..') escapes although every path looks inside.
+    return _escapes(m.name) or not (m.isfile() or m.isdir())
+
+
+def _refuse(archive: Path, target: Path, bad: list):
+    if bad:
+        raise DataError(f"refusing to extract {archive}: member {bad[0]!r} could land outside {target} (absolute "
+                        f"path, '..', a link or a device); delete it and download it again from the official source")
+
+
+def extract_archive(archive: Path, target: Path):
+    """Extract a .tar(.gz) or .zip into the folder `target`, all or nothing, refusing members that
+    would land outside it. The archive may hold the folder itself (cifar-10-batches-py/...) or its files."""
+    print(f"extracting {archive} to {target}")
+    tmp = _temp_beside(target, folder=True)
+    try:
+        try:
+            if archive.suffix == '.zip':
+                with zipfile.ZipFile(archive) as z:  # zipfile writes links as plain files: names suffice
+                    _refuse(archive, target, [n for n in z.namelist() if _escapes(n)])
+                    z.extractall(tmp)
+            else:
+                with tarfile.open(archive) as t:
+                    _refuse(archive, target, [m.name for m in t.getmembers() if _tar_member_unsafe(m)])
+                    # the 'data' filter (Python >= 3.11.4) checks again while writing: a backstop
+                    t.extractall(tmp, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+            raise DataError(f"cannot extract {archive} ({one_line(e)}): delete it and download it again") from e
+        top = list(tmp.iterdir())
+        src = top[0] if len(top) == 1 and top[0].name == target.name and top[0].is_dir() else tmp
+        try:
+            os.replace(src, target)
+        except OSError:
+            if not target.is_dir():  # else another process got there first, which is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch_and_extract(url: str, archive_name: str, size, digest, download: bool, folder: Path) -> Path:
+    """The dataset's folder: used as it is when there (no network, no hashing), else its archive is
+    fetched (or found in place), verified and extracted safely into it."""
+    if not folder.is_dir():
+        extract_archive(fetch_archive(url, folder.parent / archive_name, size, digest, download, folder.name), folder)
+    return folder
+
+
+def _npy_header(dtype, shape: tuple) -> bytes:
+    b = io.BytesIO()
+    np.lib.format.write_array_header_1_0(b, {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             'fortran_order': False, 'shape': shape})
+    return b.getvalue()
+
+
+def _read_cache(path: Path, dtype, row_shape: tuple) -> np.ndarray:
+    fix = "delete it and run again to rebuild it"
+    try:
+        a = np.load(path, mmap_mode='c')  # memory-mapped copy-on-write: read when used, never written
+    except (ValueError, OSError, EOFError) as e:  # not a .npy, a bad header, fewer bytes than the header says
+        raise DataError(f"{path} is a truncated or unreadable cache ({one_line(e)}): {fix}") from None
+    if a.dtype != dtype or a.shape[1:] != row_shape or a.ndim != 1 + len(row_shape):
+        raise DataError(f"{path} holds {a.dtype} {a.shape}, expected {np.dtype(dtype)} (N, "
+                        f"{', '.join(map(str, row_shape))}): it is no cache of this loader; {fix}")
+    return a
+
+
+def _write_cache(files: dict, parse: Callable):
+    """Stream parse()'s chunks into the .npy `files`, which appear, renamed into place, only once all are
+    complete. The row count is known only at the end, so each header is written for 0 rows first and
+    rewritten: numpy pads it to the same size whatever the count, which the assert checks."""
+    chunks = iter(parse())
+    first = next(chunks, None)  # before any file is made: parse() may fetch the data, and make its folder
+    with contextlib.ExitStack() as stack:  # the files are renamed into place when the stack closes, all or none
+        tmps = [stack.enter_context(atomic_file(path)) for path in files]
+        outs = [stack.enter_context(open(tmp, 'wb')) for tmp in tmps]  # closed before the renames
+        specs, counts = list(files.values()), [0] * len(files)
+        for f, (dtype, row_shape) in zip(outs, specs):
+            f.write(_npy_header(dtype, (0, *row_shape)))
+        for part in itertools.chain([] if first is None else [first], chunks):
+            for i, (f, (dtype, row_shape), a) in enumerate(zip(outs, specs, part)):
+                assert a.shape[1:] == row_shape, (a.shape, row_shape)
+                f.write(np.ascontiguousarray(a, dtype).tobytes())
+                counts[i] += len(a)
+        for f, (dtype, row_shape), n in zip(outs, specs, counts):
+            header = _npy_header(dtype, (n, *row_shape))
+            assert len(header) == len(_npy_header(dtype, (0, *row_shape)))
+            f.seek(0)
+            f.write(header)
+
+
+def cached_arrays(files: dict, parse: Callable, rows: int = None) -> list:
+    """The arrays of the .npy `files` ({path: (dtype, shape of one row)}), memory-mapped; built first from
+    parse() if one is missing, or if they do not hold `rows` rows (when given: a stale cache).
+
+    parse() yields tuples of chunks, one chunk of rows per file: a dataset can exceed the memory, so the
+    chunks are streamed to disk. A file missing means an interrupted build; a file that does not read as
+    the array it should hold is a DataError that says to delete it."""
+    if all(path.exists() for path in files):
+        arrays = [_read_cache(path, *spec) for path, spec in files.items()]
+        if len({len(a) for a in arrays}) > 1:
+            raise DataError(f"{' and '.join(map(str, files))} hold different row counts, so they are not one "
+                            f"cache: delete them and run again to rebuild them")
+        if rows is None or len(arrays[0]) == rows:
+            return arrays
+    print(f"parsing into {' and '.join(map(str, files))} (once; later runs memory-map it)")
+    _write_cache(files, parse)
+    return [_read_cache(path, *spec) for path, spec in files.items()]

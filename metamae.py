@@ -43,7 +43,7 @@ from einops import rearrange
 # configuration
 
 
-@dataclass
+@dataclass(frozen=True)  # frozen: a model keeps its config, so nobody can change it under the model's feet
 class MetaMAEConfig:
     # input: (C, H, W) images/spectrograms with patch (ph, pw); (C, T) series with patch (p,);
     # (L,) integer tokens with vocab_size > 0; (F,) tabular features with vocab_size = 0.
@@ -68,6 +68,9 @@ class MetaMAEConfig:
     contrast_weight: float = 0.1
     temperature: float = 0.5
     proj_dim: int = 128
+
+    def __post_init__(self):  # checked once, when made; dataclasses.replace(cfg, ...) makes (and checks) a new one
+        self.validate()
 
     @property
     def modality(self):
@@ -227,6 +230,7 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
     def forward(self, x, p=0.0):  # (B, L, D); p: dropout after attention, after GELU, after fc2 (timm's places)
+        # the caller passes p (the encoder's cfg.dropout in training, 0 otherwise): .eval() alone does not turn it off
         x = x + F.dropout(self.attn(self.norm1(x)), p)
         h = F.dropout(F.gelu(self.fc1(self.norm2(x))), p)  # (B, L, mlp_ratio * D)
         return x + F.dropout(self.fc2(h), p)
@@ -370,8 +374,7 @@ class Task(NamedTuple):
 class MetaMAE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg  # frozen and checked when made (MetaMAEConfig.__post_init__)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         if cfg.contrast_weight > 0:  # PyTorch's default init, as in their code
@@ -382,10 +385,6 @@ class MetaMAE(nn.Module):
     def make_task(self, x, noise=None):
         """Tokens, mask and support set of a batch x; noise (B, N) fixes the mask (None: drawn)."""
         cfg = self.cfg
-        cfg.validate()  # again: a config changed after the model was built (mask_ratio 0.99) would give NaN
-        if cfg.inner_steps and torch.is_inference_mode_enabled():
-            raise RuntimeError("MetaMAE's inner loop takes a gradient: call it outside torch.inference_mode "
-                               "(torch.no_grad works); encode() works under either")
         target = self.encoder.tokenizer.patchify(x)  # (B, N, P) or (B, N)
         B, N = target.shape[:2]
         if noise is None:
@@ -406,7 +405,10 @@ class MetaMAE(nn.Module):
         """The inner loop: Z* = Z - inner_lr * grad_Z(B * loss_support), inner_steps times, the gradient
         taken through the decoder. pred = decode(Z), which the caller has made for the MAE loss.
         Returns Z* (B, 1+n, D) and decode(Z*)."""
-        for _ in range(self.cfg.inner_steps if self.cfg.inner_lr else 0):  # inner_lr 0: Z* = Z, no work
+        steps = self.cfg.inner_steps if self.cfg.inner_lr else 0  # inner_lr 0: Z* = Z, no work
+        if steps and not torch.is_grad_enabled():
+            return self.adapt_without_grad(z, task)
+        for _ in range(steps):
             support_loss = recon_loss(pred, task.target, task.support)
             # B * the batch mean: each sample takes its own step, whatever the batch size. Second order
             # keeps the gradient's graph, so the outer loss trains through the adaptation too.
@@ -415,20 +417,34 @@ class MetaMAE(nn.Module):
             pred = self.decode(z, task.ids_restore)
         return z, pred
 
+    def adapt_without_grad(self, z, task):
+        """adapt() for a caller under torch.no_grad (evaluation): the step is a gradient all the same, so it
+        is taken on a graph of its own, from a detached Z, and what it returns is detached."""
+        if torch.is_inference_mode_enabled():  # its tensors can never enter a graph
+            raise RuntimeError("MetaMAE's inner loop takes a gradient: call it outside torch.inference_mode "
+                               "(torch.no_grad works); encode() works under either")
+        with torch.enable_grad():
+            z = z.detach().requires_grad_()
+            z_star, pred_star = self.adapt(z, self.decode(z, task.ids_restore), task)
+        return z_star.detach(), pred_star.detach()
+
+    def contrast(self, z, z_star):
+        """SimCLR's NT-Xent between the mean-pooled Z and Z* of each input, through the projector; returns
+        (loss, mean positive cosine, mean negative cosine)."""
+        if self.training and len(z) < 2:  # BatchNorm in train mode, and a negative, need two inputs
+            raise ValueError("MetaMAE: the contrastive loss needs at least 2 inputs per batch in train mode "
+                             "(negatives, and the projector's BatchNorm statistics); got 1")
+        # each view through the projector on its own, so each has its own BatchNorm statistics
+        a = F.normalize(self.projector(z[:, 1:].mean(dim=1)), dim=-1)  # (B, proj_dim)
+        b = F.normalize(self.projector(z_star[:, 1:].mean(dim=1)), dim=-1)  # (B, proj_dim)
+        return (nt_xent(a, b, self.cfg.temperature), *contrast_cosines(a.detach(), b.detach()))
+
     def forward(self, x, noise=None):
         """x: a batch in the input layout; noise: (B, N) to fix the mask. Returns (loss, logs), detached: the
         query loss from Z ('amortized'); with adaptation the support loss before it, the query loss from Z*
         ('adapted'), 'shift' = mean ||Z* - Z|| / ||Z||; with the contrastive loss its value and the mean
         cosines of positive and negative pairs ('pos_cos', 'neg_cos': alignment vs uniformity)."""
         cfg = self.cfg
-        if cfg.contrast_weight > 0 and self.training and len(x) < 2:
-            raise ValueError("MetaMAE: the contrastive loss needs at least 2 inputs per batch in train mode "
-                             "(negatives, and the projector's BatchNorm statistics); got 1")
-        if cfg.inner_steps and not torch.is_grad_enabled():
-            # the inner step is a gradient: evaluating the loss without one still needs autograd
-            with torch.enable_grad():
-                loss, logs = self(x, noise)
-            return loss.detach(), logs
         task = self.make_task(x, noise)
         z = self.encoder(task.target, task.ids_keep, cfg.dropout if self.training else 0.0)  # amortized latent
         pred = self.decode(z, task.ids_restore)  # (B, N, P): the reconstruction from Z
@@ -441,12 +457,8 @@ class MetaMAE(nn.Module):
         logs = dict(amortized=amortized.detach(), support=recon_loss(pred.detach(), task.target, task.support),
                     adapted=loss.detach(), shift=shift.mean().detach())
         if cfg.contrast_weight > 0:
-            # each view through the projector on its own, so each has its own BatchNorm statistics
-            a = F.normalize(self.projector(z[:, 1:].mean(dim=1)), dim=-1)  # (B, proj_dim)
-            b = F.normalize(self.projector(z_star[:, 1:].mean(dim=1)), dim=-1)  # (B, proj_dim)
-            contrast = nt_xent(a, b, cfg.temperature)
-            logs["contrast"] = contrast.detach()
-            logs["pos_cos"], logs["neg_cos"] = contrast_cosines(a.detach(), b.detach())
+            contrast, pos_cos, neg_cos = self.contrast(z, z_star)
+            logs.update(contrast=contrast.detach(), pos_cos=pos_cos, neg_cos=neg_cos)
             loss = loss + cfg.contrast_weight * contrast
         return loss, logs
 
@@ -455,14 +467,14 @@ class MetaMAE(nn.Module):
         """Features for linear probing: all tokens, no dropout, mean of the patch tokens. (B, embed_dim)"""
         return self.encoder(self.encoder.tokenizer.patchify(x))[:, 1:].mean(dim=1)
 
+    @torch.no_grad()
     def reconstruct(self, x, noise=None):
         """Predictions from Z ('amortized') and Z* ('adapted') in the input's layout, and the mask (B, N)."""
-        with torch.enable_grad():  # the inner loop takes a gradient, even when the caller takes none
-            task = self.make_task(x, noise)
-            z = self.encoder(task.target, task.ids_keep)
-            pred = self.decode(z, task.ids_restore)
-            pred_star = self.adapt(z, pred, task)[1]  # pred itself without inner steps
+        task = self.make_task(x, noise)
+        z = self.encoder(task.target, task.ids_keep)
+        pred = self.decode(z, task.ids_restore)
+        pred_star = self.adapt(z, pred, task)[1]  # pred itself without inner steps
         tok = self.encoder.tokenizer
-        out = {k: p.argmax(-1) if self.cfg.modality == "tokens" else tok.unpatchify(p.detach())
+        out = {k: p.argmax(-1) if self.cfg.modality == "tokens" else tok.unpatchify(p)
                for k, p in (("amortized", pred), ("adapted", pred_star))}
         return dict(mask=task.mask, **out)

@@ -1,0 +1,359 @@
+"""
+Linear evaluation of a frozen encoder, as DABS and MetaMAE evaluate: train.py calls it at the end of a run,
+and it runs on its own.
+
+    python probe.py --domain cifar10 --ckpt runs/cifar10/ckpt.pt        # a pretrained encoder
+    python probe.py --domain cifar10 --ckpt runs/imagenet32/ckpt.pt     # transfer: a checkpoint of another domain
+    python probe.py --domain cifar10 --baseline random                  # a fresh encoder (the paper's backbone) ...
+    python probe.py --domain cifar10 --baseline random --ckpt runs/cifar10/ckpt.pt   # ... or shaped like a checkpoint's
+    python probe.py --domain cifar10 --baseline raw                     # the floor: a linear probe on the inputs
+
+The protocol: features of the frozen encoder (`model.encode`: eval mode, no masking, mean of the patch tokens)
+are computed once and standardized with training statistics (random-init features are nearly collinear
+without it); a linear classifier is trained on them with AdamW (weight decay 1e-4, batch 64, 100 epochs) at
+each learning rate of --probe-lrs. The learning rate and the epoch are chosen on a fixed-seed validation split
+carved out of the training split (whole speakers or users where the data have them); the test split is
+scored once, at the very end. A domain whose metric is weighted F1 (the wafer maps) is selected by it.
+The file also holds what else a finished run reports about its model: the held-out logs and the pictures.
+"""
+
+import dataclasses
+import json
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import cli
+import data
+from cli import RunError, UsageError, knob
+from metamae import MetaMAE, MetaMAEConfig
+
+# -----------------------------------------------------------------------------
+# the knobs of any command that reads a domain and probes: train.py's Config starts from these
+
+
+@dataclass
+class Knobs:
+    # data
+    domain: str = knob("cifar10", "dataset: " + ", ".join(data.DOMAINS))
+    probe_domains: str = knob("", "domains probed besides the run's own (which is probed when it has labels), "
+                              "comma-separated, of the same input shape, e.g. cifar10 after imagenet32; default: "
+                              "the domain's DABS transfer targets; 'none': none")
+    data_dir: str = knob("./data", "where datasets are downloaded / looked for")
+    download: bool = knob(True, "download the dataset when it is missing")
+    out_dir: str = knob("", "run folder (default runs/<domain>)")
+    seed: int = knob(0, "random seed")
+    # system
+    device: str = knob("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = knob("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'float32' or 'bfloat16'")
+    threads: int = knob(0, "CPU threads (0: PyTorch's default)")
+    # the linear probe
+    probe_epochs: int = knob(100, "linear-probe epochs")
+    probe_lrs: str = knob("1e-3,1e-4", "linear-probe learning rates, chosen on validation")
+    probe_batch_size: int = knob(64, "linear-probe batch size")
+    probe_weight_decay: float = knob(1e-4, "linear-probe weight decay")
+    val_frac: float = knob(0.1, "fraction of the training split held out (fixed seed) for probe selection")
+
+
+def check_knobs(cfg):
+    """The checks of Knobs, before any work. Returns the domain and the domains a finished run probes: its own
+    when it has labels, then the transfer domains of --probe-domains (default: the domain's own list, as DABS
+    evaluates it), each of the domain's input shape (a model reads one) and with labels."""
+    if cfg.domain not in data.DOMAINS:
+        raise UsageError(f"unknown --domain {cfg.domain!r}; choose one of {', '.join(data.DOMAINS)}")
+    domain = data.DOMAINS[cfg.domain]
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise UsageError(f"--dtype must be 'auto', 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.split(":")[0] == "cuda"):
+        raise UsageError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    if Path(cfg.data_dir).exists() and not Path(cfg.data_dir).is_dir():
+        raise UsageError(f"--data-dir {cfg.data_dir} is a file, not a folder")
+    for name in ("probe_epochs", "probe_batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {cfg.threads}")
+    if not 0 < cfg.val_frac < 1:
+        raise UsageError(f"--val-frac must be in (0, 1), got {cfg.val_frac}")
+    try:
+        lrs = [float(v) for v in cfg.probe_lrs.split(",")]
+    except ValueError:
+        raise UsageError(f"--probe-lrs expects comma-separated numbers, got {cfg.probe_lrs!r}") from None
+    if not all(0 < lr < float("inf") for lr in lrs):
+        raise UsageError(f"--probe-lrs must be positive finite numbers, got {cfg.probe_lrs!r}")
+    names = list(domain.transfer) if cfg.probe_domains == "" else [] if cfg.probe_domains == "none" else \
+        cfg.probe_domains.split(",")
+    targets = [domain] if domain.num_classes else []
+    for name in names:
+        if name not in data.DOMAINS:
+            raise UsageError(f"unknown --probe-domains entry {name!r}; choose among {', '.join(data.DOMAINS)}")
+        d = data.DOMAINS[name]
+        if (d.input_shape, d.patch_size, d.vocab_size) != (domain.input_shape, domain.patch_size, domain.vocab_size):
+            raise UsageError(f"--probe-domains {name}: its inputs {tuple(d.input_shape)} (patches {tuple(d.patch_size)}"
+                             f", vocab {d.vocab_size}) are not {domain.name}'s {tuple(domain.input_shape)} (patches "
+                             f"{tuple(domain.patch_size)}, vocab {domain.vocab_size}): the model reads one input shape")
+        if not d.num_classes:
+            raise UsageError(f"--probe-domains {name} has no labels: it can be pretrained on, not probed")
+        if d not in targets:
+            targets.append(d)
+    return domain, targets
+
+# -----------------------------------------------------------------------------
+# checkpoints, as train.py writes them: read with weights_only, so that nothing in one is executed
+
+
+def load_checkpoint(path, mcfg=None):
+    """Returns (state, its MetaMAEConfig); with mcfg, refuses a checkpoint of another model."""
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}; train first, or pass --out-dir / --ckpt of an existing run")
+    try:  # weights_only: a checkpoint is data; unpickling anything else could run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = MetaMAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
+    except Exception as e:
+        raise RunError(f"checkpoint {path} is unreadable or not a checkpoint of this project "
+                       f"({data.one_line(e)[:140]}); delete it or point --ckpt elsewhere") from None
+    if mcfg is not None and saved != mcfg:
+        diff = [f for f, v in vars(mcfg).items() if getattr(saved, f) != v]
+        raise RunError(f"checkpoint {path} was trained with a different model ({', '.join(diff)}); "
+                       "use the same options, or another --out-dir")
+    return state, saved
+
+
+def load_weights(model, state, path):
+    """The checkpoint's weights into model; a missing, mis-shaped or non-finite weight is one line."""
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise RunError(f"checkpoint {path} does not hold this model's weights ({' '.join(str(e).split())[:300]})") \
+            from None
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RunError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); it cannot be probed or "
+                       "resumed: use an earlier checkpoint")
+
+# -----------------------------------------------------------------------------
+# the linear probe: frozen features, standardized, AdamW, lr and epoch chosen on validation
+
+
+@torch.no_grad()
+def features(model, x, to_input, autocast, batch=256):
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        with autocast():
+            out.append(model.encode(to_input(x[i:i + batch])).float())
+    return torch.cat(out)
+
+
+def raw_features(x, to_input, vocab_size):
+    """The floor a learned encoder must beat: inputs as vectors (one-hot for token ids)."""
+    inputs = to_input(x)
+    return F.one_hot(inputs, vocab_size).flatten(1).float() if vocab_size else inputs.flatten(1).float()
+
+
+def weighted_f1(pred, y, num_classes):
+    """F1 of each class weighted by its share of the true labels (torchmetrics' and scikit-learn's 'weighted'):
+    DABS's metric for the wafer maps, where 85% are 'none' and accuracy says little. pred, y: (N,) -> float."""
+    true_n = torch.bincount(y, minlength=num_classes).float()  # (C,)
+    pred_n = torch.bincount(pred, minlength=num_classes).float()  # (C,)
+    hits = torch.bincount(y[pred == y], minlength=num_classes).float()  # (C,) true positives
+    f1 = 2 * hits / (true_n + pred_n).clamp_min(1)  # (C,); a class never true nor predicted weighs 0 anyway
+    return ((f1 * true_n).sum() / len(y)).item()
+
+
+def scores(head, x, y, num_classes, metric):
+    """Accuracy, and the domain's metric when it is another: {'acc': ..., 'f1': ...}."""
+    with torch.no_grad():
+        pred = head(x).argmax(1)
+    out = dict(acc=(pred == y).float().mean().item())
+    if metric == "weighted_f1":
+        out["f1"] = weighted_f1(pred, y, num_classes)
+    return out
+
+
+def linear_probe(train, val, num_classes, cfg, test=None, seed=0, metric="accuracy"):
+    """train/val/test: (features, labels). Returns a dict with the lr/epoch chosen on validation by the domain's
+    metric, the validation scores and (once) the test scores: val_acc, test_acc, and val_f1, test_f1 for F1."""
+    mean, std = train[0].mean(0), train[0].std(0) + 1e-6  # training statistics only
+    norm = lambda f: (f - mean) / std  # noqa: E731
+    (xtr, ytr), (xva, yva) = (norm(train[0]), train[1]), (norm(val[0]), val[1])
+    key = "f1" if metric == "weighted_f1" else "acc"  # what selects the lr and the epoch
+    best = dict(score=-1.0)
+    for lr in (float(v) for v in cfg.probe_lrs.split(",")):
+        g = torch.Generator(device=xtr.device).manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the same head init whatever ran before, global RNG untouched
+            torch.manual_seed(seed)
+            head = torch.nn.Linear(xtr.shape[1], num_classes).to(xtr.device)
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.probe_weight_decay)
+        for epoch in range(1, cfg.probe_epochs + 1):
+            perm = torch.randperm(len(xtr), generator=g, device=xtr.device)
+            # drop_last, as DABS, but a split smaller than a batch still gets one step
+            for i in range(0, max(len(perm) - cfg.probe_batch_size, 0) + 1, cfg.probe_batch_size):
+                idx = perm[i:i + cfg.probe_batch_size]
+                loss = F.cross_entropy(head(xtr[idx]), ytr[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            val = scores(head, xva, yva, num_classes, metric)
+            if val[key] > best["score"]:
+                best = dict(score=val[key], **{f"val_{k}": v for k, v in val.items()}, lr=lr, epoch=epoch,
+                            state={k: v.clone() for k, v in head.state_dict().items()})
+    if test is not None:  # scored once, with the head chosen on validation
+        head.load_state_dict(best["state"])
+        best.update({f"test_{k}": v for k, v in scores(head, norm(test[0]), test[1], num_classes, metric).items()})
+    best.pop("state"), best.pop("score")
+    return best
+
+# -----------------------------------------------------------------------------
+# a domain's data, and its probe
+
+
+class Data(NamedTuple):
+    """A domain's splits on the run's device, and the probe's fixed-seed carve-out of the training split."""
+    splits: data.Splits
+    train_idx: torch.Tensor  # (n_train,) rows of splits.train_x the probe trains on
+    val_idx: torch.Tensor    # (n_val,) rows it selects its lr and epoch on (and a run's held-out logs)
+
+
+def load_data(cfg, domain, device):
+    splits = domain.load(Path(cfg.data_dir), cfg.download)
+    # small datasets live on the accelerator and are batched there: no workers, no per-sample Python
+    splits = dataclasses.replace(splits, **{k: getattr(splits, k).to(device) for k in ("train_x", "train_y", "test_x",
+                                                                                       "test_y")})
+    return Data(splits, *(i.to(device) for i in data.train_val_split(len(splits.train_x), cfg.val_frac)))
+
+
+def probe(featurize, d, domain, cfg, with_test):
+    """Linear probe on featurize(inputs) of one domain's data; the test split only when with_test (once, at a
+    run's end)."""
+    s = d.splits
+    ftrain = featurize(s.train_x)
+    tr = (ftrain[d.train_idx], s.train_y[d.train_idx])
+    va = (ftrain[d.val_idx], s.train_y[d.val_idx])
+    te = (featurize(s.test_x), s.test_y) if with_test else None
+    res = linear_probe(tr, va, domain.num_classes, cfg, te, seed=cfg.seed, metric=domain.metric)
+    res["probe_lr"], res["probe_epoch"] = res.pop("lr"), res.pop("epoch")
+    return res
+
+
+def evaluate(model, cfg, targets, datasets, autocast):
+    """The final probes of a model (None: the raw inputs) on each target domain, each scored on its test split
+    once. The first target's keys are plain (test_acc); the others carry their name (cifar10_test_acc) unless
+    it is the run's own domain."""
+    rec = {}
+    for d in targets:
+        if model is None:
+            featurize = lambda x: raw_features(x, d.to_input, d.vocab_size)  # noqa: E731
+        else:
+            featurize = lambda x: features(model, x, d.to_input, autocast)  # noqa: E731
+        res = probe(featurize, datasets[d.name], d, cfg, with_test=True)
+        rec.update({(k if d.name == cfg.domain else f"{d.name}_{k}"): v for k, v in res.items()})
+    return rec
+
+# -----------------------------------------------------------------------------
+# what else a finished run reports about its model: the logs on held-out inputs, and pictures
+
+
+def diagnose(model, x, to_input, batch, autocast):
+    """The model's logs (losses, shift, cosines) on held-out inputs, averaged over batches of the training
+    size: a steadier read than one training batch. Eval mode (no dropout, BatchNorm's running statistics);
+    the masks come from a fixed seed and the global RNG is left as it was."""
+    model.eval()
+    sums, starts = {}, range(0, max(len(x) - batch, 0) + 1, batch)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(0)
+        for i in starts:
+            with autocast():
+                logs = model(to_input(x[i:i + batch]))[1]
+            sums = {k: sums.get(k, 0.0) + v.float() for k, v in logs.items()}
+    return {f"val_{k}": (v / len(starts)).item() for k, v in sums.items()}
+
+
+def write_png(path, img):
+    """img: uint8 (H, W, 3). A minimal PNG (stdlib zlib), written atomically."""
+    h, w, _ = img.shape
+    raw = b"".join(b"\x00" + row.tobytes() for row in img)
+
+    def chunk(tag, payload):
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    with data.atomic_file(path) as tmp:
+        tmp.write_bytes(png)
+
+
+@torch.no_grad()
+def reconstruction_grid(model, x, path):
+    """Rows: originals, masked inputs, reconstructions from Z, from Z*, and |Z* recon - Z recon| amplified."""
+    model.eval()
+    rec = model.reconstruct(x)
+    mcfg = model.cfg
+    (ph, pw), (gh, gw) = mcfg.patch_size, mcfg.grid
+    pixel_mask = rec["mask"].view(-1, 1, gh, gw).repeat_interleave(ph, 2).repeat_interleave(pw, 3)  # (B, 1, H, W)
+    diff = (rec["adapted"] - rec["amortized"]).abs()
+    rows = [x, x * (1 - pixel_mask), rec["amortized"], rec["adapted"], diff / diff.amax().clamp_min(1e-12)]
+    lo, hi = x.amin(), x.amax()  # one intensity scale for all rows but the difference
+    rows = [((r - lo) / (hi - lo)).clamp(0, 1) if i < 4 else r for i, r in enumerate(rows)]
+    grid = torch.cat([torch.cat(list(r.float().cpu()), dim=2) for r in rows], dim=1)  # (C, 5H, B*W)
+    grid = grid.expand(3, -1, -1) if grid.shape[0] == 1 else grid[:3]
+    grid = grid.repeat_interleave(3, 1).repeat_interleave(3, 2) if x.shape[-1] <= 64 else grid  # small inputs x3
+    write_png(path, (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    return diff.amax().item()
+
+# -----------------------------------------------------------------------------
+# python probe.py: a checkpoint, a fresh encoder or the raw inputs, probed; the record is appended to eval.jsonl
+
+
+@dataclass
+class Config(Knobs):
+    ckpt: str = knob("", "the checkpoint to probe (train.py writes <out-dir>/ckpt.pt)")
+    baseline: str = knob("", "instead of a trained encoder: 'random' (fresh weights, of --ckpt's architecture when "
+                         "given, else the paper's backbone) or 'raw' (the inputs themselves)")
+
+
+def run(cfg):
+    domain, targets = check_knobs(cfg)
+    if cfg.baseline not in ("", "random", "raw"):
+        raise UsageError(f"--baseline must be 'random' or 'raw', got {cfg.baseline!r}")
+    if not cfg.ckpt and not cfg.baseline:
+        raise UsageError("name what to probe: --ckpt PATH (a checkpoint of train.py), or --baseline random / raw")
+    if not targets:
+        raise UsageError(f"{domain.name} has no labels to probe: name labelled domains of its input shape with "
+                         "--probe-domains, or probe with --domain set to one")
+    out_dir = cli.writable_dir(cfg.out_dir or (Path(cfg.ckpt).parent if cfg.ckpt else f"runs/{cfg.domain}"))
+    device, autocast = cli.device_and_precision(cfg)
+    datasets = {d.name: load_data(cfg, d, device) for d in targets}  # every one read before any work
+    torch.manual_seed(cfg.seed)  # a fresh encoder's weights
+    model, mcfg = None, MetaMAEConfig(input_shape=tuple(domain.input_shape), patch_size=tuple(domain.patch_size),
+                                      vocab_size=domain.vocab_size, mask_ratio=domain.mask_ratio)
+    if cfg.ckpt and cfg.baseline != "raw":  # the checkpoint's architecture, which must read this domain's inputs
+        state, mcfg = load_checkpoint(Path(cfg.ckpt))
+        if (mcfg.input_shape, mcfg.patch_size, mcfg.vocab_size) != (tuple(domain.input_shape),
+                                                                     tuple(domain.patch_size), domain.vocab_size):
+            raise RunError(f"checkpoint {cfg.ckpt} was trained on inputs {mcfg.input_shape}, not on "
+                           f"{cfg.domain}'s {tuple(domain.input_shape)}; pass the matching --domain")
+    if cfg.baseline != "raw":
+        model = MetaMAE(mcfg).to(device)
+        if not cfg.baseline:
+            load_weights(model, state, Path(cfg.ckpt))
+    rec = dict(encoder=cfg.baseline or str(cfg.ckpt), **evaluate(model, cfg, targets, datasets, autocast))
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
+    with open(out_dir / "eval.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def main(argv=None):
+    with cli.one_line_errors():
+        run(cli.parse_args(sys.argv[1:] if argv is None else argv, Config, __doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Tests of probe.py: the linear probe's honesty (selection on validation, test scored once), its metric, and
+probe.py on its own: checkpoints, the baselines, transfer, and what it refuses."""
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+import probe
+import train
+from conftest import (TINY, assert_clean_error, make_cifar, make_imagenet32, read_log, run_cli, write_cifar_batch)
+
+
+def parse(argv):
+    return cli.parse_args([str(a) for a in argv], probe.Config, "")
+
+
+def probe_cli(*args):
+    return run_cli("probe.py", *args)
+
+
+def train_main(*args):
+    return train.run(cli.parse_args([str(a) for a in args], train.Config, "", train.PRESETS))
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_cifar(root / "cifar-10-batches-py", rows_per_file=20)  # 100 train, 20 test
+    return root
+
+
+def separable(n, num_classes=3, seed=0, dims=8):
+    """Features whose labels a linear classifier can learn (argmax of a fixed linear map), unstandardized."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dims, num_classes, generator=torch.Generator().manual_seed(99))
+    f = torch.randn(n, dims, generator=g) * 5 + 3
+    return f, (f @ w).argmax(1)
+
+# ----------------------------------------------------------------------------- the linear probe
+
+
+def test_linear_probe_selects_on_validation_and_scores_test_once():
+    cfg = parse(["--probe-epochs", "30", "--probe-lrs", "1e-2,1e-5"])
+    tr, va, te = separable(400, seed=0), separable(100, seed=1), separable(100, seed=2)
+    res = probe.linear_probe(tr, va, 3, cfg, test=te)
+    assert res["lr"] == 1e-2 and 1 <= res["epoch"] <= 30 and res["val_acc"] > 0.85 and res["test_acc"] > 0.85
+    # the choice ignores the test split: garbage test labels change the test score, not the choice
+    garbage = probe.linear_probe(tr, va, 3, cfg, test=(te[0], (te[1] + 1) % 3))
+    assert (garbage["lr"], garbage["epoch"], garbage["val_acc"]) == (res["lr"], res["epoch"], res["val_acc"])
+    assert garbage["test_acc"] < 0.5
+    assert "test_acc" not in probe.linear_probe(tr, va, 3, cfg)  # no test unless asked
+
+
+def test_weighted_f1_by_hand():
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 0, 1, 1, 2, 2])
+    # per class F1 = 2 tp / (true + predicted): 4/5, 2/4, 2/3; weights 3, 2, 1 of 6; class 3 never occurs
+    assert probe.weighted_f1(pred, y, 4) == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
+    assert probe.weighted_f1(y, y, 4) == pytest.approx(1.0)
+    # unlike accuracy, predicting the majority class everywhere scores low
+    majority = torch.zeros_like(y)
+    assert (majority == y).float().mean() == 0.5 and probe.weighted_f1(majority, y, 4) == pytest.approx(3 / 6 * 2 * 3 / 9)
+
+
+def test_probe_selects_and_reports_by_the_domains_metric(monkeypatch):
+    # every validation score the probe computes is recorded; the (lr, epoch) it reports must be the first best
+    # by the domain's metric: weighted F1 for the wafer maps, accuracy otherwise
+    cfg = parse(["--probe-epochs", "6", "--probe-lrs", "3e-2,1e-3"])
+    f, y = separable(600, seed=3)
+    y = torch.where(torch.rand(600, generator=torch.Generator().manual_seed(4)) < 0.6, 0, y)  # imbalanced, as wafers
+    tr, va, te = (f[:300], y[:300]), (f[300:500], y[300:500]), (f[500:], y[500:])
+    seen, scores = [], probe.scores
+
+    def recording(head, x, y, num_classes, metric):
+        out = scores(head, x, y, num_classes, metric)
+        if len(x) == len(va[0]) and x.shape[0] != len(te[0]):
+            seen.append(out)
+        return out
+    monkeypatch.setattr(probe, "scores", recording)
+    chosen = {}
+    for metric, key in (("weighted_f1", "f1"), ("accuracy", "acc")):
+        seen.clear()
+        res = probe.linear_probe(tr, va, 3, cfg, test=te, metric=metric)
+        assert len(seen) == 12  # 2 lrs x 6 epochs, in that order
+        best = max(range(12), key=lambda i: (seen[i][key], -i))
+        assert (res["lr"], res["epoch"]) == ((3e-2, 1e-3)[best // 6], best % 6 + 1), (metric, seen)
+        assert res[f"val_{key}"] == seen[best][key]
+        chosen[metric] = (res["lr"], res["epoch"])
+        assert set(res) == {"val_acc", "test_acc", "lr", "epoch"} | ({"val_f1", "test_f1"} if key == "f1" else set())
+
+
+def test_png_is_valid(tmp_path):
+    img = (torch.arange(2 * 3 * 3) % 256).to(torch.uint8).view(2, 3, 3).numpy()
+    probe.write_png(tmp_path / "a.png", img)
+    raw = (tmp_path / "a.png").read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
+    idat = raw[33 + 8: -12 - 4]
+    rows = zlib.decompress(idat)
+    assert rows == b"".join(b"\x00" + bytes(r.flatten()) for r in img)
+    assert os.listdir(tmp_path) == ["a.png"]  # nothing else left behind
+
+# ----------------------------------------------------------------------------- probe.py on its own
+
+
+def make_learnable_cifar(folder, rows_per_file=60, seed=0):
+    """CIFAR-format files whose label is learnable: classes 0, 1, 2 are red, green and blue images with noise."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 3, rows_per_file)
+        img = colours[labels][:, :, None] + rng.normal(0, 20, (rows_per_file, 3, 1024))
+        write_cifar_batch(folder / name, img.clip(0, 255).astype(np.uint8).reshape(rows_per_file, 3072), labels)
+
+
+def test_probe_py_reads_a_checkpoint_and_the_baselines_against_chance_and_shuffled_labels(tmp_path):
+    make_learnable_cifar(tmp_path / "data" / "cifar-10-batches-py")
+    common = ["--domain", "cifar10", "--data-dir", tmp_path / "data", "--probe-epochs", "20", "--threads", "1"]
+    train_main(*common, *TINY, "--probe-epochs", "20", "--max-steps", "2", "--eval-interval", "0",
+               "--out-dir", tmp_path / "run")
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    res = {b: probe.run(parse([*common, "--baseline", b, "--ckpt", ckpt])) for b in ("raw", "random")}
+    res["ckpt"] = probe.run(parse([*common, "--ckpt", ckpt]))
+    for name, rec in res.items():
+        assert rec["val_acc"] > 0.8 and rec["test_acc"] > 0.8, (name, rec)  # chance is 1/3
+    # the same records, kept beside the checkpoint
+    assert [r["encoder"] for r in read_log(tmp_path / "run" / "eval.jsonl")] == ["raw", "random", str(ckpt)]
+    # the control: with the training labels shuffled nothing is learnable, and the probe says so
+    shuffled = probe.linear_probe(*[(f, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))])
+                                    for f, y in [separable(400)]], separable(200, seed=1), 3,
+                                  parse(["--probe-epochs", "20"]), test=separable(200, seed=2))
+    assert shuffled["test_acc"] < 0.6
+    # a fresh encoder shaped like the checkpoint: its weights differ from the checkpoint's, so its features do
+    assert res["random"]["val_acc"] != res["ckpt"]["val_acc"] or res["random"]["probe_epoch"] != res["ckpt"][
+        "probe_epoch"] or res["random"]["test_acc"] != res["ckpt"]["test_acc"]
+
+
+def test_transfer_imagenet32_to_cifar10_then_probe_the_checkpoint_alone(tmp_path):
+    make_imagenet32(tmp_path / "data")
+    make_cifar(tmp_path / "data" / "cifar-10-batches-py", rows_per_file=20)
+    base = ["--data-dir", tmp_path / "data", "--download", "false", "--probe-epochs", "1"]
+    rec = train_main("--domain", "imagenet32", "--probe-domains", "cifar10", *base, *TINY, "--probe-epochs", "1",
+                     "--max-steps", "2", "--eval-interval", "0", "--out-dir", tmp_path / "run")
+    assert {"test_acc", "cifar10_test_acc"} <= set(rec)  # its own probe, then CIFAR-10's
+    # the same checkpoint probed on CIFAR-10 alone: the same features and the same seeded probe, the same result
+    alone = probe.run(parse(["--domain", "cifar10", "--ckpt", tmp_path / "run" / "ckpt.pt", *base]))
+    assert (alone["val_acc"], alone["test_acc"]) == (rec["cifar10_val_acc"], rec["cifar10_test_acc"])
+
+
+class Payload:
+    """A pickle that runs a shell command when loaded: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoints_that_cannot_be_probed(cifar_dir, tmp_path):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, "--out-dir", tmp_path]
+    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "none.pt"), 1, "no checkpoint")
+    marker = tmp_path / "pwned"  # a crafted checkpoint runs no code: checkpoints are read with weights_only
+    torch.save(dict(model={}, model_config={}, payload=Payload(marker)), tmp_path / "evil.pt")
+    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "evil.pt"), 1, "unreadable", "UnpicklingError")
+    assert not marker.exists()
+    (tmp_path / "broken.pt").write_bytes(b"garbage")
+    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "broken.pt"), 1, "unreadable")
+    train_main(*base, *TINY, "--max-steps", "1", "--eval-interval", "0", "--probe-epochs", "1")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state["model_config"]["input_shape"] = [3, 16, 16]  # as if trained on another domain
+    torch.save(state, tmp_path / "other.pt")
+    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "other.pt"), 1, "--domain")
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "name what to probe: --ckpt PATH"),
+    (["--baseline", "best"], "--baseline must be 'random' or 'raw'"),
+    (["--baseline", "raw", "--probe-lrs", "0"], "--probe-lrs must be positive finite numbers"),
+    (["--baseline", "raw", "--val-frac", "0"], "--val-frac must be in (0, 1)"),
+    (["--baseline", "raw", "--probe-domains", "google_speech"], "the model reads one input shape"),
+    (["--baseline", "raw", "--eval-only", "raw"], "unrecognized arguments: --eval-only"),
+])
+def test_bad_options_are_refused_before_any_work_with_exit_2(cifar_dir, tmp_path, args, needle):
+    out_dir = tmp_path / "run"
+    assert_clean_error(probe_cli("--domain", "cifar10", "--data-dir", cifar_dir, "--out-dir", out_dir, *args), 2, needle)
+    assert not out_dir.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_dir_is_refused_before_work(cifar_dir, tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        assert_clean_error(probe_cli("--domain", "cifar10", "--data-dir", cifar_dir, "--baseline", "raw",
+                                     "--out-dir", tmp_path / "run"), 2, "not a writable folder")
+    finally:
+        tmp_path.chmod(0o755)
