@@ -75,6 +75,9 @@ class Splits:
     train_y: torch.Tensor       # labels int64 (N,)
     test_x: torch.Tensor
     test_y: torch.Tensor
+    # int64 (N,): who made each train row (the speaker, the user), for domains whose rows come in groups, so that
+    # a validation split can hold out whole groups (train_val_split's `groups`); None: the rows are independent
+    train_groups: torch.Tensor = None
 
 
 @dataclass(frozen=True)
@@ -333,18 +336,40 @@ def label_free(train_x: torch.Tensor) -> Splits:
     return Splits(train_x, zeros, train_x[:0], zeros[:0])
 
 
-def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0,
+                    groups: torch.Tensor = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-seed split of range(n) into sorted (train_idx, val_idx): disjoint, together all of it.
 
     Not seeded_split: this one carves validation out of any train split, for train.py, and its partition
-    (torch's generator) is what the README's validation figures were measured on."""
+    (torch's generator) is what the README's validation figures were measured on.
+
+    groups: None, or int (n,), the group of each row (Splits.train_groups: a speaker, a user). Rows of one
+    speaker are alike, so a validation set that shares speakers with train would flatter the probe: with
+    groups, whole groups go to validation. The rule: the distinct groups (sorted) in a fixed-seed permutation,
+    taken in that order until they hold at least round(n * val_frac) rows. So validation may be a little
+    larger than val_frac; it is a ValueError if it would take every group. Without groups, the rows are
+    permuted one by one, exactly as before groups existed."""
     if n < 0 or not 0 <= val_frac < 1:
         raise ValueError(f"need n >= 0 and 0 <= val_frac < 1, got n={n}, val_frac={val_frac}")
     # a private generator: the split is the same whatever the caller did to the global RNG, and
     # taking it does not change the global RNG either
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
     n_val = round(n * val_frac)
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
+    if groups is None:
+        perm = torch.randperm(n, generator=generator)
+        return perm[n_val:].sort().values, perm[:n_val].sort().values
+    groups = torch.as_tensor(groups).cpu()  # the indices are CPU tensors either way, as without groups
+    if groups.shape != (n,) or groups.is_floating_point() or groups.dtype == torch.bool:
+        raise ValueError(f"groups must be integers of shape ({n},), got {groups.dtype} {tuple(groups.shape)}")
+    ids, group_of = torch.unique(groups, return_inverse=True)  # sorted distinct groups; each row's index in ids
+    order = torch.randperm(len(ids), generator=generator)
+    rows = torch.bincount(group_of, minlength=len(ids))[order].cumsum(0)  # rows in the first 1, 2, ... groups
+    k = int((rows < n_val).sum()) + (n_val > 0)  # the fewest groups, in that order, that hold n_val rows
+    if n_val and k == len(ids):
+        raise ValueError(f"val_frac={val_frac} of {n} rows in {len(ids)} groups would put every group in "
+                         f"validation: use a smaller val_frac, or more groups")
+    is_val = torch.isin(group_of, order[:k])
+    return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()  # sorted, as nonzero gives them
 
 
 # -----------------------------------------------------------------------------
