@@ -352,13 +352,38 @@ def write_fake_wafer(data_dir, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# the real samples' formats (shared/data): the Speech Commands subset, HAPT, LightGBM's HIGGS rows, UCI splice
+
+SPEECH_SUBSET_FAKE_SPEAKERS = {'train': ('0a1b2c3d', 'deadbeef', 'f00dfeed'), 'test': ('1234abcd', 'c0ffee00')}
+
+
+def write_fake_speech_subset(data_dir, seed=0):
+    """speech_commands_v0.02_subset/<word>/<speaker>_nohash_<n>.wav: every keyword by 3 train and 2 test speakers
+    (SHA-1 of the id divisible by 5: test), one of them twice; 1 s clips, and the archive's README.md and LICENSE.
+    Returns {'train': [...], 'test': [...]} relative paths in the loader's row order."""
+    rng = np.random.default_rng(seed)
+    root = Path(data_dir) / 'speech_commands_v0.02_subset'
+    files = []
+    for word in data.SPEECH_SUBSET_WORDS:
+        for speaker in SPEECH_SUBSET_FAKE_SPEAKERS['train'] + SPEECH_SUBSET_FAKE_SPEAKERS['test']:
+            for n in range(2 if (word, speaker) == ('yes', 'deadbeef') else 1):
+                files.append(f'{word}/{speaker}_nohash_{n}.wav')
+                write_wav(root / files[-1], speech_like(rng, 16_000, 16_000), 16_000)
+    (root / 'README.md').write_text('# Speech Commands Data Set Test Files v0.02\n')  # not wavs: ignored
+    (root / 'LICENSE').write_text('Creative Commons Attribution 4.0 International Public License\n')
+    return {split: sorted(f for f in files if f.split('/')[1].split('_nohash_')[0] in speakers)
+            for split, speakers in SPEECH_SUBSET_FAKE_SPEAKERS.items()}
+
+
+# -----------------------------------------------------------------------------
 # any domain's fake, by name
 
 FAKE_WRITERS = {'google_speech': write_fake_google_speech, 'audio_mnist': write_fake_audio_mnist,
                 'librispeech': write_fake_librispeech, 'librispeech_transfer': write_fake_librispeech,
                 'pamap2': write_fake_pamap2, 'higgs': write_fake_higgs, 'genomics': write_fake_genomics,
                 'pfam': write_fake_pfam, 'pfam_transfer': write_fake_pfam, 'scop': write_fake_scop,
-                'wafer': write_fake_wafer, 'wafer_transfer': write_fake_wafer}
+                'wafer': write_fake_wafer, 'wafer_transfer': write_fake_wafer,
+                'google_speech_subset': write_fake_speech_subset}
 
 
 def write_fake(name, data_dir, monkeypatch):

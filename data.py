@@ -1383,11 +1383,91 @@ WAFER_TRANSFER = dataclasses.replace(WAFER, name='wafer_transfer', num_classes=l
                                      load=load_wafer_transfer, metric='weighted_f1', transfer=())
 
 # -----------------------------------------------------------------------------
+# The real samples shipped in shared/data (its README.md): for each modality beyond images, a small real dataset
+# in its published file format, the nearest to a DABS domain that fits on a machine without internet. They have
+# no download: they ship with the project (--data-dir ../shared/data). They are read where they are and nothing
+# is written beside them (that folder is read-only), so nothing is cached: each parses in seconds. A missing
+# folder says where it ships; a damaged file says to restore the shipped copy, as google_speech_sample does.
+
+def sample_folder(data_dir: Path, name: str) -> Path:
+    """The shipped sample folder `name` in data_dir, or a DataError saying where it ships."""
+    folder = data_dir / name
+    if not folder.is_dir():
+        raise DataError(f"{folder}/ not found: it ships with the project in shared/data; "
+                        f"pass --data-dir with the folder that holds it (e.g. --data-dir ../shared/data)")
+    return folder
+
+
+def sample_fix(folder: Path) -> str:
+    """What to do about a damaged file of a shipped sample: there is no download to fetch it again from."""
+    return f"the sample shipped in shared/data is damaged: restore {folder.name}/ from the project's copy"
+
+
+# -----------------------------------------------------------------------------
+# Speech Commands v0.02 subset (speech, as google_speech): 1,008 one-second clips (16 kHz) of 10 keywords by 61
+# speakers, whole speakers of the official v0.02 test set.
+# Source: http://download.tensorflow.org/data/speech_commands_test_set_v0.02.tar.gz, the companion archive of
+# speech_commands_v0.02.tar.gz; CC BY 4.0 (its LICENSE). Shipped in shared/data as speech_commands_v0.02_subset/.
+# Format: <word>/<speaker>_nohash_<n>.wav, with the archive's README.md and LICENSE; no list files. Log-mels
+# exactly as google_speech (DABS's recipe and its Speech Commands mean and std): (1, 224, 224), patches 16x16.
+# Labels: the 10 words in the order they have in GOOGLE_SPEECH_WORDS, 0-9 (so not google_speech's numbers).
+# Split: by speaker (the name before _nohash_), about 20% test. The dataset's own rule (its README's which_set:
+# SHA-1 of the speaker, mod 2**27, as a percentage) cannot split these clips: it chose them, so every speaker's
+# percentage lies in its test band, 10-20. Here a speaker is test when the SHA-1 of its id, as an integer, is
+# divisible by 5: as with which_set, a speaker's side does not depend on which other speakers are there. On the
+# sample: 10 of 61 speakers test, 838 train / 170 test clips, every word on both sides. Rows: each split's files
+# sorted by path. train_groups: each train row's speaker, numbered by the sorted speaker ids.
+# No cache: 1,008 log-mels take seconds, so they are computed at each load, in memory.
+
+SPEECH_SUBSET_URL = 'http://download.tensorflow.org/data/speech_commands_test_set_v0.02.tar.gz'
+SPEECH_SUBSET_WORDS = ['right', 'yes', 'up', 'no', 'stop', 'on', 'down', 'go', 'left', 'off']  # label = index
+SPEECH_SUBSET_TEST_EVERY = 5  # a speaker is test when the SHA-1 of its id is divisible by this: ~20%
+
+
+def speech_subset_is_test(speaker: str) -> bool:
+    """Whether `speaker` (the name before _nohash_) is a test speaker: SHA-1 of its id, as an integer, % 5 == 0."""
+    digest = hashlib.sha1(speaker.encode(), usedforsecurity=False).hexdigest()  # a split rule, not security
+    return int(digest, 16) % SPEECH_SUBSET_TEST_EVERY == 0
+
+
+def load_google_speech_subset(data_dir: Path, download: bool) -> Splits:
+    # `download` is unused: the sample ships with the project
+    folder = sample_folder(data_dir, 'speech_commands_v0.02_subset')
+    fix = sample_fix(folder)
+    files = sorted(folder.glob('*/*.wav'))
+    speaker = {}
+    for f in files:
+        if f.parent.name not in SPEECH_SUBSET_WORDS:
+            raise DataError(f"{f}: unknown word {f.parent.name!r}, expected one of the 10 keywords "
+                            f"{' '.join(SPEECH_SUBSET_WORDS)}: {fix}")
+        m = re.fullmatch(r'(.+)_nohash_\d+', f.stem)
+        if not m:
+            raise DataError(f"{f}: expected <word>/<speaker>_nohash_<n>.wav: {fix}")
+        speaker[f] = m[1]
+    test = [f for f in files if speech_subset_is_test(speaker[f])]
+    train = [f for f in files if not speech_subset_is_test(speaker[f])]
+    for name, split in (('train', train), ('test', test)):
+        if not split:
+            raise DataError(f"{folder}: no clip of a {name} speaker ({len(files)} wav files, "
+                            f"{len(set(speaker.values()))} speakers): {fix}")
+    labels = [SPEECH_SUBSET_WORDS.index(f.parent.name) for f in train + test]
+    s = speech_splits(train, test, labels, 16_000, GOOGLE_SPEECH_MEAN, GOOGLE_SPEECH_STD, fix=fix)
+    number = {sp: i for i, sp in enumerate(sorted(set(speaker.values())))}
+    s.train_groups = torch.tensor([number[speaker[f]] for f in train], dtype=torch.int64)  # (N_train,)
+    return s
+
+
+# batch and mask ratio as google_speech: the same 196 tokens
+GOOGLE_SPEECH_SUBSET = Domain(name='google_speech_subset', input_shape=(1, 224, 224), patch_size=(16, 16),
+                              vocab_size=0, num_classes=len(SPEECH_SUBSET_WORDS), batch_size=64, mask_ratio=0.5,
+                              load=load_google_speech_subset, to_input=as_float32)
+
+# -----------------------------------------------------------------------------
 # the domains train.py can use: add new sections' Domains here
 
 DOMAINS = {d.name: d for d in (CIFAR10, IMAGENET32, GOOGLE_SPEECH, GOOGLE_SPEECH_SAMPLE, AUDIO_MNIST, LIBRISPEECH,
                                LIBRISPEECH_TRANSFER, PAMAP2, HIGGS, GENOMICS, PFAM, PFAM_TRANSFER, SCOP, WAFER,
-                               WAFER_TRANSFER)}
+                               WAFER_TRANSFER, GOOGLE_SPEECH_SUBSET)}
 
 
 def get_domain(name: str) -> Domain:

@@ -15,6 +15,7 @@ import random
 import shutil
 import tarfile
 import urllib.request
+import wave
 import zipfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from conftest import (FAKE_WRITERS, data_error, fails, protein_records, serve, w
                       write_fake_audio_mnist, write_fake_genomics, write_fake_google_speech, write_fake_higgs,
                       write_fake_librispeech, write_fake_pamap2, write_fake_pfam, write_fake_scop, write_fake_wafer,
                       write_genomics_zip, write_json_array, write_wafer_npz, write_wav)
+from conftest import write_fake_speech_subset
 
 SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
 SPEECH_SAMPLE = SHARED / 'speech_commands_v0.01_sample'
@@ -896,6 +898,117 @@ def test_bad_wafer_npz_is_a_data_error(tmp_path, case):
 
 
 # -----------------------------------------------------------------------------
+# the real samples shipped in shared/data: the Speech Commands subset, HAPT, the HIGGS sample, splice junctions
+
+def sha1_is_test(speaker):
+    """The speech subset's split rule written out: SHA-1 of the speaker id as a number, divisible by 5."""
+    return int.from_bytes(hashlib.sha1(speaker.encode()).digest(), 'big') % 5 == 0
+
+
+def speaker_of(path):
+    return Path(path).name.split('_nohash_')[0]
+
+
+def snapshot(folder):
+    return sorted((p.as_posix(), p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob('*'))
+
+
+def test_speech_subset_speaker_split_labels_and_rows(tmp_path):
+    expected = write_fake_speech_subset(tmp_path)
+    root = tmp_path / 'speech_commands_v0.02_subset'
+    before = snapshot(tmp_path)
+    s = data.load_google_speech_subset(tmp_path, download=False)
+    assert snapshot(tmp_path) == before  # nothing written: no cache beside a read-only sample
+    assert data.SPEECH_SUBSET_WORDS == [w for w in data.GOOGLE_SPEECH_WORDS if w in
+                                        {'yes', 'no', 'up', 'down', 'left', 'right', 'on', 'off', 'stop', 'go'}]
+    assert s.train_x.shape == (31, 1, 224, 224) and s.test_x.shape == (20, 1, 224, 224)
+    assert s.train_x.dtype == torch.float16
+    for x, y, files in ((s.train_x, s.train_y, expected['train']), (s.test_x, s.test_y, expected['test'])):
+        assert y.dtype == torch.int64 and y.tolist() == [data.SPEECH_SUBSET_WORDS.index(f.split('/')[0]) for f in files]
+        assert (x.float() - expected_speech_rows(root, files)).abs().max() < 0.01  # google_speech's log-mels
+    # by speaker, by the SHA-1 rule; no speaker on both sides; the groups are the speakers, numbered in sorted order
+    assert all(sha1_is_test(speaker_of(f)) for f in expected['test'])
+    assert not any(sha1_is_test(speaker_of(f)) for f in expected['train'])
+    assert not {speaker_of(f) for f in expected['train']} & {speaker_of(f) for f in expected['test']}
+    speakers = sorted({speaker_of(f) for f in expected['train'] + expected['test']})
+    assert s.train_groups.dtype == torch.int64
+    assert s.train_groups.tolist() == [speakers.index(speaker_of(f)) for f in expected['train']]
+    assert data.GOOGLE_SPEECH_SUBSET.num_classes == 10
+
+
+@pytest.mark.parametrize('case', ['missing', 'truncated wav', 'not a wav', 'unknown word', 'misnamed',
+                                  'no test speaker'])
+def test_bad_speech_subset_is_a_data_error(tmp_path, case):
+    root = tmp_path / 'speech_commands_v0.02_subset'
+    if case == 'missing':
+        msg = data_error(lambda: data.load_google_speech_subset(tmp_path, download=False), root,
+                         'ships with the project in shared/data', '--data-dir')
+        assert 'download' not in msg
+        return
+    expected = write_fake_speech_subset(tmp_path)
+    needles = ['restore speech_commands_v0.02_subset/']  # shipped, not downloaded: restore it
+    if case == 'truncated wav':
+        f = root / expected['train'][3]
+        f.write_bytes(f.read_bytes()[:-1000])
+        needles += [f, 'truncated']
+    elif case == 'not a wav':
+        f = root / expected['test'][0]
+        f.write_bytes(b'ID3\x03' + bytes(100))
+        needles += [f, 'not a PCM wav']
+    elif case == 'unknown word':
+        write_wav(root / 'banana' / '0a1b2c3d_nohash_0.wav', np.zeros(10, np.int16), 16_000)
+        needles += ["unknown word 'banana'"]
+    elif case == 'misnamed':
+        write_wav(root / 'yes' / '0a1b2c3d.wav', np.zeros(10, np.int16), 16_000)
+        needles += ['0a1b2c3d.wav', '<speaker>_nohash_<n>.wav']
+    else:
+        for f in expected['test']:
+            (root / f).unlink()
+        needles += ['no clip of a test speaker', '31 wav files, 3 speakers']
+    msg = data_error(lambda: data.load_google_speech_subset(tmp_path, download=False), *needles)
+    assert 'download' not in msg
+
+
+# the real folders (skipped where shared/data does not have them)
+
+SPEECH_SUBSET = SHARED / 'speech_commands_v0.02_subset'
+
+
+@pytest.mark.skipif(not SPEECH_SUBSET.is_dir(), reason="the real Speech Commands v0.02 subset is not in shared/data")
+def test_real_speech_subset():
+    before = snapshot(SHARED)
+    s = data.get_domain('google_speech_subset').load(SHARED, download=False)
+    assert snapshot(SHARED) == before  # nothing written
+    files = sorted(p.relative_to(SPEECH_SUBSET).as_posix() for p in SPEECH_SUBSET.glob('*/*.wav'))
+    train = [f for f in files if not sha1_is_test(speaker_of(f))]
+    test = [f for f in files if sha1_is_test(speaker_of(f))]
+    assert len(files) == 1008 and (len(s.train_x), len(s.test_x)) == (len(train), len(test)) == (838, 170)
+    train_speakers, test_speakers = {speaker_of(f) for f in train}, {speaker_of(f) for f in test}
+    assert (len(train_speakers), len(test_speakers)) == (51, 10) and not train_speakers & test_speakers
+    # labels: the 10 words in GOOGLE_SPEECH_WORDS's order (right yes up no stop on down go left off)
+    assert s.train_y.tolist() == [data.SPEECH_SUBSET_WORDS.index(f.split('/')[0]) for f in train]
+    assert s.test_y.tolist() == [data.SPEECH_SUBSET_WORDS.index(f.split('/')[0]) for f in test]
+    assert np.bincount(s.train_y.numpy()).tolist() == [87, 90, 88, 77, 84, 83, 85, 83, 80, 81]
+    assert np.bincount(s.test_y.numpy()).tolist() == [18, 21, 18, 17, 12, 16, 18, 18, 19, 13]
+    # train_groups are the speakers: a grouped validation split shares none with the rest of train
+    assert len(s.train_groups.unique()) == 51
+    assert all(len({speaker_of(train[i]) for i in np.flatnonzero(s.train_groups.numpy() == g)}) == 1
+               for g in s.train_groups.unique().tolist())
+    tr, va = data.train_val_split(len(s.train_x), 0.1, groups=s.train_groups)
+    assert not {speaker_of(train[i]) for i in tr.tolist()} & {speaker_of(train[i]) for i in va.tolist()}
+    # one clip's row: its log-mel computed on that file alone, and also from its samples read with `wave` here
+    i = 100
+    alone = data.speech_splits([SPEECH_SUBSET / test[i]], [], [0], 16_000, data.GOOGLE_SPEECH_MEAN,
+                               data.GOOGLE_SPEECH_STD).train_x
+    assert torch.equal(s.test_x[i:i + 1], alone)
+    with wave.open(str(SPEECH_SUBSET / test[i])) as w:
+        assert (w.getframerate(), w.getsampwidth(), w.getnchannels(), w.getnframes()) == (16_000, 2, 1, 16_000)
+        y = np.frombuffer(w.readframes(16_000), '<i2').astype(np.float32) / 32768
+    db = data.log_mel(torch.from_numpy(y)[None], 16_000)
+    assert (s.test_x[i].float() - (db - data.GOOGLE_SPEECH_MEAN) / data.GOOGLE_SPEECH_STD).abs().max() < 0.01
+
+
+# -----------------------------------------------------------------------------
 # every domain: its spec, and its fixture through to_input (test_train.py trains on each fixture)
 
 def test_domain_specs():
@@ -912,6 +1025,9 @@ def test_domain_specs():
     assert spec['librispeech_transfer'] == ((1, 224, 224), (16, 16), 0, 40, 64)
     assert spec['wafer'] == ((3, 32, 32), (4, 4), 0, 0, 128)
     assert spec['wafer_transfer'] == ((3, 32, 32), (4, 4), 0, 9, 128)
+    # the real samples in shared/data: as their nearest DABS domains, but HAPT's windows, patches and mask ratio
+    assert spec['google_speech_subset'] == ((1, 224, 224), (16, 16), 0, 10, 64)
+    assert data.GOOGLE_SPEECH_SUBSET.mask_ratio == 0.5
     # the metric the probe reports, and what a pretraining domain is probed on (DABS's pairs)
     assert {n for n, d in data.DOMAINS.items() if d.metric != 'accuracy'} == {'wafer_transfer'}
     assert data.WAFER_TRANSFER.metric == 'weighted_f1'
