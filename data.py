@@ -1463,11 +1463,146 @@ GOOGLE_SPEECH_SUBSET = Domain(name='google_speech_subset', input_shape=(1, 224, 
                               load=load_google_speech_subset, to_input=as_float32)
 
 # -----------------------------------------------------------------------------
+# UCI HAPT (sensor series, as pamap2): "Smartphone-Based Recognition of Human Activities and Postural Transitions"
+# v2.1, the raw signals behind UCI HAR: a smartphone on the waist, 3-axis accelerometer (g) and gyroscope (rad/s)
+# at 50 Hz; 30 users doing six activities and the postural transitions between them. The sample: 7 users (1, 2,
+# 3, 4, 5, 7, 8), their whole recordings.
+# Source: UCI #341, https://archive.ics.uci.edu/ml/machine-learning-databases/00341/HAPT%20Data%20Set.zip. Licence
+# (its README.txt): cite Reyes-Ortiz et al., Neurocomputing 2015; any commercial use is prohibited. Shipped in
+# shared/data as hapt_sample/.
+# Format: RawData/acc_expXX_userYY.txt and gyro_expXX_userYY.txt, one row per sample, 3 space-separated numbers;
+# RawData/labels.txt, a row per labelled segment of every user of the full set: experiment, user, activity 1-12,
+# first and last sample (1-based, inclusive). Samples outside every segment are unlabelled.
+# Input: the 6 channels (acc x y z, then gyro x y z), channels first as pamap2: (6, 128) windows of 2.56 s with
+# 50% overlap (stride 64), UCI HAR's own windows, cut inside one labelled segment from its first sample (as many
+# as fit). Labels: the six activities 1-6 (walking, upstairs, downstairs, sitting, standing, laying) as 0-5. The
+# transitions 7-12 are dropped: they last a few seconds (median 3.6 s here), so a segment holds one or two
+# windows or none, and UCI HAR's task is the six activities.
+# As DABS's PAMAP2: raw values (no normalisation, no filtering), fixed windows inside one activity, split by
+# person. Unlike it: windows overlap by half (pamap2 here: none; DABS: random starts); there are no gaps to
+# interpolate; 6 channels at 50 Hz, not 52 at 100 Hz. UCI HAR's published windows were noise-filtered (median and
+# 20 Hz low-pass) and had gravity separated; these are the raw signals.
+# Patches of 4 samples (80 ms, 24 values): 32 tokens. pamap2's are 50 ms (5 samples at 100 Hz), but 5 does not
+# divide 128; 2 samples would make patches of 12 values, and 8 would leave 16 tokens, too few to mask most of.
+# Split: by user, the archive's own: Train/subject_id_train.txt and Test/subject_id_test.txt name the user of each
+# of its feature windows; their distinct values, among the users present, are the train and test users (here 2
+# and 4 test; 1, 3, 5, 7, 8 train). Rows: recordings by experiment number, segments in labels.txt's order,
+# windows in time order. train_groups: each train row's user.
+
+HAPT_URL = 'https://archive.ics.uci.edu/ml/machine-learning-databases/00341/HAPT%20Data%20Set.zip'
+HAPT_ACTIVITIES = ['walking', 'walking upstairs', 'walking downstairs', 'sitting', 'standing', 'laying']  # 1-6
+HAPT_WINDOW, HAPT_STRIDE = 128, 64
+
+
+def read_hapt_table(path: Path, columns: int, dtype, fix: str) -> np.ndarray:
+    """A space-separated HAPT text file with `columns` numbers a row -> (N, columns) array of dtype."""
+    try:
+        text = path.read_text(encoding='ascii')
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is unreadable ({_oneline(e)}): {fix}") from None
+    if not text.strip():  # np.loadtxt would only warn
+        raise DataError(f"{path} holds no rows: {fix}")
+    try:
+        a = np.loadtxt(io.StringIO(text), dtype=dtype, ndmin=2)
+    except ValueError as e:  # a row with another number of columns, or a value that is no number (of dtype)
+        raise DataError(f"{path} is not a HAPT table of {columns} numbers a row ({_oneline(e)}): {fix}") from None
+    if a.shape[1] != columns:
+        raise DataError(f"{path} has {a.shape[1]} columns, expected {columns}: {fix}")
+    if not np.isfinite(a).all():  # 'nan' and 'inf' parse as floats, but no sensor gives them
+        row, col = np.argwhere(~np.isfinite(a))[0]
+        raise DataError(f"{path} row {row + 1} holds {a[row, col]}, not a number: {fix}")
+    return a
+
+
+def read_hapt(folder: Path):
+    """hapt_sample/ -> (windows float32 (N, 6, 128), labels int64 (N,), users int64 (N,)) of every recording."""
+    fix, raw = sample_fix(folder), folder / 'RawData'
+    segments = read_hapt_table(raw / 'labels.txt', 5, np.int64, fix)  # (S, 5): experiment, user, activity, first, last
+    bad = segments[(segments[:, 2] < 1) | (segments[:, 2] > 12), 2]
+    if len(bad):
+        raise DataError(f"{raw / 'labels.txt'}: unknown activity {bad[0]}, expected 1-12: {fix}")
+    recordings = {}  # (experiment, user) -> its acc file
+    for f in sorted(raw.glob('acc_exp*_user*.txt')):
+        m = re.fullmatch(r'acc_exp(\d+)_user(\d+)', f.stem)
+        if m:
+            recordings[int(m[1]), int(m[2])] = f
+    if not recordings:
+        raise DataError(f"{raw} holds no acc_expXX_userYY.txt: {fix}")
+    users = {u for _, u in recordings}
+    # labels.txt covers all 30 users; a user present must have every recording it lists, else one lost file
+    # would pass unnoticed
+    missing = sorted({(e, u) for e, u in segments[:, :2].tolist() if u in users} - set(recordings))
+    if missing:
+        e, u = missing[0]
+        raise DataError(f"{raw / f'acc_exp{e:02d}_user{u:02d}.txt'} is missing, but labels.txt has segments of it: "
+                        f"{fix}")
+    x, y, who = [], [], []
+    for (e, u), acc_file in sorted(recordings.items()):
+        gyro_file = acc_file.with_name(acc_file.name.replace('acc_', 'gyro_', 1))
+        acc, gyro = read_hapt_table(acc_file, 3, np.float64, fix), read_hapt_table(gyro_file, 3, np.float64, fix)
+        if len(acc) != len(gyro):
+            raise DataError(f"{gyro_file} has {len(gyro)} samples, but {acc_file.name} has {len(acc)}: {fix}")
+        signal = np.hstack([acc, gyro]).T.astype(np.float32)  # (6, T): acc x y z, gyro x y z
+        mine = segments[(segments[:, 0] == e) & (segments[:, 1] == u)]
+        if not len(mine):
+            raise DataError(f"{raw / 'labels.txt'} has no segment of {acc_file.name}: {fix}")
+        for _, _, activity, first, last in mine.tolist():
+            if not 1 <= first <= last <= signal.shape[1]:
+                raise DataError(f"{raw / 'labels.txt'}: segment {first}-{last} of experiment {e} is not within its "
+                                f"{signal.shape[1]} samples: {fix}")
+            if activity > len(HAPT_ACTIVITIES):
+                continue  # a postural transition (see the header)
+            starts = range(first - 1, last - HAPT_WINDOW + 1, HAPT_STRIDE)  # 0-based; the window ends by `last`
+            x += [signal[:, t:t + HAPT_WINDOW] for t in starts]  # each (6, 128)
+            y += [activity - 1] * len(starts)
+            who += [u] * len(starts)
+    return (np.array(x, np.float32).reshape(-1, 6, HAPT_WINDOW), np.array(y, np.int64), np.array(who, np.int64))
+
+
+def hapt_split_users(folder: Path) -> tuple[set, set]:
+    """The archive's split by user: the distinct users of Train/subject_id_train.txt and Test/subject_id_test.txt."""
+    fix = sample_fix(folder)
+    train, test = (set(read_hapt_table(folder / part / f'subject_id_{part.lower()}.txt', 1, np.int64, fix)[:, 0]
+                       .tolist()) for part in ('Train', 'Test'))
+    if train & test:
+        raise DataError(f"{folder}: user {min(train & test)} is in both Train/subject_id_train.txt and "
+                        f"Test/subject_id_test.txt: {fix}")
+    return train, test
+
+
+def load_hapt_sample(data_dir: Path, download: bool) -> Splits:
+    # `download` is unused: the sample ships with the project
+    folder = sample_folder(data_dir, 'hapt_sample')
+    fix = sample_fix(folder)
+    train_users, test_users = hapt_split_users(folder)
+    x, y, users = read_hapt(folder)
+    unsplit = set(users.tolist()) - train_users - test_users
+    if unsplit:
+        raise DataError(f"{folder}: user {min(unsplit)} is in neither Train/subject_id_train.txt nor "
+                        f"Test/subject_id_test.txt: {fix}")
+    test = torch.from_numpy(np.isin(users, sorted(test_users)))
+    for name, rows in (('train', ~test), ('test', test)):
+        if not rows.any():
+            raise DataError(f"{folder}: no {HAPT_WINDOW}-sample window of an activity of the {name} users "
+                            f"{sorted(train_users if name == 'train' else test_users)}: {fix}")
+    x, y, users = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(users)
+    return Splits(x[~test], y[~test], x[test], y[test], train_groups=users[~test])
+
+
+# batch as pamap2. Mask ratio: pamap2's 0.85 would keep int(32 * 0.15) = 4 of these 32 tokens; 0.75 keeps 8,
+# about as many as the 9 of 64 pamap2 keeps
+HAPT_SAMPLE = Domain(name='hapt_sample', input_shape=(6, HAPT_WINDOW), patch_size=(4,), vocab_size=0,
+                     num_classes=len(HAPT_ACTIVITIES), batch_size=256, mask_ratio=0.75, load=load_hapt_sample,
+                     to_input=as_float32)
+
+# -----------------------------------------------------------------------------
 # the domains train.py can use: add new sections' Domains here
 
 DOMAINS = {d.name: d for d in (CIFAR10, IMAGENET32, GOOGLE_SPEECH, GOOGLE_SPEECH_SAMPLE, AUDIO_MNIST, LIBRISPEECH,
                                LIBRISPEECH_TRANSFER, PAMAP2, HIGGS, GENOMICS, PFAM, PFAM_TRANSFER, SCOP, WAFER,
-                               WAFER_TRANSFER, GOOGLE_SPEECH_SUBSET)}
+                               WAFER_TRANSFER, GOOGLE_SPEECH_SUBSET, HAPT_SAMPLE)}
 
 
 def get_domain(name: str) -> Domain:

@@ -28,7 +28,7 @@ from conftest import (FAKE_WRITERS, data_error, fails, protein_records, serve, w
                       write_fake_audio_mnist, write_fake_genomics, write_fake_google_speech, write_fake_higgs,
                       write_fake_librispeech, write_fake_pamap2, write_fake_pfam, write_fake_scop, write_fake_wafer,
                       write_genomics_zip, write_json_array, write_wafer_npz, write_wav)
-from conftest import write_fake_speech_subset
+from conftest import write_fake_hapt, write_fake_speech_subset
 
 SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
 SPEECH_SAMPLE = SHARED / 'speech_commands_v0.01_sample'
@@ -969,9 +969,95 @@ def test_bad_speech_subset_is_a_data_error(tmp_path, case):
     assert 'download' not in msg
 
 
+def test_hapt_windows_labels_and_user_split(tmp_path):
+    expected = write_fake_hapt(tmp_path)
+    before = snapshot(tmp_path)
+    s = data.load_hapt_sample(tmp_path, download=False)
+    assert snapshot(tmp_path) == before
+    for x, y, (ex, ey, eu), groups in ((s.train_x, s.train_y, expected['train'], s.train_groups),
+                                       (s.test_x, s.test_y, expected['test'], None)):
+        assert x.dtype == torch.float32 and x.shape == (len(ey), 6, 128)
+        assert np.array_equal(x.numpy(), ex)  # the raw values, as written
+        assert y.dtype == torch.int64 and y.tolist() == ey.tolist()
+        if groups is not None:
+            assert groups.dtype == torch.int64 and groups.tolist() == eu.tolist()
+    # 2 and 4 test, 1, 3, 5 train: the users present among the split files' (which name absent users too)
+    assert set(expected['train'][2].tolist()) == {1, 3, 5} and set(expected['test'][2].tolist()) == {2, 4}
+    # per recording: 3 + 1 + 0 + 1 + 2 + 2 + 3 windows; user 1 has two recordings; all six activities, no transition
+    assert len(s.train_y) == 12 * 4 and len(s.test_y) == 12 * 2
+    assert s.train_y.tolist()[:12] == [4, 4, 4, 0, 1, 2, 2, 3, 3, 5, 5, 5]
+    # channels first: acc x y z then gyro x y z (acc x is about 1 g here, gyro about 0)
+    assert abs(s.train_x[:, 0].mean() - 1) < 0.1 and abs(s.train_x[:, 3:].mean()) < 0.1
+
+
+@pytest.mark.parametrize('case', ['missing', 'short row', 'not a number', 'nan', 'unknown activity', 'past the end',
+                                  'missing gyro', 'missing recording', 'gyro shorter', 'no split file',
+                                  'user in no split', 'user in both', 'no test windows', 'empty labels'])
+def test_bad_hapt_is_a_data_error(tmp_path, case):
+    root = tmp_path / 'hapt_sample'
+    if case == 'missing':
+        msg = data_error(lambda: data.load_hapt_sample(tmp_path, download=False), root,
+                         'ships with the project in shared/data', '--data-dir')
+        assert 'download' not in msg
+        return
+    write_fake_hapt(tmp_path)
+    acc, labels = root / 'RawData' / 'acc_exp03_user02.txt', root / 'RawData' / 'labels.txt'
+    lines = acc.read_text().splitlines()
+    needles = ['restore hapt_sample/']
+    if case == 'short row':
+        lines[40] = lines[40].rsplit(' ', 1)[0]
+        needles += [acc, 'not a HAPT table of 3 numbers a row']
+    elif case == 'not a number':
+        lines[41] = 'abc ' + lines[41].split(' ', 1)[1]
+        needles += [acc, 'not a HAPT table']
+    elif case == 'nan':
+        lines[42] = 'nan ' + lines[42].split(' ', 1)[1]
+        needles += [acc, 'row 43 holds nan, not a number']
+    elif case == 'unknown activity':
+        labels.write_text(labels.read_text().replace('3 2 5 21 311', '3 2 13 21 311'))
+        needles += [labels, 'unknown activity 13']
+    elif case == 'past the end':
+        lines = lines[:1500]  # labels.txt's last segment of this recording ends at 1613
+        gyro = root / 'RawData' / 'gyro_exp03_user02.txt'
+        gyro.write_text(''.join(line + '\n' for line in gyro.read_text().splitlines()[:1500]))
+        needles += [labels, 'of experiment 3 is not within its 1500 samples']
+    elif case == 'missing gyro':
+        (root / 'RawData' / 'gyro_exp03_user02.txt').unlink()
+        needles += ['gyro_exp03_user02.txt is missing']
+    elif case == 'missing recording':
+        for kind in ('acc', 'gyro'):
+            (root / 'RawData' / f'{kind}_exp02_user01.txt').unlink()
+        needles += ['acc_exp02_user01.txt is missing, but labels.txt has segments of it']
+    elif case == 'gyro shorter':
+        gyro = root / 'RawData' / 'gyro_exp03_user02.txt'
+        gyro.write_text(''.join(line + '\n' for line in gyro.read_text().splitlines()[:-1]))
+        needles += [gyro, 'has 1642 samples, but acc_exp03_user02.txt has 1643']
+    elif case == 'no split file':
+        (root / 'Test' / 'subject_id_test.txt').unlink()
+        needles += ['subject_id_test.txt is missing']
+    elif case == 'user in no split':
+        (root / 'Train' / 'subject_id_train.txt').write_text('1\n3\n6\n')
+        needles += ['user 5 is in neither']
+    elif case == 'user in both':
+        (root / 'Train' / 'subject_id_train.txt').write_text('1\n2\n3\n5\n')
+        needles += ['user 2 is in both']
+    elif case == 'no test windows':  # the split files name no test user that is here
+        (root / 'Train' / 'subject_id_train.txt').write_text('1\n2\n3\n4\n5\n')
+        (root / 'Test' / 'subject_id_test.txt').write_text('9\n')
+        needles += ['no 128-sample window of an activity of the test users [9]']
+    else:
+        labels.write_text('')
+        needles += [labels, 'holds no rows']
+    if case in ('short row', 'not a number', 'nan', 'past the end'):
+        acc.write_text(''.join(line + '\n' for line in lines))
+    msg = data_error(lambda: data.load_hapt_sample(tmp_path, download=False), *needles)
+    assert 'download' not in msg
+
+
 # the real folders (skipped where shared/data does not have them)
 
 SPEECH_SUBSET = SHARED / 'speech_commands_v0.02_subset'
+HAPT = SHARED / 'hapt_sample'
 
 
 @pytest.mark.skipif(not SPEECH_SUBSET.is_dir(), reason="the real Speech Commands v0.02 subset is not in shared/data")
@@ -1008,6 +1094,39 @@ def test_real_speech_subset():
     assert (s.test_x[i].float() - (db - data.GOOGLE_SPEECH_MEAN) / data.GOOGLE_SPEECH_STD).abs().max() < 0.01
 
 
+@pytest.mark.skipif(not HAPT.is_dir(), reason="the real HAPT sample is not in shared/data")
+def test_real_hapt_sample():
+    before = snapshot(SHARED)
+    s = data.get_domain('hapt_sample').load(SHARED, download=False)
+    assert snapshot(SHARED) == before
+    # the windows counted from labels.txt by hand: every segment of activity 1-6 of the 7 users present
+    segments = [[int(v) for v in line.split()] for line in (HAPT / 'RawData' / 'labels.txt').read_text().split('\n')
+                if line.strip()]
+    count = {'train': [0] * 6, 'test': [0] * 6}
+    for e, user, activity, first, last in segments:
+        if user in (1, 2, 3, 4, 5, 7, 8) and activity <= 6:
+            count['test' if user in (2, 4) else 'train'][activity - 1] += max(0, (last - first + 1 - 128) // 64 + 1)
+    assert np.bincount(s.train_y.numpy()).tolist() == count['train'] == [314, 251, 230, 234, 286, 267]
+    assert np.bincount(s.test_y.numpy()).tolist() == count['test'] == [119, 100, 92, 95, 111, 101]
+    assert s.train_x.shape == (1582, 6, 128) and s.test_x.shape == (618, 6, 128)
+    # the official split by user: 2 and 4 test (the distinct users of Test/subject_id_test.txt that are here)
+    test_users = {int(v) for v in (HAPT / 'Test' / 'subject_id_test.txt').read_text().split()}
+    assert test_users & {1, 2, 3, 4, 5, 7, 8} == {2, 4}
+    assert set(s.train_groups.tolist()) == {1, 3, 5, 7, 8}
+    tr, va = data.train_val_split(len(s.train_x), 0.1, groups=s.train_groups)
+    assert not set(s.train_groups[tr].tolist()) & set(s.train_groups[va].tolist())
+    # the first test rows, re-read with plain Python: user 2's first recording (experiment 3), its first segment of
+    # an activity long enough for a window, windows 0 and 1 (stride 64)
+    e, user, activity, first, last = next(r for r in segments if r[:2] == [3, 2] and r[2] <= 6 and r[4] - r[3] >= 127)
+    acc, gyro = ([[float(v) for v in line.split()] for line in (HAPT / 'RawData' / f'{kind}_exp03_user02.txt')
+                  .read_text().splitlines()] for kind in ('acc', 'gyro'))
+    for w in (0, 1):
+        rows = range(first - 1 + 64 * w, first - 1 + 64 * w + 128)  # labels.txt is 1-based
+        window = np.array([[acc[r][c] for r in rows] for c in range(3)] +
+                          [[gyro[r][c] for r in rows] for c in range(3)], np.float32)  # (6, 128), channels first
+        assert np.array_equal(s.test_x[w].numpy(), window) and s.test_y[w] == activity - 1
+
+
 # -----------------------------------------------------------------------------
 # every domain: its spec, and its fixture through to_input (test_train.py trains on each fixture)
 
@@ -1028,6 +1147,8 @@ def test_domain_specs():
     # the real samples in shared/data: as their nearest DABS domains, but HAPT's windows, patches and mask ratio
     assert spec['google_speech_subset'] == ((1, 224, 224), (16, 16), 0, 10, 64)
     assert data.GOOGLE_SPEECH_SUBSET.mask_ratio == 0.5
+    assert spec['hapt_sample'] == ((6, 128), (4,), 0, 6, 256)
+    assert data.HAPT_SAMPLE.mask_ratio == 0.75  # pamap2's 0.85 would keep 4 of its 32 tokens
     # the metric the probe reports, and what a pretraining domain is probed on (DABS's pairs)
     assert {n for n, d in data.DOMAINS.items() if d.metric != 'accuracy'} == {'wafer_transfer'}
     assert data.WAFER_TRANSFER.metric == 'weighted_f1'
