@@ -424,6 +424,21 @@ def write_fake_hapt(data_dir, seed=0):
     return {split: (np.array(x, np.float32), np.array(y), np.array(users)) for split, (x, y, users) in out.items()}
 
 
+def write_fake_higgs_sample(data_dir, rows=(60, 20), seed=0):
+    """higgs_lightgbm/binary.train and binary.test as LightGBM's example: tab-separated, the label (1 or 0), then 28
+    features with 3 decimals. Returns {'train': float32 (N, 29), 'test': ...}: the label, then the features."""
+    rng = np.random.default_rng(seed)
+    folder = Path(data_dir) / 'higgs_lightgbm'
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, name, n in (('train', 'binary.train', rows[0]), ('test', 'binary.test', rows[1])):
+        table = [[str(rng.integers(0, 2))] + [f'{v:.3f}' for v in rng.standard_normal(28) + 1] for _ in range(n)]
+        (folder / name).write_text(''.join('\t'.join(row) + '\n' for row in table))
+        out[split] = np.array([[float(v) for v in row] for row in table]).astype(np.float32)
+    (folder / 'LICENSE.LightGBM').write_text('The MIT License (MIT)\n')
+    return out
+
+
 # -----------------------------------------------------------------------------
 # any domain's fake, by name
 
@@ -432,7 +447,8 @@ FAKE_WRITERS = {'google_speech': write_fake_google_speech, 'audio_mnist': write_
                 'pamap2': write_fake_pamap2, 'higgs': write_fake_higgs, 'genomics': write_fake_genomics,
                 'pfam': write_fake_pfam, 'pfam_transfer': write_fake_pfam, 'scop': write_fake_scop,
                 'wafer': write_fake_wafer, 'wafer_transfer': write_fake_wafer,
-                'google_speech_subset': write_fake_speech_subset, 'hapt_sample': write_fake_hapt}
+                'google_speech_subset': write_fake_speech_subset, 'hapt_sample': write_fake_hapt,
+                'higgs_sample': write_fake_higgs_sample}
 
 
 def write_fake(name, data_dir, monkeypatch):

@@ -1598,11 +1598,62 @@ HAPT_SAMPLE = Domain(name='hapt_sample', input_shape=(6, HAPT_WINDOW), patch_siz
                      to_input=as_float32)
 
 # -----------------------------------------------------------------------------
+# HIGGS sample (tabular, as higgs): 7,500 rows of UCI HIGGS (Monte-Carlo collisions: 1 = signal, 0 = background)
+# rounded to 3 decimals, from LightGBM's binary-classification example.
+# Source: binary.train and binary.test in https://github.com/microsoft/LightGBM/tree/master/examples/
+# binary_classification; MIT (LICENSE.LightGBM beside them); HIGGS itself is CC BY 4.0. Shipped in shared/data
+# as higgs_lightgbm/.
+# Format: tab-separated text, no header: the label, then HIGGS's 28 features in HIGGS.csv's column order. As
+# higgs: input (28,), one token per feature, raw values, labels 0/1. A label other than 0 or 1 is an error, not
+# cast: 0.5 is no class.
+# Split: the example's own: train = binary.train (7,000 rows), test = binary.test (500).
+
+HIGGS_SAMPLE_URL = 'https://github.com/microsoft/LightGBM/tree/master/examples/binary_classification'
+
+
+def read_higgs_sample(path: Path, fix: str) -> np.ndarray:
+    """binary.train or binary.test -> float32 (N, 29): the label, then the 28 features."""
+    try:
+        text = path.read_text(encoding='ascii')
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is unreadable ({_oneline(e)}): {fix}") from None
+    if not text.strip():  # np.loadtxt would only warn
+        raise DataError(f"{path} holds no rows: {fix}")
+    try:
+        a = np.loadtxt(io.StringIO(text), delimiter='\t', dtype=np.float64, ndmin=2)
+    except ValueError as e:  # a row with another number of columns, or a value that is no number
+        raise DataError(f"{path} is not the tab-separated HIGGS rows ({_oneline(e)}): {fix}") from None
+    if a.shape[1] != 29:
+        raise DataError(f"{path} has {a.shape[1]} columns, expected 29 (label + 28 features): {fix}")
+    if not np.isfinite(a).all():
+        row, col = np.argwhere(~np.isfinite(a))[0]
+        raise DataError(f"{path} row {row + 1} holds {a[row, col]}, not a number: {fix}")
+    bad = np.flatnonzero(~np.isin(a[:, 0], (0, 1)))
+    if len(bad):
+        raise DataError(f"{path} row {bad[0] + 1}: unknown label {a[bad[0], 0]:g} (expected 0 or 1): {fix}")
+    return a.astype(np.float32)
+
+
+def load_higgs_sample(data_dir: Path, download: bool) -> Splits:
+    # `download` is unused: the sample ships with the project
+    folder = sample_folder(data_dir, 'higgs_lightgbm')
+    train, test = (torch.from_numpy(read_higgs_sample(folder / name, sample_fix(folder)))
+                   for name in ('binary.train', 'binary.test'))
+    return Splits(train[:, 1:], train[:, 0].long(), test[:, 1:], test[:, 0].long())
+
+
+# batch and mask ratio as higgs: the same 28 tokens
+HIGGS_SAMPLE = Domain(name='higgs_sample', input_shape=(28,), patch_size=(), vocab_size=0, num_classes=2,
+                      batch_size=256, mask_ratio=0.5, load=load_higgs_sample, to_input=as_float32)
+
+# -----------------------------------------------------------------------------
 # the domains train.py can use: add new sections' Domains here
 
 DOMAINS = {d.name: d for d in (CIFAR10, IMAGENET32, GOOGLE_SPEECH, GOOGLE_SPEECH_SAMPLE, AUDIO_MNIST, LIBRISPEECH,
                                LIBRISPEECH_TRANSFER, PAMAP2, HIGGS, GENOMICS, PFAM, PFAM_TRANSFER, SCOP, WAFER,
-                               WAFER_TRANSFER, GOOGLE_SPEECH_SUBSET, HAPT_SAMPLE)}
+                               WAFER_TRANSFER, GOOGLE_SPEECH_SUBSET, HAPT_SAMPLE, HIGGS_SAMPLE)}
 
 
 def get_domain(name: str) -> Domain:

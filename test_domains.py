@@ -28,7 +28,7 @@ from conftest import (FAKE_WRITERS, data_error, fails, protein_records, serve, w
                       write_fake_audio_mnist, write_fake_genomics, write_fake_google_speech, write_fake_higgs,
                       write_fake_librispeech, write_fake_pamap2, write_fake_pfam, write_fake_scop, write_fake_wafer,
                       write_genomics_zip, write_json_array, write_wafer_npz, write_wav)
-from conftest import write_fake_hapt, write_fake_speech_subset
+from conftest import write_fake_hapt, write_fake_higgs_sample, write_fake_speech_subset
 
 SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
 SPEECH_SAMPLE = SHARED / 'speech_commands_v0.01_sample'
@@ -1054,6 +1054,56 @@ def test_bad_hapt_is_a_data_error(tmp_path, case):
     assert 'download' not in msg
 
 
+def test_higgs_sample_rows_and_split(tmp_path):
+    expected = write_fake_higgs_sample(tmp_path)
+    before = snapshot(tmp_path)
+    s = data.load_higgs_sample(tmp_path, download=False)
+    assert snapshot(tmp_path) == before
+    # train = binary.train, test = binary.test, rows in the files' order
+    for x, y, a in ((s.train_x, s.train_y, expected['train']), (s.test_x, s.test_y, expected['test'])):
+        assert x.dtype == torch.float32 and np.array_equal(x.numpy(), a[:, 1:])
+        assert y.dtype == torch.int64 and y.tolist() == a[:, 0].astype(int).tolist()
+    assert s.train_x.shape == (60, 28) and s.test_x.shape == (20, 28) and s.train_groups is None
+
+
+@pytest.mark.parametrize('case', ['missing', 'missing file', 'short row', '28 columns', 'not a number', 'nan',
+                                  'label 0.5', 'label 2', 'empty'])
+def test_bad_higgs_sample_is_a_data_error(tmp_path, case):
+    folder = tmp_path / 'higgs_lightgbm'
+    if case == 'missing':
+        data_error(lambda: data.load_higgs_sample(tmp_path, download=False), folder,
+                   'ships with the project in shared/data', '--data-dir')
+        return
+    write_fake_higgs_sample(tmp_path)
+    f = folder / 'binary.test'
+    rows = [line.split('\t') for line in f.read_text().splitlines()]
+    needles = ['restore higgs_lightgbm/']
+    if case == 'missing file':
+        f.unlink()
+        needles += [f, 'is missing']
+    elif case == 'short row':
+        rows[5] = rows[5][:-1]
+        needles += [f, 'not the tab-separated HIGGS rows']
+    elif case == '28 columns':
+        rows = [row[:-1] for row in rows]
+        needles += [f, 'has 28 columns, expected 29']
+    elif case == 'not a number':
+        rows[2][7] = 'x1.5'
+        needles += [f, 'not the tab-separated HIGGS rows']
+    elif case == 'nan':
+        rows[4][9] = 'nan'
+        needles += [f, 'row 5 holds nan, not a number']
+    elif case in ('label 0.5', 'label 2'):
+        rows[3][0] = case.split()[1]
+        needles += [f, f'row 4: unknown label {case.split()[1]} (expected 0 or 1)']
+    else:
+        rows = []
+        needles += [f, 'holds no rows']
+    if case != 'missing file':
+        f.write_text(''.join('\t'.join(row) + '\n' for row in rows))
+    data_error(lambda: data.load_higgs_sample(tmp_path, download=False), *needles)
+
+
 # the real folders (skipped where shared/data does not have them)
 
 SPEECH_SUBSET = SHARED / 'speech_commands_v0.02_subset'
@@ -1127,6 +1177,22 @@ def test_real_hapt_sample():
         assert np.array_equal(s.test_x[w].numpy(), window) and s.test_y[w] == activity - 1
 
 
+@pytest.mark.skipif(not (SHARED / 'higgs_lightgbm').is_dir(), reason="the real HIGGS sample is not in shared/data")
+def test_real_higgs_sample():
+    before = snapshot(SHARED)
+    s = data.get_domain('higgs_sample').load(SHARED, download=False)
+    assert snapshot(SHARED) == before
+    assert s.train_x.shape == (7000, 28) and s.test_x.shape == (500, 28)
+    assert np.bincount(s.train_y.numpy()).tolist() == [3284, 3716]
+    assert np.bincount(s.test_y.numpy()).tolist() == [228, 272]
+    # rows parsed by hand: the first of binary.train, the last of binary.test
+    for x, y, name, row in ((s.train_x, s.train_y, 'binary.train', 0), (s.test_x, s.test_y, 'binary.test', -1)):
+        fields = (SHARED / 'higgs_lightgbm' / name).read_text().splitlines()[row].split('\t')
+        assert len(fields) == 29 and y[row] == int(fields[0])
+        assert x[row].tolist() == [float(np.float32(float(v))) for v in fields[1:]]
+    assert s.train_x[0, :3].tolist() == pytest.approx([0.869, -0.635, 0.226])  # HIGGS.csv's first row, rounded
+
+
 # -----------------------------------------------------------------------------
 # every domain: its spec, and its fixture through to_input (test_train.py trains on each fixture)
 
@@ -1149,6 +1215,8 @@ def test_domain_specs():
     assert data.GOOGLE_SPEECH_SUBSET.mask_ratio == 0.5
     assert spec['hapt_sample'] == ((6, 128), (4,), 0, 6, 256)
     assert data.HAPT_SAMPLE.mask_ratio == 0.75  # pamap2's 0.85 would keep 4 of its 32 tokens
+    assert spec['higgs_sample'] == ((28,), (), 0, 2, 256)
+    assert data.HIGGS_SAMPLE.mask_ratio == 0.5
     # the metric the probe reports, and what a pretraining domain is probed on (DABS's pairs)
     assert {n for n, d in data.DOMAINS.items() if d.metric != 'accuracy'} == {'wafer_transfer'}
     assert data.WAFER_TRANSFER.metric == 'weighted_f1'
