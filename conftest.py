@@ -439,6 +439,26 @@ def write_fake_higgs_sample(data_dir, rows=(60, 20), seed=0):
     return out
 
 
+def write_fake_splice(data_dir, rows=60, seed=0):
+    """splice/splice.data as UCI's: class, instance name, 60 letters, comma-separated and padded with spaces to the
+    original's columns; every tenth sequence holds one of the ambiguity codes D N S R. Returns the rows as
+    (class, name, sequence)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(rows):
+        cls = rng.choice(['EI', 'IE', 'N', 'N'])  # N is half of the real file
+        seq = [rng.choice('ACGT') for _ in range(60)]
+        if i % 10 == 3:
+            seq[rng.randrange(60)] = 'DNSR'[i // 10 % 4]
+        kind = {'EI': 'DONOR', 'IE': 'ACCEPTOR', 'N': 'NEG'}[cls]
+        out.append((cls, f'HUMFAKE-{kind}-{100 + i}', ''.join(seq)))
+    folder = Path(data_dir) / 'splice'
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'splice.data').write_text(''.join(f"{c + ',':<7}{name + ',':<32}{seq}\n" for c, name, seq in out))
+    (folder / 'splice.names').write_text('1. Title of Database: Primate splice-junction gene sequences (DNA)\n')
+    return out
+
+
 # -----------------------------------------------------------------------------
 # any domain's fake, by name
 
@@ -448,7 +468,7 @@ FAKE_WRITERS = {'google_speech': write_fake_google_speech, 'audio_mnist': write_
                 'pfam': write_fake_pfam, 'pfam_transfer': write_fake_pfam, 'scop': write_fake_scop,
                 'wafer': write_fake_wafer, 'wafer_transfer': write_fake_wafer,
                 'google_speech_subset': write_fake_speech_subset, 'hapt_sample': write_fake_hapt,
-                'higgs_sample': write_fake_higgs_sample}
+                'higgs_sample': write_fake_higgs_sample, 'splice': write_fake_splice}
 
 
 def write_fake(name, data_dir, monkeypatch):

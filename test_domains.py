@@ -28,7 +28,7 @@ from conftest import (FAKE_WRITERS, data_error, fails, protein_records, serve, w
                       write_fake_audio_mnist, write_fake_genomics, write_fake_google_speech, write_fake_higgs,
                       write_fake_librispeech, write_fake_pamap2, write_fake_pfam, write_fake_scop, write_fake_wafer,
                       write_genomics_zip, write_json_array, write_wafer_npz, write_wav)
-from conftest import write_fake_hapt, write_fake_higgs_sample, write_fake_speech_subset
+from conftest import write_fake_hapt, write_fake_higgs_sample, write_fake_speech_subset, write_fake_splice
 
 SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
 SPEECH_SAMPLE = SHARED / 'speech_commands_v0.01_sample'
@@ -1104,6 +1104,62 @@ def test_bad_higgs_sample_is_a_data_error(tmp_path, case):
     data_error(lambda: data.load_higgs_sample(tmp_path, download=False), *needles)
 
 
+def splice_tokens_by_hand(seq):
+    return [{'A': 0, 'C': 1, 'G': 2, 'T': 3, 'D': 4, 'N': 5, 'S': 6, 'R': 7}[c] for c in seq]
+
+
+def test_splice_tokens_labels_and_split(tmp_path):
+    rows = write_fake_splice(tmp_path)
+    before = snapshot(tmp_path)
+    s = data.load_splice(tmp_path, download=False)
+    assert snapshot(tmp_path) == before
+    tokens = np.array([splice_tokens_by_hand(seq) for _, _, seq in rows], np.uint8)
+    labels = np.array([{'EI': 0, 'IE': 1, 'N': 2}[c] for c, _, _ in rows])
+    perm = np.random.RandomState(42).permutation(60)  # DABS's seed-42 permutation, ceil(90%) = 54 train
+    assert s.train_x.dtype == torch.uint8 and s.train_x.shape == (54, 60) and s.test_x.shape == (6, 60)
+    assert np.array_equal(s.train_x.numpy(), tokens[perm[:54]]) and np.array_equal(s.test_x.numpy(), tokens[perm[54:]])
+    assert s.train_y.tolist() == labels[perm[:54]].tolist() and s.test_y.tolist() == labels[perm[54:]].tolist()
+    assert set(torch.cat([s.train_x, s.test_x]).unique().tolist()) == set(range(8))  # the ambiguity codes: 4-7
+    assert data.SPLICE.to_input(s.train_x[:2]).dtype == torch.int64
+
+
+@pytest.mark.parametrize('case', ['missing', 'missing file', 'unknown class', 'short sequence', 'unknown letter',
+                                  'lower case', 'two fields', 'too few'])
+def test_bad_splice_is_a_data_error(tmp_path, case):
+    folder = tmp_path / 'splice'
+    if case == 'missing':
+        data_error(lambda: data.load_splice(tmp_path, download=False), folder,
+                   'ships with the project in shared/data', '--data-dir')
+        return
+    write_fake_splice(tmp_path)
+    f = folder / 'splice.data'
+    lines = f.read_text().splitlines()
+    needles = ['restore splice/']
+    if case == 'missing file':
+        f.unlink()
+        needles += [f, 'is missing']
+    elif case == 'unknown class':
+        lines[4] = 'EE' + lines[4][2:] if lines[4][1] != ',' else 'X' + lines[4][1:]
+        needles += [f, 'line 5: unknown class']
+    elif case == 'short sequence':
+        lines[6] = lines[6][:-1]
+        needles += [f, 'line 7: sequence of 59 letters, expected 60']
+    elif case in ('unknown letter', 'lower case'):
+        lines[8] = lines[8][:-10] + ('X' if case == 'unknown letter' else 'a') + lines[8][-9:]
+        needles += [f, f"line 9: the letter {'X' if case == 'unknown letter' else 'a'!r}, which is not one of ACGTDNSR"]
+    elif case == 'two fields':
+        cls, _, seq = lines[2].split(',')
+        lines[2] = f'{cls},{seq}'
+        needles += [f, 'line 3: 2 comma-separated fields, expected 3']
+    else:
+        lines = lines[:9]  # ceil(0.9 * 9) = 9: none left for test
+        needles += [f, '9 sequences leave none for the test split']
+    if case != 'missing file':
+        f.write_text(''.join(line + '\n' for line in lines))
+    msg = data_error(lambda: data.load_splice(tmp_path, download=False), *needles)
+    assert 'download' not in msg
+
+
 # the real folders (skipped where shared/data does not have them)
 
 SPEECH_SUBSET = SHARED / 'speech_commands_v0.02_subset'
@@ -1193,6 +1249,26 @@ def test_real_higgs_sample():
     assert s.train_x[0, :3].tolist() == pytest.approx([0.869, -0.635, 0.226])  # HIGGS.csv's first row, rounded
 
 
+@pytest.mark.skipif(not (SHARED / 'splice').is_dir(), reason="the real splice sample is not in shared/data")
+def test_real_splice():
+    before = snapshot(SHARED)
+    s = data.get_domain('splice').load(SHARED, download=False)
+    assert snapshot(SHARED) == before
+    assert s.train_x.shape == (2871, 60) and s.test_x.shape == (319, 60)  # seeded_split: ceil(90%) of 3,190
+    assert np.bincount(s.train_y.numpy()).tolist() == [704, 685, 1482]  # EI, IE, N
+    assert np.bincount(s.test_y.numpy()).tolist() == [63, 83, 173]
+    assert set(torch.cat([s.train_x, s.test_x]).unique().tolist()) == set(range(8))  # D N S R all occur
+    # one sequence tokenised by hand: an acceptor that starts with the ambiguity code D, found through the split
+    lines = (SHARED / 'splice' / 'splice.data').read_text().splitlines()
+    i = next(k for k, line in enumerate(lines) if 'HUMMHB27B-ACCEPTOR-1202' in line)
+    cls, name, seq = (f.strip() for f in lines[i].split(','))
+    assert cls == 'IE' and seq.startswith('DGACGG')
+    perm = np.random.RandomState(42).permutation(3190)
+    where = int(np.flatnonzero(perm == i)[0])
+    x, y = (s.train_x[where], s.train_y[where]) if where < 2871 else (s.test_x[where - 2871], s.test_y[where - 2871])
+    assert x.tolist() == splice_tokens_by_hand(seq) and x[0] == 4 and y == 1
+
+
 # -----------------------------------------------------------------------------
 # every domain: its spec, and its fixture through to_input (test_train.py trains on each fixture)
 
@@ -1217,6 +1293,8 @@ def test_domain_specs():
     assert data.HAPT_SAMPLE.mask_ratio == 0.75  # pamap2's 0.85 would keep 4 of its 32 tokens
     assert spec['higgs_sample'] == ((28,), (), 0, 2, 256)
     assert data.HIGGS_SAMPLE.mask_ratio == 0.5
+    assert spec['splice'] == ((60,), (), 8, 3, 32)  # A C G T and the ambiguity codes D N S R
+    assert data.SPLICE.mask_ratio == 0.5
     # the metric the probe reports, and what a pretraining domain is probed on (DABS's pairs)
     assert {n for n, d in data.DOMAINS.items() if d.metric != 'accuracy'} == {'wafer_transfer'}
     assert data.WAFER_TRANSFER.metric == 'weighted_f1'
