@@ -358,13 +358,123 @@ def write_fake_wafer(data_dir, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# the real samples' formats (shared/data): the Speech Commands subset, HAPT, LightGBM's HIGGS rows, UCI splice
+
+SPEECH_SUBSET_FAKE_SPEAKERS = {'train': ('0a1b2c3d', 'deadbeef', 'f00dfeed'), 'test': ('1234abcd', 'c0ffee00')}
+
+
+def write_fake_speech_subset(data_dir, seed=0):
+    """speech_commands_v0.02_subset/<word>/<speaker>_nohash_<n>.wav: every keyword by 3 train and 2 test speakers
+    (SHA-1 of the id divisible by 5: test), one of them twice; 1 s clips, and the archive's README.md and LICENSE.
+    Returns {'train': [...], 'test': [...]} relative paths in the loader's row order."""
+    rng = np.random.default_rng(seed)
+    root = Path(data_dir) / 'speech_commands_v0.02_subset'
+    files = []
+    for word in data.SPEECH_SUBSET_WORDS:
+        for speaker in SPEECH_SUBSET_FAKE_SPEAKERS['train'] + SPEECH_SUBSET_FAKE_SPEAKERS['test']:
+            for n in range(2 if (word, speaker) == ('yes', 'deadbeef') else 1):
+                files.append(f'{word}/{speaker}_nohash_{n}.wav')
+                write_wav(root / files[-1], speech_like(rng, 16_000, 16_000), 16_000)
+    (root / 'README.md').write_text('# Speech Commands Data Set Test Files v0.02\n')  # not wavs: ignored
+    (root / 'LICENSE').write_text('Creative Commons Attribution 4.0 International Public License\n')
+    return {split: sorted(f for f in files if f.split('/')[1].split('_nohash_')[0] in speakers)
+            for split, speakers in SPEECH_SUBSET_FAKE_SPEAKERS.items()}
+
+
+# HAPT: the users present and their experiments (users 2 and 4 test, as in the sample); every recording has these
+# segments from its first sample on: (activity, samples), 0 = unlabelled. 291 samples hold 3 windows of 128 at
+# stride 64, 128 hold 1, 127 none; 7 and 12 are transitions (dropped).
+HAPT_FAKE_RECORDINGS = {1: (1, 2), 2: (3,), 3: (5,), 4: (7,), 5: (9,)}
+HAPT_FAKE_SEGMENTS = [(0, 20), (5, 291), (7, 150), (1, 128), (0, 5), (2, 127), (2, 140), (3, 200), (4, 192),
+                      (12, 100), (6, 260), (0, 30)]
+
+
+def write_hapt_rows(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(''.join(' '.join(str(v) for v in row) + '\n' for row in rows))
+
+
+def write_fake_hapt(data_dir, seed=0):
+    """hapt_sample/ as the HAPT archive: RawData/acc_ and gyro_expXX_userYY.txt (3 numbers a row, repr() as the
+    originals), RawData/labels.txt (with segments of absent users too, as the real one lists all 30),
+    activity_labels.txt, and Train/subject_id_train.txt, Test/subject_id_test.txt (which name absent users too).
+    Returns {'train': (x float32 (N, 6, 128), y, users), 'test': (...)} as the loader must give them."""
+    rng = np.random.default_rng(seed)
+    root = Path(data_dir) / 'hapt_sample'
+    n = sum(k for _, k in HAPT_FAKE_SEGMENTS)
+    labels, out = [], {'train': ([], [], []), 'test': ([], [], [])}
+    for user, experiments in HAPT_FAKE_RECORDINGS.items():
+        for e in experiments:
+            signal = rng.standard_normal((n, 6)) * [0.3, 0.3, 0.3, 1, 1, 1] + [1, 0, 0, 0, 0, 0]  # g, rad/s
+            write_hapt_rows(root / 'RawData' / f'acc_exp{e:02d}_user{user:02d}.txt', signal[:, :3].tolist())
+            write_hapt_rows(root / 'RawData' / f'gyro_exp{e:02d}_user{user:02d}.txt', signal[:, 3:].tolist())
+            x, y, users = out['test' if user in (2, 4) else 'train']
+            start = 0  # 0-based first sample of the segment
+            for activity, k in HAPT_FAKE_SEGMENTS:
+                if activity:
+                    labels.append((e, user, activity, start + 1, start + k))
+                if 1 <= activity <= 6:
+                    for t in range(start, start + k - 127, 64):
+                        x.append(signal[t:t + 128].T)
+                        y.append(activity - 1)
+                        users.append(user)
+                start += k
+    labels += [(11, 6, 5, 100, 400), (61, 30, 1, 9676, 10779)]  # users not in this folder
+    write_hapt_rows(root / 'RawData' / 'labels.txt', sorted(labels, key=lambda r: (r[0], r[3])))  # in time order
+    (root / 'activity_labels.txt').write_text(''.join(f'{i} {name:<18}\n' for i, name in enumerate(
+        ['WALKING', 'WALKING_UPSTAIRS', 'WALKING_DOWNSTAIRS', 'SITTING', 'STANDING', 'LAYING', 'STAND_TO_SIT',
+         'SIT_TO_STAND', 'SIT_TO_LIE', 'LIE_TO_SIT', 'STAND_TO_LIE', 'LIE_TO_STAND'], start=1)))
+    write_hapt_rows(root / 'Train' / 'subject_id_train.txt', [[u] for u in (1, 1, 1, 3, 3, 5, 6, 6, 30)])
+    write_hapt_rows(root / 'Test' / 'subject_id_test.txt', [[u] for u in (2, 2, 4, 9, 9)])
+    (root / 'README.txt').write_text('Smartphone-Based Recognition of Human Activities and Postural Transitions\r\n')
+    return {split: (np.array(x, np.float32), np.array(y), np.array(users)) for split, (x, y, users) in out.items()}
+
+
+def write_fake_higgs_sample(data_dir, rows=(60, 20), seed=0):
+    """higgs_lightgbm/binary.train and binary.test as LightGBM's example: tab-separated, the label (1 or 0), then 28
+    features with 3 decimals. Returns {'train': float32 (N, 29), 'test': ...}: the label, then the features."""
+    rng = np.random.default_rng(seed)
+    folder = Path(data_dir) / 'higgs_lightgbm'
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, name, n in (('train', 'binary.train', rows[0]), ('test', 'binary.test', rows[1])):
+        table = [[str(rng.integers(0, 2))] + [f'{v:.3f}' for v in rng.standard_normal(28) + 1] for _ in range(n)]
+        (folder / name).write_text(''.join('\t'.join(row) + '\n' for row in table))
+        out[split] = np.array([[float(v) for v in row] for row in table]).astype(np.float32)
+    (folder / 'LICENSE.LightGBM').write_text('The MIT License (MIT)\n')
+    return out
+
+
+def write_fake_splice(data_dir, rows=60, seed=0):
+    """splice/splice.data as UCI's: class, instance name, 60 letters, comma-separated and padded with spaces to the
+    original's columns; every tenth sequence holds one of the ambiguity codes D N S R. Returns the rows as
+    (class, name, sequence)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(rows):
+        cls = rng.choice(['EI', 'IE', 'N', 'N'])  # N is half of the real file
+        seq = [rng.choice('ACGT') for _ in range(60)]
+        if i % 10 == 3:
+            seq[rng.randrange(60)] = 'DNSR'[i // 10 % 4]
+        kind = {'EI': 'DONOR', 'IE': 'ACCEPTOR', 'N': 'NEG'}[cls]
+        out.append((cls, f'HUMFAKE-{kind}-{100 + i}', ''.join(seq)))
+    folder = Path(data_dir) / 'splice'
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'splice.data').write_text(''.join(f"{c + ',':<7}{name + ',':<32}{seq}\n" for c, name, seq in out))
+    (folder / 'splice.names').write_text('1. Title of Database: Primate splice-junction gene sequences (DNA)\n')
+    return out
+
+
+# -----------------------------------------------------------------------------
 # any domain's fake, by name
 
 FAKE_WRITERS = {'google_speech': write_fake_google_speech, 'audio_mnist': write_fake_audio_mnist,
                 'librispeech': write_fake_librispeech, 'librispeech_transfer': write_fake_librispeech,
                 'pamap2': write_fake_pamap2, 'higgs': write_fake_higgs, 'genomics': write_fake_genomics,
                 'pfam': write_fake_pfam, 'pfam_transfer': write_fake_pfam, 'scop': write_fake_scop,
-                'wafer': write_fake_wafer, 'wafer_transfer': write_fake_wafer}
+                'wafer': write_fake_wafer, 'wafer_transfer': write_fake_wafer,
+                'google_speech_subset': write_fake_speech_subset, 'hapt_sample': write_fake_hapt,
+                'higgs_sample': write_fake_higgs_sample, 'splice': write_fake_splice}
 
 
 def write_fake(name, data_dir, monkeypatch):

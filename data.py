@@ -76,6 +76,9 @@ class Splits:
     train_y: torch.Tensor       # labels int64 (N,)
     test_x: torch.Tensor
     test_y: torch.Tensor
+    # int64 (N,): who made each train row (the speaker, the user), for domains whose rows come in groups, so that
+    # a validation split can hold out whole groups (train_val_split's `groups`); None: the rows are independent
+    train_groups: torch.Tensor = None
 
 
 @dataclass(frozen=True)
@@ -146,18 +149,40 @@ def label_free(train_x: torch.Tensor) -> Splits:
     return Splits(train_x, zeros, train_x[:0], zeros[:0])
 
 
-def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0,
+                    groups: torch.Tensor = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-seed split of range(n) into sorted (train_idx, val_idx): disjoint, together all of it.
 
     Not seeded_split: this one carves validation out of any train split, for train.py, and its partition
-    (torch's generator) is what the README's validation figures were measured on."""
+    (torch's generator) is what the README's validation figures were measured on.
+
+    groups: None, or int (n,), the group of each row (Splits.train_groups: a speaker, a user). Rows of one
+    speaker are alike, so a validation set that shares speakers with train would flatter the probe: with
+    groups, whole groups go to validation. The rule: the distinct groups (sorted) in a fixed-seed permutation,
+    taken in that order until they hold at least round(n * val_frac) rows. So validation may be a little
+    larger than val_frac; it is a ValueError if it would take every group. Without groups, the rows are
+    permuted one by one, exactly as before groups existed."""
     if n < 0 or not 0 <= val_frac < 1:
         raise ValueError(f"need n >= 0 and 0 <= val_frac < 1, got n={n}, val_frac={val_frac}")
     # a private generator: the split is the same whatever the caller did to the global RNG, and
     # taking it does not change the global RNG either
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
     n_val = round(n * val_frac)
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
+    if groups is None:
+        perm = torch.randperm(n, generator=generator)
+        return perm[n_val:].sort().values, perm[:n_val].sort().values
+    groups = torch.as_tensor(groups).cpu()  # the indices are CPU tensors either way, as without groups
+    if groups.shape != (n,) or groups.is_floating_point() or groups.dtype == torch.bool:
+        raise ValueError(f"groups must be integers of shape ({n},), got {groups.dtype} {tuple(groups.shape)}")
+    ids, group_of = torch.unique(groups, return_inverse=True)  # sorted distinct groups; each row's index in ids
+    order = torch.randperm(len(ids), generator=generator)
+    rows = torch.bincount(group_of, minlength=len(ids))[order].cumsum(0)  # rows in the first 1, 2, ... groups
+    k = int((rows < n_val).sum()) + (n_val > 0)  # the fewest groups, in that order, that hold n_val rows
+    if n_val and k == len(ids):
+        raise ValueError(f"val_frac={val_frac} of {n} rows in {len(ids)} groups would put every group in "
+                         f"validation: use a smaller val_frac, or more groups")
+    is_val = torch.isin(group_of, order[:k])
+    return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()  # sorted, as nonzero gives them
 
 # -----------------------------------------------------------------------------
 # CIFAR-10: 32x32 RGB photos, 10 classes, 50k train / 10k test.
@@ -1165,11 +1190,350 @@ WAFER_TRANSFER = dataclasses.replace(WAFER, name='wafer_transfer', num_classes=l
                                      load=load_wafer_transfer, metric='weighted_f1', transfer=())
 
 # -----------------------------------------------------------------------------
+# The real samples shipped in shared/data (its README.md): for each modality beyond images, a small real dataset
+# in its published file format, the nearest to a DABS domain that fits on a machine without internet. They have
+# no download: they ship with the project (--data-dir ../shared/data). They are read where they are and nothing
+# is written beside them (that folder is read-only), so nothing is cached: each parses in seconds. A missing
+# folder says where it ships; a damaged file says to restore the shipped copy, as google_speech_sample does.
+
+def sample_folder(data_dir: Path, name: str) -> Path:
+    """The shipped sample folder `name` in data_dir, or a DataError saying where it ships."""
+    folder = data_dir / name
+    if not folder.is_dir():
+        raise DataError(f"{folder}/ not found: it ships with the project in shared/data; "
+                        f"pass --data-dir with the folder that holds it (e.g. --data-dir ../shared/data)")
+    return folder
+
+
+def sample_fix(folder: Path) -> str:
+    """What to do about a damaged file of a shipped sample: there is no download to fetch it again from."""
+    return f"the sample shipped in shared/data is damaged: restore {folder.name}/ from the project's copy"
+
+
+# -----------------------------------------------------------------------------
+# Speech Commands v0.02 subset (speech, as google_speech): 1,008 one-second clips (16 kHz) of 10 keywords by 61
+# speakers, whole speakers of the official v0.02 test set.
+# Source: http://download.tensorflow.org/data/speech_commands_test_set_v0.02.tar.gz, the companion archive of
+# speech_commands_v0.02.tar.gz; CC BY 4.0 (its LICENSE). Shipped in shared/data as speech_commands_v0.02_subset/.
+# Format: <word>/<speaker>_nohash_<n>.wav, with the archive's README.md and LICENSE; no list files. Log-mels
+# exactly as google_speech (DABS's recipe and its Speech Commands mean and std): (1, 224, 224), patches 16x16.
+# Labels: the 10 words in the order they have in GOOGLE_SPEECH_WORDS, 0-9 (so not google_speech's numbers).
+# Split: by speaker (the name before _nohash_), about 20% test. The dataset's own rule (its README's which_set:
+# SHA-1 of the speaker, mod 2**27, as a percentage) cannot split these clips: it chose them, so every speaker's
+# percentage lies in its test band, 10-20. Here a speaker is test when the SHA-1 of its id, as an integer, is
+# divisible by 5: as with which_set, a speaker's side does not depend on which other speakers are there. On the
+# sample: 10 of 61 speakers test, 838 train / 170 test clips, every word on both sides. Rows: each split's files
+# sorted by path. train_groups: each train row's speaker, numbered by the sorted speaker ids.
+# No cache: 1,008 log-mels take seconds, so they are computed at each load, in memory.
+
+SPEECH_SUBSET_URL = 'http://download.tensorflow.org/data/speech_commands_test_set_v0.02.tar.gz'
+SPEECH_SUBSET_WORDS = ['right', 'yes', 'up', 'no', 'stop', 'on', 'down', 'go', 'left', 'off']  # label = index
+SPEECH_SUBSET_TEST_EVERY = 5  # a speaker is test when the SHA-1 of its id is divisible by this: ~20%
+
+
+def speech_subset_is_test(speaker: str) -> bool:
+    """Whether `speaker` (the name before _nohash_) is a test speaker: SHA-1 of its id, as an integer, % 5 == 0."""
+    digest = hashlib.sha1(speaker.encode(), usedforsecurity=False).hexdigest()  # a split rule, not security
+    return int(digest, 16) % SPEECH_SUBSET_TEST_EVERY == 0
+
+
+def load_google_speech_subset(data_dir: Path, download: bool) -> Splits:
+    # `download` is unused: the sample ships with the project
+    folder = sample_folder(data_dir, 'speech_commands_v0.02_subset')
+    fix = sample_fix(folder)
+    files = sorted(folder.glob('*/*.wav'))
+    speaker = {}
+    for f in files:
+        if f.parent.name not in SPEECH_SUBSET_WORDS:
+            raise DataError(f"{f}: unknown word {f.parent.name!r}, expected one of the 10 keywords "
+                            f"{' '.join(SPEECH_SUBSET_WORDS)}: {fix}")
+        m = re.fullmatch(r'(.+)_nohash_\d+', f.stem)
+        if not m:
+            raise DataError(f"{f}: expected <word>/<speaker>_nohash_<n>.wav: {fix}")
+        speaker[f] = m[1]
+    test = [f for f in files if speech_subset_is_test(speaker[f])]
+    train = [f for f in files if not speech_subset_is_test(speaker[f])]
+    for name, split in (('train', train), ('test', test)):
+        if not split:
+            raise DataError(f"{folder}: no clip of a {name} speaker ({len(files)} wav files, "
+                            f"{len(set(speaker.values()))} speakers): {fix}")
+    labels = [SPEECH_SUBSET_WORDS.index(f.parent.name) for f in train + test]
+    s = speech_splits(train, test, labels, 16_000, GOOGLE_SPEECH_MEAN, GOOGLE_SPEECH_STD, fix=fix)
+    number = {sp: i for i, sp in enumerate(sorted(set(speaker.values())))}
+    s.train_groups = torch.tensor([number[speaker[f]] for f in train], dtype=torch.int64)  # (N_train,)
+    return s
+
+
+# batch and mask ratio as google_speech: the same 196 tokens
+GOOGLE_SPEECH_SUBSET = Domain(name='google_speech_subset', input_shape=(1, 224, 224), patch_size=(16, 16),
+                              vocab_size=0, num_classes=len(SPEECH_SUBSET_WORDS), batch_size=64, mask_ratio=0.5,
+                              load=load_google_speech_subset, to_input=as_float32)
+
+# -----------------------------------------------------------------------------
+# UCI HAPT (sensor series, as pamap2): "Smartphone-Based Recognition of Human Activities and Postural Transitions"
+# v2.1, the raw signals behind UCI HAR: a smartphone on the waist, 3-axis accelerometer (g) and gyroscope (rad/s)
+# at 50 Hz; 30 users doing six activities and the postural transitions between them. The sample: 7 users (1, 2,
+# 3, 4, 5, 7, 8), their whole recordings.
+# Source: UCI #341, https://archive.ics.uci.edu/ml/machine-learning-databases/00341/HAPT%20Data%20Set.zip. Licence
+# (its README.txt): cite Reyes-Ortiz et al., Neurocomputing 2015; any commercial use is prohibited. Shipped in
+# shared/data as hapt_sample/.
+# Format: RawData/acc_expXX_userYY.txt and gyro_expXX_userYY.txt, one row per sample, 3 space-separated numbers;
+# RawData/labels.txt, a row per labelled segment of every user of the full set: experiment, user, activity 1-12,
+# first and last sample (1-based, inclusive). Samples outside every segment are unlabelled.
+# Input: the 6 channels (acc x y z, then gyro x y z), channels first as pamap2: (6, 128) windows of 2.56 s with
+# 50% overlap (stride 64), UCI HAR's own windows, cut inside one labelled segment from its first sample (as many
+# as fit). Labels: the six activities 1-6 (walking, upstairs, downstairs, sitting, standing, laying) as 0-5. The
+# transitions 7-12 are dropped: they last a few seconds (median 3.6 s here), so a segment holds one or two
+# windows or none, and UCI HAR's task is the six activities.
+# As DABS's PAMAP2: raw values (no normalisation, no filtering), fixed windows inside one activity, split by
+# person. Unlike it: windows overlap by half (pamap2 here: none; DABS: random starts); there are no gaps to
+# interpolate; 6 channels at 50 Hz, not 52 at 100 Hz. UCI HAR's published windows were noise-filtered (median and
+# 20 Hz low-pass) and had gravity separated; these are the raw signals.
+# Patches of 4 samples (80 ms, 24 values): 32 tokens. pamap2's are 50 ms (5 samples at 100 Hz), but 5 does not
+# divide 128; 2 samples would make patches of 12 values, and 8 would leave 16 tokens, too few to mask most of.
+# Split: by user, the archive's own: Train/subject_id_train.txt and Test/subject_id_test.txt name the user of each
+# of its feature windows; their distinct values, among the users present, are the train and test users (here 2
+# and 4 test; 1, 3, 5, 7, 8 train). Rows: recordings by experiment number, segments in labels.txt's order,
+# windows in time order. train_groups: each train row's user.
+
+HAPT_URL = 'https://archive.ics.uci.edu/ml/machine-learning-databases/00341/HAPT%20Data%20Set.zip'
+HAPT_ACTIVITIES = ['walking', 'walking upstairs', 'walking downstairs', 'sitting', 'standing', 'laying']  # 1-6
+HAPT_WINDOW, HAPT_STRIDE = 128, 64
+
+
+def read_hapt_table(path: Path, columns: int, dtype, fix: str) -> np.ndarray:
+    """A space-separated HAPT text file with `columns` numbers a row -> (N, columns) array of dtype."""
+    try:
+        text = path.read_text(encoding='ascii')
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is unreadable ({_oneline(e)}): {fix}") from None
+    if not text.strip():  # np.loadtxt would only warn
+        raise DataError(f"{path} holds no rows: {fix}")
+    try:
+        a = np.loadtxt(io.StringIO(text), dtype=dtype, ndmin=2)
+    except ValueError as e:  # a row with another number of columns, or a value that is no number (of dtype)
+        raise DataError(f"{path} is not a HAPT table of {columns} numbers a row ({_oneline(e)}): {fix}") from None
+    if a.shape[1] != columns:
+        raise DataError(f"{path} has {a.shape[1]} columns, expected {columns}: {fix}")
+    if not np.isfinite(a).all():  # 'nan' and 'inf' parse as floats, but no sensor gives them
+        row, col = np.argwhere(~np.isfinite(a))[0]
+        raise DataError(f"{path} row {row + 1} holds {a[row, col]}, not a number: {fix}")
+    return a
+
+
+def read_hapt(folder: Path):
+    """hapt_sample/ -> (windows float32 (N, 6, 128), labels int64 (N,), users int64 (N,)) of every recording."""
+    fix, raw = sample_fix(folder), folder / 'RawData'
+    segments = read_hapt_table(raw / 'labels.txt', 5, np.int64, fix)  # (S, 5): experiment, user, activity, first, last
+    bad = segments[(segments[:, 2] < 1) | (segments[:, 2] > 12), 2]
+    if len(bad):
+        raise DataError(f"{raw / 'labels.txt'}: unknown activity {bad[0]}, expected 1-12: {fix}")
+    recordings = {}  # (experiment, user) -> its acc file
+    for f in sorted(raw.glob('acc_exp*_user*.txt')):
+        m = re.fullmatch(r'acc_exp(\d+)_user(\d+)', f.stem)
+        if m:
+            recordings[int(m[1]), int(m[2])] = f
+    if not recordings:
+        raise DataError(f"{raw} holds no acc_expXX_userYY.txt: {fix}")
+    users = {u for _, u in recordings}
+    # labels.txt covers all 30 users; a user present must have every recording it lists, else one lost file
+    # would pass unnoticed
+    missing = sorted({(e, u) for e, u in segments[:, :2].tolist() if u in users} - set(recordings))
+    if missing:
+        e, u = missing[0]
+        raise DataError(f"{raw / f'acc_exp{e:02d}_user{u:02d}.txt'} is missing, but labels.txt has segments of it: "
+                        f"{fix}")
+    x, y, who = [], [], []
+    for (e, u), acc_file in sorted(recordings.items()):
+        gyro_file = acc_file.with_name(acc_file.name.replace('acc_', 'gyro_', 1))
+        acc, gyro = read_hapt_table(acc_file, 3, np.float64, fix), read_hapt_table(gyro_file, 3, np.float64, fix)
+        if len(acc) != len(gyro):
+            raise DataError(f"{gyro_file} has {len(gyro)} samples, but {acc_file.name} has {len(acc)}: {fix}")
+        signal = np.hstack([acc, gyro]).T.astype(np.float32)  # (6, T): acc x y z, gyro x y z
+        mine = segments[(segments[:, 0] == e) & (segments[:, 1] == u)]
+        if not len(mine):
+            raise DataError(f"{raw / 'labels.txt'} has no segment of {acc_file.name}: {fix}")
+        for _, _, activity, first, last in mine.tolist():
+            if not 1 <= first <= last <= signal.shape[1]:
+                raise DataError(f"{raw / 'labels.txt'}: segment {first}-{last} of experiment {e} is not within its "
+                                f"{signal.shape[1]} samples: {fix}")
+            if activity > len(HAPT_ACTIVITIES):
+                continue  # a postural transition (see the header)
+            starts = range(first - 1, last - HAPT_WINDOW + 1, HAPT_STRIDE)  # 0-based; the window ends by `last`
+            x += [signal[:, t:t + HAPT_WINDOW] for t in starts]  # each (6, 128)
+            y += [activity - 1] * len(starts)
+            who += [u] * len(starts)
+    return (np.array(x, np.float32).reshape(-1, 6, HAPT_WINDOW), np.array(y, np.int64), np.array(who, np.int64))
+
+
+def hapt_split_users(folder: Path) -> tuple[set, set]:
+    """The archive's split by user: the distinct users of Train/subject_id_train.txt and Test/subject_id_test.txt."""
+    fix = sample_fix(folder)
+    train, test = (set(read_hapt_table(folder / part / f'subject_id_{part.lower()}.txt', 1, np.int64, fix)[:, 0]
+                       .tolist()) for part in ('Train', 'Test'))
+    if train & test:
+        raise DataError(f"{folder}: user {min(train & test)} is in both Train/subject_id_train.txt and "
+                        f"Test/subject_id_test.txt: {fix}")
+    return train, test
+
+
+def load_hapt_sample(data_dir: Path, download: bool) -> Splits:
+    # `download` is unused: the sample ships with the project
+    folder = sample_folder(data_dir, 'hapt_sample')
+    fix = sample_fix(folder)
+    train_users, test_users = hapt_split_users(folder)
+    x, y, users = read_hapt(folder)
+    unsplit = set(users.tolist()) - train_users - test_users
+    if unsplit:
+        raise DataError(f"{folder}: user {min(unsplit)} is in neither Train/subject_id_train.txt nor "
+                        f"Test/subject_id_test.txt: {fix}")
+    test = torch.from_numpy(np.isin(users, sorted(test_users)))
+    for name, rows in (('train', ~test), ('test', test)):
+        if not rows.any():
+            raise DataError(f"{folder}: no {HAPT_WINDOW}-sample window of an activity of the {name} users "
+                            f"{sorted(train_users if name == 'train' else test_users)}: {fix}")
+    x, y, users = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(users)
+    return Splits(x[~test], y[~test], x[test], y[test], train_groups=users[~test])
+
+
+# batch as pamap2. Mask ratio: pamap2's 0.85 would keep int(32 * 0.15) = 4 of these 32 tokens; 0.75 keeps 8,
+# about as many as the 9 of 64 pamap2 keeps
+HAPT_SAMPLE = Domain(name='hapt_sample', input_shape=(6, HAPT_WINDOW), patch_size=(4,), vocab_size=0,
+                     num_classes=len(HAPT_ACTIVITIES), batch_size=256, mask_ratio=0.75, load=load_hapt_sample,
+                     to_input=as_float32)
+
+# -----------------------------------------------------------------------------
+# HIGGS sample (tabular, as higgs): 7,500 rows of UCI HIGGS (Monte-Carlo collisions: 1 = signal, 0 = background)
+# rounded to 3 decimals, from LightGBM's binary-classification example.
+# Source: binary.train and binary.test in https://github.com/microsoft/LightGBM/tree/master/examples/
+# binary_classification; MIT (LICENSE.LightGBM beside them); HIGGS itself is CC BY 4.0. Shipped in shared/data
+# as higgs_lightgbm/.
+# Format: tab-separated text, no header: the label, then HIGGS's 28 features in HIGGS.csv's column order. As
+# higgs: input (28,), one token per feature, raw values, labels 0/1. A label other than 0 or 1 is an error, not
+# cast: 0.5 is no class.
+# Split: the example's own: train = binary.train (7,000 rows), test = binary.test (500).
+
+HIGGS_SAMPLE_URL = 'https://github.com/microsoft/LightGBM/tree/master/examples/binary_classification'
+
+
+def read_higgs_sample(path: Path, fix: str) -> np.ndarray:
+    """binary.train or binary.test -> float32 (N, 29): the label, then the 28 features."""
+    try:
+        text = path.read_text(encoding='ascii')
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is unreadable ({_oneline(e)}): {fix}") from None
+    if not text.strip():  # np.loadtxt would only warn
+        raise DataError(f"{path} holds no rows: {fix}")
+    try:
+        a = np.loadtxt(io.StringIO(text), delimiter='\t', dtype=np.float64, ndmin=2)
+    except ValueError as e:  # a row with another number of columns, or a value that is no number
+        raise DataError(f"{path} is not the tab-separated HIGGS rows ({_oneline(e)}): {fix}") from None
+    if a.shape[1] != 29:
+        raise DataError(f"{path} has {a.shape[1]} columns, expected 29 (label + 28 features): {fix}")
+    if not np.isfinite(a).all():
+        row, col = np.argwhere(~np.isfinite(a))[0]
+        raise DataError(f"{path} row {row + 1} holds {a[row, col]}, not a number: {fix}")
+    bad = np.flatnonzero(~np.isin(a[:, 0], (0, 1)))
+    if len(bad):
+        raise DataError(f"{path} row {bad[0] + 1}: unknown label {a[bad[0], 0]:g} (expected 0 or 1): {fix}")
+    return a.astype(np.float32)
+
+
+def load_higgs_sample(data_dir: Path, download: bool) -> Splits:
+    # `download` is unused: the sample ships with the project
+    folder = sample_folder(data_dir, 'higgs_lightgbm')
+    train, test = (torch.from_numpy(read_higgs_sample(folder / name, sample_fix(folder)))
+                   for name in ('binary.train', 'binary.test'))
+    return Splits(train[:, 1:], train[:, 0].long(), test[:, 1:], test[:, 0].long())
+
+
+# batch and mask ratio as higgs: the same 28 tokens
+HIGGS_SAMPLE = Domain(name='higgs_sample', input_shape=(28,), patch_size=(), vocab_size=0, num_classes=2,
+                      batch_size=256, mask_ratio=0.5, load=load_higgs_sample, to_input=as_float32)
+
+# -----------------------------------------------------------------------------
+# Splice junctions (DNA tokens, as genomics): UCI "Molecular Biology (Splice-junction Gene Sequences)", 3,190
+# primate DNA sequences of 60 nucleotides (positions -30 to +30 around a possible splice site) from GenBank 64.1.
+# Source: UCI #69, splice.data in https://archive.ics.uci.edu/ml/machine-learning-databases/molecular-biology/
+# splice-junction-gene-sequences/; CC BY 4.0. Shipped in shared/data as splice/ (splice.data and splice.names).
+# Format: a line per sequence: class, instance name, the 60 letters; comma-separated, padded with spaces.
+# Labels: EI = 0 (exon-intron, donor), IE = 1 (intron-exon, acceptor), N = 2 (neither): 767 / 768 / 1,655.
+# Tokens as genomics, A C G T = 0 1 2 3. 15 sequences also hold splice.names' ambiguity codes (D = A|G|T, N = any,
+# S = C|G, R = A|G; 60 letters of the 191,400, 56 of them N): each gets an id of its own, D N S R = 4 5 6 7
+# (vocab 8), as each stands for another set of bases. Mapping them to a base would invent data, dropping their
+# sequences would change the 3,190 everyone reports on; that their embeddings barely train costs nothing.
+# Split: seeded_split, as DABS splits genomics: the seed-42 permutation, the first ceil(90%) train: 2,871 / 319.
+# Not stratified: test holds EI 63 / IE 83 / N 173 (in proportion it would be about 77 / 77 / 165).
+# The file holds exact duplicates (125 sequences on 310 lines, one of them under two classes), kept as in the
+# file everyone uses: 26 test sequences also occur in train.
+
+SPLICE_URL = ('https://archive.ics.uci.edu/ml/machine-learning-databases/molecular-biology/'
+              'splice-junction-gene-sequences/splice.data')
+SPLICE_CLASSES = ['EI', 'IE', 'N']  # label = index
+SPLICE_LETTERS = 'ACGTDNSR'  # token = index: the bases as genomics, then the ambiguity codes
+SPLICE_LENGTH = 60
+
+
+def read_splice(path: Path, fix: str):
+    """splice.data -> (tokens uint8 (N, 60), labels int64 (N,)), in the file's order."""
+    try:
+        lines = path.read_text(encoding='ascii').splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is unreadable ({_oneline(e)}): {fix}") from None
+    seqs, labels = [], []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split(',')]
+        if len(fields) != 3:
+            raise DataError(f"{path} line {i}: {len(fields)} comma-separated fields, expected 3 (class, instance "
+                            f"name, sequence): {fix}")
+        cls, _, seq = fields
+        if cls not in SPLICE_CLASSES:
+            raise DataError(f"{path} line {i}: unknown class {cls!r}, expected one of {' '.join(SPLICE_CLASSES)}: "
+                            f"{fix}")
+        if len(seq) != SPLICE_LENGTH:
+            raise DataError(f"{path} line {i}: sequence of {len(seq)} letters, expected {SPLICE_LENGTH}: {fix}")
+        unknown = [c for c in seq if c not in SPLICE_LETTERS]
+        if unknown:
+            raise DataError(f"{path} line {i}: the letter {unknown[0]!r}, which is not one of {SPLICE_LETTERS}: {fix}")
+        seqs.append(seq)
+        labels.append(SPLICE_CLASSES.index(cls))
+    table = np.zeros(256, np.uint8)  # every letter is checked above
+    table[np.frombuffer(SPLICE_LETTERS.encode(), np.uint8)] = np.arange(len(SPLICE_LETTERS))
+    tokens = table[np.frombuffer(''.join(seqs).encode(), np.uint8)].reshape(-1, SPLICE_LENGTH)  # (N, 60)
+    return tokens, np.array(labels, np.int64)
+
+
+def load_splice(data_dir: Path, download: bool) -> Splits:
+    # `download` is unused: the sample ships with the project
+    folder = sample_folder(data_dir, 'splice')
+    path = folder / 'splice.data'
+    x, y = read_splice(path, sample_fix(folder))
+    if len(x) - math.ceil(0.9 * len(x)) < 1:  # seeded_split's own message would say to download it
+        raise DataError(f"{path}: {len(x)} sequences leave none for the test split (the shipped file has 3,190): "
+                        f"{sample_fix(folder)}")
+    train, test = seeded_split(len(x), path)
+    return Splits(*(torch.from_numpy(a) for a in (x[train], y[train], x[test], y[test])))
+
+
+# batch and mask ratio as genomics (0.5 keeps 30 of the 60 tokens)
+SPLICE = Domain(name='splice', input_shape=(SPLICE_LENGTH,), patch_size=(), vocab_size=len(SPLICE_LETTERS),
+                num_classes=len(SPLICE_CLASSES), batch_size=32, mask_ratio=0.5, load=load_splice,
+                to_input=as_token_ids)
+
+# -----------------------------------------------------------------------------
 # the domains train.py can use: add new sections' Domains here
 
 DOMAINS = {d.name: d for d in (CIFAR10, IMAGENET32, GOOGLE_SPEECH, GOOGLE_SPEECH_SAMPLE, AUDIO_MNIST, LIBRISPEECH,
                                LIBRISPEECH_TRANSFER, PAMAP2, HIGGS, GENOMICS, PFAM, PFAM_TRANSFER, SCOP, WAFER,
-                               WAFER_TRANSFER)}
+                               WAFER_TRANSFER, GOOGLE_SPEECH_SUBSET, HAPT_SAMPLE, HIGGS_SAMPLE, SPLICE)}
 
 
 def get_domain(name: str) -> Domain:

@@ -484,6 +484,56 @@ def test_train_val_split_is_a_fixed_partition():
         [[0, 2, 4, 5, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19], [1, 3, 6, 7, 12]]
 
 
+
+def test_train_val_split_without_groups_is_unchanged():
+    # groups=None must give exactly the partition the README's validation figures were measured on: a copy of
+    # the formula as it was before groups existed
+    def before_groups(n, val_frac=0.1, seed=0):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        n_val = round(n * val_frac)
+        return perm[n_val:].sort().values, perm[:n_val].sort().values
+    for n, val_frac, seed in ((0, 0.1, 0), (1, 0.5, 0), (10, 0.1, 0), (1000, 0.1, 0), (1000, 0.2, 7),
+                              (50_000, 0.1, 0), (7_000, 0.05, 3), (838, 0.1, 1)):
+        for got in (data.train_val_split(n, val_frac, seed), data.train_val_split(n, val_frac, seed, groups=None)):
+            for a, b in zip(got, before_groups(n, val_frac, seed)):
+                assert a.dtype == b.dtype and torch.equal(a, b), (n, val_frac, seed)
+
+
+def test_train_val_split_with_groups_holds_out_whole_groups():
+    rng = np.random.default_rng(0)
+    groups = torch.from_numpy(rng.choice([3, 17, 42, 100, 7, 8, 9, 2000], 500))  # 8 groups of unequal size
+    state = torch.get_rng_state()
+    train, val = data.train_val_split(500, 0.2, seed=1, groups=groups)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is neither used nor advanced
+    assert train.dtype == val.dtype == torch.int64
+    assert torch.equal(train, train.sort().values) and torch.equal(val, val.sort().values)
+    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(500))  # disjoint, covers all
+    assert not set(groups[train].tolist()) & set(groups[val].tolist())  # no group on both sides
+    # the rule by hand: the sorted distinct groups in the seed's permutation, taken until >= round(500 * 0.2) rows
+    ids = sorted(set(groups.tolist()))
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1)).tolist()
+    taken, rows = [], 0
+    for i in order:
+        if rows >= 100:
+            break
+        taken.append(ids[i])
+        rows += int((groups == ids[i]).sum())
+    assert set(groups[val].tolist()) == set(taken) and len(val) == rows >= 100
+    assert len(val) - int((groups == taken[-1]).sum()) < 100  # one group fewer would be too few
+    # fixed by the seed; another seed, other groups
+    assert torch.equal(data.train_val_split(500, 0.2, seed=1, groups=groups)[1], val)
+    assert any(not torch.equal(data.train_val_split(500, 0.2, seed=s, groups=groups)[1], val) for s in range(2, 5))
+    assert [len(t) for t in data.train_val_split(500, 0.0, groups=groups)] == [500, 0]
+    assert [len(t) for t in data.train_val_split(0, 0.1, groups=torch.zeros(0, dtype=torch.int64))] == [0, 0]
+    # each row its own group: whole groups are single rows, and validation has exactly round(n * val_frac) rows
+    assert [len(t) for t in data.train_val_split(1000, 0.1, groups=torch.arange(1000))] == [900, 100]
+    with pytest.raises(ValueError, match='every group'):
+        data.train_val_split(10, 0.1, groups=torch.full((10,), 5))  # one group: validation would take it all
+    with pytest.raises(ValueError, match='shape'):
+        data.train_val_split(10, 0.1, groups=torch.zeros(9, dtype=torch.int64))
+    with pytest.raises(ValueError, match='integers'):
+        data.train_val_split(10, 0.1, groups=torch.zeros(10))
+
 def test_domains():
     assert {'cifar10', 'imagenet32'} <= set(data.DOMAINS)
     c = data.get_domain('cifar10')

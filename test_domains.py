@@ -15,6 +15,7 @@ import random
 import shutil
 import tarfile
 import urllib.request
+import wave
 import zipfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from conftest import (FAKE_WRITERS, data_error, fails, protein_records, serve, w
                       write_fake_audio_mnist, write_fake_genomics, write_fake_google_speech, write_fake_higgs,
                       write_fake_librispeech, write_fake_pamap2, write_fake_pfam, write_fake_scop, write_fake_wafer,
                       write_genomics_zip, write_json_array, write_wafer_npz, write_wav)
+from conftest import write_fake_hapt, write_fake_higgs_sample, write_fake_speech_subset, write_fake_splice
 
 SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
 SPEECH_SAMPLE = SHARED / 'speech_commands_v0.01_sample'
@@ -896,6 +898,378 @@ def test_bad_wafer_npz_is_a_data_error(tmp_path, case):
 
 
 # -----------------------------------------------------------------------------
+# the real samples shipped in shared/data: the Speech Commands subset, HAPT, the HIGGS sample, splice junctions
+
+def sha1_is_test(speaker):
+    """The speech subset's split rule written out: SHA-1 of the speaker id as a number, divisible by 5."""
+    return int.from_bytes(hashlib.sha1(speaker.encode()).digest(), 'big') % 5 == 0
+
+
+def speaker_of(path):
+    return Path(path).name.split('_nohash_')[0]
+
+
+def snapshot(folder):
+    return sorted((p.as_posix(), p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob('*'))
+
+
+def test_speech_subset_speaker_split_labels_and_rows(tmp_path):
+    expected = write_fake_speech_subset(tmp_path)
+    root = tmp_path / 'speech_commands_v0.02_subset'
+    before = snapshot(tmp_path)
+    s = data.load_google_speech_subset(tmp_path, download=False)
+    assert snapshot(tmp_path) == before  # nothing written: no cache beside a read-only sample
+    assert data.SPEECH_SUBSET_WORDS == [w for w in data.GOOGLE_SPEECH_WORDS if w in
+                                        {'yes', 'no', 'up', 'down', 'left', 'right', 'on', 'off', 'stop', 'go'}]
+    assert s.train_x.shape == (31, 1, 224, 224) and s.test_x.shape == (20, 1, 224, 224)
+    assert s.train_x.dtype == torch.float16
+    for x, y, files in ((s.train_x, s.train_y, expected['train']), (s.test_x, s.test_y, expected['test'])):
+        assert y.dtype == torch.int64 and y.tolist() == [data.SPEECH_SUBSET_WORDS.index(f.split('/')[0]) for f in files]
+        assert (x.float() - expected_speech_rows(root, files)).abs().max() < 0.01  # google_speech's log-mels
+    # by speaker, by the SHA-1 rule; no speaker on both sides; the groups are the speakers, numbered in sorted order
+    assert all(sha1_is_test(speaker_of(f)) for f in expected['test'])
+    assert not any(sha1_is_test(speaker_of(f)) for f in expected['train'])
+    assert not {speaker_of(f) for f in expected['train']} & {speaker_of(f) for f in expected['test']}
+    speakers = sorted({speaker_of(f) for f in expected['train'] + expected['test']})
+    assert s.train_groups.dtype == torch.int64
+    assert s.train_groups.tolist() == [speakers.index(speaker_of(f)) for f in expected['train']]
+    assert data.GOOGLE_SPEECH_SUBSET.num_classes == 10
+
+
+@pytest.mark.parametrize('case', ['missing', 'truncated wav', 'not a wav', 'unknown word', 'misnamed',
+                                  'no test speaker'])
+def test_bad_speech_subset_is_a_data_error(tmp_path, case):
+    root = tmp_path / 'speech_commands_v0.02_subset'
+    if case == 'missing':
+        msg = data_error(lambda: data.load_google_speech_subset(tmp_path, download=False), root,
+                         'ships with the project in shared/data', '--data-dir')
+        assert 'download' not in msg
+        return
+    expected = write_fake_speech_subset(tmp_path)
+    needles = ['restore speech_commands_v0.02_subset/']  # shipped, not downloaded: restore it
+    if case == 'truncated wav':
+        f = root / expected['train'][3]
+        f.write_bytes(f.read_bytes()[:-1000])
+        needles += [f, 'truncated']
+    elif case == 'not a wav':
+        f = root / expected['test'][0]
+        f.write_bytes(b'ID3\x03' + bytes(100))
+        needles += [f, 'not a PCM wav']
+    elif case == 'unknown word':
+        write_wav(root / 'banana' / '0a1b2c3d_nohash_0.wav', np.zeros(10, np.int16), 16_000)
+        needles += ["unknown word 'banana'"]
+    elif case == 'misnamed':
+        write_wav(root / 'yes' / '0a1b2c3d.wav', np.zeros(10, np.int16), 16_000)
+        needles += ['0a1b2c3d.wav', '<speaker>_nohash_<n>.wav']
+    else:
+        for f in expected['test']:
+            (root / f).unlink()
+        needles += ['no clip of a test speaker', '31 wav files, 3 speakers']
+    msg = data_error(lambda: data.load_google_speech_subset(tmp_path, download=False), *needles)
+    assert 'download' not in msg
+
+
+def test_hapt_windows_labels_and_user_split(tmp_path):
+    expected = write_fake_hapt(tmp_path)
+    before = snapshot(tmp_path)
+    s = data.load_hapt_sample(tmp_path, download=False)
+    assert snapshot(tmp_path) == before
+    for x, y, (ex, ey, eu), groups in ((s.train_x, s.train_y, expected['train'], s.train_groups),
+                                       (s.test_x, s.test_y, expected['test'], None)):
+        assert x.dtype == torch.float32 and x.shape == (len(ey), 6, 128)
+        assert np.array_equal(x.numpy(), ex)  # the raw values, as written
+        assert y.dtype == torch.int64 and y.tolist() == ey.tolist()
+        if groups is not None:
+            assert groups.dtype == torch.int64 and groups.tolist() == eu.tolist()
+    # 2 and 4 test, 1, 3, 5 train: the users present among the split files' (which name absent users too)
+    assert set(expected['train'][2].tolist()) == {1, 3, 5} and set(expected['test'][2].tolist()) == {2, 4}
+    # per recording: 3 + 1 + 0 + 1 + 2 + 2 + 3 windows; user 1 has two recordings; all six activities, no transition
+    assert len(s.train_y) == 12 * 4 and len(s.test_y) == 12 * 2
+    assert s.train_y.tolist()[:12] == [4, 4, 4, 0, 1, 2, 2, 3, 3, 5, 5, 5]
+    # channels first: acc x y z then gyro x y z (acc x is about 1 g here, gyro about 0)
+    assert abs(s.train_x[:, 0].mean() - 1) < 0.1 and abs(s.train_x[:, 3:].mean()) < 0.1
+
+
+@pytest.mark.parametrize('case', ['missing', 'short row', 'not a number', 'nan', 'unknown activity', 'past the end',
+                                  'missing gyro', 'missing recording', 'gyro shorter', 'no split file',
+                                  'user in no split', 'user in both', 'no test windows', 'empty labels'])
+def test_bad_hapt_is_a_data_error(tmp_path, case):
+    root = tmp_path / 'hapt_sample'
+    if case == 'missing':
+        msg = data_error(lambda: data.load_hapt_sample(tmp_path, download=False), root,
+                         'ships with the project in shared/data', '--data-dir')
+        assert 'download' not in msg
+        return
+    write_fake_hapt(tmp_path)
+    acc, labels = root / 'RawData' / 'acc_exp03_user02.txt', root / 'RawData' / 'labels.txt'
+    lines = acc.read_text().splitlines()
+    needles = ['restore hapt_sample/']
+    if case == 'short row':
+        lines[40] = lines[40].rsplit(' ', 1)[0]
+        needles += [acc, 'not a HAPT table of 3 numbers a row']
+    elif case == 'not a number':
+        lines[41] = 'abc ' + lines[41].split(' ', 1)[1]
+        needles += [acc, 'not a HAPT table']
+    elif case == 'nan':
+        lines[42] = 'nan ' + lines[42].split(' ', 1)[1]
+        needles += [acc, 'row 43 holds nan, not a number']
+    elif case == 'unknown activity':
+        labels.write_text(labels.read_text().replace('3 2 5 21 311', '3 2 13 21 311'))
+        needles += [labels, 'unknown activity 13']
+    elif case == 'past the end':
+        lines = lines[:1500]  # labels.txt's last segment of this recording ends at 1613
+        gyro = root / 'RawData' / 'gyro_exp03_user02.txt'
+        gyro.write_text(''.join(line + '\n' for line in gyro.read_text().splitlines()[:1500]))
+        needles += [labels, 'of experiment 3 is not within its 1500 samples']
+    elif case == 'missing gyro':
+        (root / 'RawData' / 'gyro_exp03_user02.txt').unlink()
+        needles += ['gyro_exp03_user02.txt is missing']
+    elif case == 'missing recording':
+        for kind in ('acc', 'gyro'):
+            (root / 'RawData' / f'{kind}_exp02_user01.txt').unlink()
+        needles += ['acc_exp02_user01.txt is missing, but labels.txt has segments of it']
+    elif case == 'gyro shorter':
+        gyro = root / 'RawData' / 'gyro_exp03_user02.txt'
+        gyro.write_text(''.join(line + '\n' for line in gyro.read_text().splitlines()[:-1]))
+        needles += [gyro, 'has 1642 samples, but acc_exp03_user02.txt has 1643']
+    elif case == 'no split file':
+        (root / 'Test' / 'subject_id_test.txt').unlink()
+        needles += ['subject_id_test.txt is missing']
+    elif case == 'user in no split':
+        (root / 'Train' / 'subject_id_train.txt').write_text('1\n3\n6\n')
+        needles += ['user 5 is in neither']
+    elif case == 'user in both':
+        (root / 'Train' / 'subject_id_train.txt').write_text('1\n2\n3\n5\n')
+        needles += ['user 2 is in both']
+    elif case == 'no test windows':  # the split files name no test user that is here
+        (root / 'Train' / 'subject_id_train.txt').write_text('1\n2\n3\n4\n5\n')
+        (root / 'Test' / 'subject_id_test.txt').write_text('9\n')
+        needles += ['no 128-sample window of an activity of the test users [9]']
+    else:
+        labels.write_text('')
+        needles += [labels, 'holds no rows']
+    if case in ('short row', 'not a number', 'nan', 'past the end'):
+        acc.write_text(''.join(line + '\n' for line in lines))
+    msg = data_error(lambda: data.load_hapt_sample(tmp_path, download=False), *needles)
+    assert 'download' not in msg
+
+
+def test_higgs_sample_rows_and_split(tmp_path):
+    expected = write_fake_higgs_sample(tmp_path)
+    before = snapshot(tmp_path)
+    s = data.load_higgs_sample(tmp_path, download=False)
+    assert snapshot(tmp_path) == before
+    # train = binary.train, test = binary.test, rows in the files' order
+    for x, y, a in ((s.train_x, s.train_y, expected['train']), (s.test_x, s.test_y, expected['test'])):
+        assert x.dtype == torch.float32 and np.array_equal(x.numpy(), a[:, 1:])
+        assert y.dtype == torch.int64 and y.tolist() == a[:, 0].astype(int).tolist()
+    assert s.train_x.shape == (60, 28) and s.test_x.shape == (20, 28) and s.train_groups is None
+
+
+@pytest.mark.parametrize('case', ['missing', 'missing file', 'short row', '28 columns', 'not a number', 'nan',
+                                  'label 0.5', 'label 2', 'empty'])
+def test_bad_higgs_sample_is_a_data_error(tmp_path, case):
+    folder = tmp_path / 'higgs_lightgbm'
+    if case == 'missing':
+        data_error(lambda: data.load_higgs_sample(tmp_path, download=False), folder,
+                   'ships with the project in shared/data', '--data-dir')
+        return
+    write_fake_higgs_sample(tmp_path)
+    f = folder / 'binary.test'
+    rows = [line.split('\t') for line in f.read_text().splitlines()]
+    needles = ['restore higgs_lightgbm/']
+    if case == 'missing file':
+        f.unlink()
+        needles += [f, 'is missing']
+    elif case == 'short row':
+        rows[5] = rows[5][:-1]
+        needles += [f, 'not the tab-separated HIGGS rows']
+    elif case == '28 columns':
+        rows = [row[:-1] for row in rows]
+        needles += [f, 'has 28 columns, expected 29']
+    elif case == 'not a number':
+        rows[2][7] = 'x1.5'
+        needles += [f, 'not the tab-separated HIGGS rows']
+    elif case == 'nan':
+        rows[4][9] = 'nan'
+        needles += [f, 'row 5 holds nan, not a number']
+    elif case in ('label 0.5', 'label 2'):
+        rows[3][0] = case.split()[1]
+        needles += [f, f'row 4: unknown label {case.split()[1]} (expected 0 or 1)']
+    else:
+        rows = []
+        needles += [f, 'holds no rows']
+    if case != 'missing file':
+        f.write_text(''.join('\t'.join(row) + '\n' for row in rows))
+    data_error(lambda: data.load_higgs_sample(tmp_path, download=False), *needles)
+
+
+def splice_tokens_by_hand(seq):
+    return [{'A': 0, 'C': 1, 'G': 2, 'T': 3, 'D': 4, 'N': 5, 'S': 6, 'R': 7}[c] for c in seq]
+
+
+def test_splice_tokens_labels_and_split(tmp_path):
+    rows = write_fake_splice(tmp_path)
+    before = snapshot(tmp_path)
+    s = data.load_splice(tmp_path, download=False)
+    assert snapshot(tmp_path) == before
+    tokens = np.array([splice_tokens_by_hand(seq) for _, _, seq in rows], np.uint8)
+    labels = np.array([{'EI': 0, 'IE': 1, 'N': 2}[c] for c, _, _ in rows])
+    perm = np.random.RandomState(42).permutation(60)  # DABS's seed-42 permutation, ceil(90%) = 54 train
+    assert s.train_x.dtype == torch.uint8 and s.train_x.shape == (54, 60) and s.test_x.shape == (6, 60)
+    assert np.array_equal(s.train_x.numpy(), tokens[perm[:54]]) and np.array_equal(s.test_x.numpy(), tokens[perm[54:]])
+    assert s.train_y.tolist() == labels[perm[:54]].tolist() and s.test_y.tolist() == labels[perm[54:]].tolist()
+    assert set(torch.cat([s.train_x, s.test_x]).unique().tolist()) == set(range(8))  # the ambiguity codes: 4-7
+    assert data.SPLICE.to_input(s.train_x[:2]).dtype == torch.int64
+
+
+@pytest.mark.parametrize('case', ['missing', 'missing file', 'unknown class', 'short sequence', 'unknown letter',
+                                  'lower case', 'two fields', 'too few'])
+def test_bad_splice_is_a_data_error(tmp_path, case):
+    folder = tmp_path / 'splice'
+    if case == 'missing':
+        data_error(lambda: data.load_splice(tmp_path, download=False), folder,
+                   'ships with the project in shared/data', '--data-dir')
+        return
+    write_fake_splice(tmp_path)
+    f = folder / 'splice.data'
+    lines = f.read_text().splitlines()
+    needles = ['restore splice/']
+    if case == 'missing file':
+        f.unlink()
+        needles += [f, 'is missing']
+    elif case == 'unknown class':
+        lines[4] = 'EE' + lines[4][2:] if lines[4][1] != ',' else 'X' + lines[4][1:]
+        needles += [f, 'line 5: unknown class']
+    elif case == 'short sequence':
+        lines[6] = lines[6][:-1]
+        needles += [f, 'line 7: sequence of 59 letters, expected 60']
+    elif case in ('unknown letter', 'lower case'):
+        lines[8] = lines[8][:-10] + ('X' if case == 'unknown letter' else 'a') + lines[8][-9:]
+        needles += [f, f"line 9: the letter {'X' if case == 'unknown letter' else 'a'!r}, which is not one of ACGTDNSR"]
+    elif case == 'two fields':
+        cls, _, seq = lines[2].split(',')
+        lines[2] = f'{cls},{seq}'
+        needles += [f, 'line 3: 2 comma-separated fields, expected 3']
+    else:
+        lines = lines[:9]  # ceil(0.9 * 9) = 9: none left for test
+        needles += [f, '9 sequences leave none for the test split']
+    if case != 'missing file':
+        f.write_text(''.join(line + '\n' for line in lines))
+    msg = data_error(lambda: data.load_splice(tmp_path, download=False), *needles)
+    assert 'download' not in msg
+
+
+# the real folders (skipped where shared/data does not have them)
+
+SPEECH_SUBSET = SHARED / 'speech_commands_v0.02_subset'
+HAPT = SHARED / 'hapt_sample'
+
+
+@pytest.mark.skipif(not SPEECH_SUBSET.is_dir(), reason="the real Speech Commands v0.02 subset is not in shared/data")
+def test_real_speech_subset():
+    before = snapshot(SHARED)
+    s = data.get_domain('google_speech_subset').load(SHARED, download=False)
+    assert snapshot(SHARED) == before  # nothing written
+    files = sorted(p.relative_to(SPEECH_SUBSET).as_posix() for p in SPEECH_SUBSET.glob('*/*.wav'))
+    train = [f for f in files if not sha1_is_test(speaker_of(f))]
+    test = [f for f in files if sha1_is_test(speaker_of(f))]
+    assert len(files) == 1008 and (len(s.train_x), len(s.test_x)) == (len(train), len(test)) == (838, 170)
+    train_speakers, test_speakers = {speaker_of(f) for f in train}, {speaker_of(f) for f in test}
+    assert (len(train_speakers), len(test_speakers)) == (51, 10) and not train_speakers & test_speakers
+    # labels: the 10 words in GOOGLE_SPEECH_WORDS's order (right yes up no stop on down go left off)
+    assert s.train_y.tolist() == [data.SPEECH_SUBSET_WORDS.index(f.split('/')[0]) for f in train]
+    assert s.test_y.tolist() == [data.SPEECH_SUBSET_WORDS.index(f.split('/')[0]) for f in test]
+    assert np.bincount(s.train_y.numpy()).tolist() == [87, 90, 88, 77, 84, 83, 85, 83, 80, 81]
+    assert np.bincount(s.test_y.numpy()).tolist() == [18, 21, 18, 17, 12, 16, 18, 18, 19, 13]
+    # train_groups are the speakers: a grouped validation split shares none with the rest of train
+    assert len(s.train_groups.unique()) == 51
+    assert all(len({speaker_of(train[i]) for i in np.flatnonzero(s.train_groups.numpy() == g)}) == 1
+               for g in s.train_groups.unique().tolist())
+    tr, va = data.train_val_split(len(s.train_x), 0.1, groups=s.train_groups)
+    assert not {speaker_of(train[i]) for i in tr.tolist()} & {speaker_of(train[i]) for i in va.tolist()}
+    # one clip's row: its log-mel computed on that file alone, and also from its samples read with `wave` here
+    i = 100
+    alone = data.speech_splits([SPEECH_SUBSET / test[i]], [], [0], 16_000, data.GOOGLE_SPEECH_MEAN,
+                               data.GOOGLE_SPEECH_STD).train_x
+    assert torch.equal(s.test_x[i:i + 1], alone)
+    with wave.open(str(SPEECH_SUBSET / test[i])) as w:
+        assert (w.getframerate(), w.getsampwidth(), w.getnchannels(), w.getnframes()) == (16_000, 2, 1, 16_000)
+        y = np.frombuffer(w.readframes(16_000), '<i2').astype(np.float32) / 32768
+    db = data.log_mel(torch.from_numpy(y)[None], 16_000)
+    assert (s.test_x[i].float() - (db - data.GOOGLE_SPEECH_MEAN) / data.GOOGLE_SPEECH_STD).abs().max() < 0.01
+
+
+@pytest.mark.skipif(not HAPT.is_dir(), reason="the real HAPT sample is not in shared/data")
+def test_real_hapt_sample():
+    before = snapshot(SHARED)
+    s = data.get_domain('hapt_sample').load(SHARED, download=False)
+    assert snapshot(SHARED) == before
+    # the windows counted from labels.txt by hand: every segment of activity 1-6 of the 7 users present
+    segments = [[int(v) for v in line.split()] for line in (HAPT / 'RawData' / 'labels.txt').read_text().split('\n')
+                if line.strip()]
+    count = {'train': [0] * 6, 'test': [0] * 6}
+    for e, user, activity, first, last in segments:
+        if user in (1, 2, 3, 4, 5, 7, 8) and activity <= 6:
+            count['test' if user in (2, 4) else 'train'][activity - 1] += max(0, (last - first + 1 - 128) // 64 + 1)
+    assert np.bincount(s.train_y.numpy()).tolist() == count['train'] == [314, 251, 230, 234, 286, 267]
+    assert np.bincount(s.test_y.numpy()).tolist() == count['test'] == [119, 100, 92, 95, 111, 101]
+    assert s.train_x.shape == (1582, 6, 128) and s.test_x.shape == (618, 6, 128)
+    # the official split by user: 2 and 4 test (the distinct users of Test/subject_id_test.txt that are here)
+    test_users = {int(v) for v in (HAPT / 'Test' / 'subject_id_test.txt').read_text().split()}
+    assert test_users & {1, 2, 3, 4, 5, 7, 8} == {2, 4}
+    assert set(s.train_groups.tolist()) == {1, 3, 5, 7, 8}
+    tr, va = data.train_val_split(len(s.train_x), 0.1, groups=s.train_groups)
+    assert not set(s.train_groups[tr].tolist()) & set(s.train_groups[va].tolist())
+    # the first test rows, re-read with plain Python: user 2's first recording (experiment 3), its first segment of
+    # an activity long enough for a window, windows 0 and 1 (stride 64)
+    e, user, activity, first, last = next(r for r in segments if r[:2] == [3, 2] and r[2] <= 6 and r[4] - r[3] >= 127)
+    acc, gyro = ([[float(v) for v in line.split()] for line in (HAPT / 'RawData' / f'{kind}_exp03_user02.txt')
+                  .read_text().splitlines()] for kind in ('acc', 'gyro'))
+    for w in (0, 1):
+        rows = range(first - 1 + 64 * w, first - 1 + 64 * w + 128)  # labels.txt is 1-based
+        window = np.array([[acc[r][c] for r in rows] for c in range(3)] +
+                          [[gyro[r][c] for r in rows] for c in range(3)], np.float32)  # (6, 128), channels first
+        assert np.array_equal(s.test_x[w].numpy(), window) and s.test_y[w] == activity - 1
+
+
+@pytest.mark.skipif(not (SHARED / 'higgs_lightgbm').is_dir(), reason="the real HIGGS sample is not in shared/data")
+def test_real_higgs_sample():
+    before = snapshot(SHARED)
+    s = data.get_domain('higgs_sample').load(SHARED, download=False)
+    assert snapshot(SHARED) == before
+    assert s.train_x.shape == (7000, 28) and s.test_x.shape == (500, 28)
+    assert np.bincount(s.train_y.numpy()).tolist() == [3284, 3716]
+    assert np.bincount(s.test_y.numpy()).tolist() == [228, 272]
+    # rows parsed by hand: the first of binary.train, the last of binary.test
+    for x, y, name, row in ((s.train_x, s.train_y, 'binary.train', 0), (s.test_x, s.test_y, 'binary.test', -1)):
+        fields = (SHARED / 'higgs_lightgbm' / name).read_text().splitlines()[row].split('\t')
+        assert len(fields) == 29 and y[row] == int(fields[0])
+        assert x[row].tolist() == [float(np.float32(float(v))) for v in fields[1:]]
+    assert s.train_x[0, :3].tolist() == pytest.approx([0.869, -0.635, 0.226])  # HIGGS.csv's first row, rounded
+
+
+@pytest.mark.skipif(not (SHARED / 'splice').is_dir(), reason="the real splice sample is not in shared/data")
+def test_real_splice():
+    before = snapshot(SHARED)
+    s = data.get_domain('splice').load(SHARED, download=False)
+    assert snapshot(SHARED) == before
+    assert s.train_x.shape == (2871, 60) and s.test_x.shape == (319, 60)  # seeded_split: ceil(90%) of 3,190
+    assert np.bincount(s.train_y.numpy()).tolist() == [704, 685, 1482]  # EI, IE, N
+    assert np.bincount(s.test_y.numpy()).tolist() == [63, 83, 173]
+    assert set(torch.cat([s.train_x, s.test_x]).unique().tolist()) == set(range(8))  # D N S R all occur
+    # one sequence tokenised by hand: an acceptor that starts with the ambiguity code D, found through the split
+    lines = (SHARED / 'splice' / 'splice.data').read_text().splitlines()
+    i = next(k for k, line in enumerate(lines) if 'HUMMHB27B-ACCEPTOR-1202' in line)
+    cls, name, seq = (f.strip() for f in lines[i].split(','))
+    assert cls == 'IE' and seq.startswith('DGACGG')
+    perm = np.random.RandomState(42).permutation(3190)
+    where = int(np.flatnonzero(perm == i)[0])
+    x, y = (s.train_x[where], s.train_y[where]) if where < 2871 else (s.test_x[where - 2871], s.test_y[where - 2871])
+    assert x.tolist() == splice_tokens_by_hand(seq) and x[0] == 4 and y == 1
+
+
+# -----------------------------------------------------------------------------
 # every domain: its spec, and its fixture through to_input (test_train.py trains on each fixture)
 
 def test_domain_specs():
@@ -912,6 +1286,15 @@ def test_domain_specs():
     assert spec['librispeech_transfer'] == ((1, 224, 224), (16, 16), 0, 40, 64)
     assert spec['wafer'] == ((3, 32, 32), (4, 4), 0, 0, 128)
     assert spec['wafer_transfer'] == ((3, 32, 32), (4, 4), 0, 9, 128)
+    # the real samples in shared/data: as their nearest DABS domains, but HAPT's windows, patches and mask ratio
+    assert spec['google_speech_subset'] == ((1, 224, 224), (16, 16), 0, 10, 64)
+    assert data.GOOGLE_SPEECH_SUBSET.mask_ratio == 0.5
+    assert spec['hapt_sample'] == ((6, 128), (4,), 0, 6, 256)
+    assert data.HAPT_SAMPLE.mask_ratio == 0.75  # pamap2's 0.85 would keep 4 of its 32 tokens
+    assert spec['higgs_sample'] == ((28,), (), 0, 2, 256)
+    assert data.HIGGS_SAMPLE.mask_ratio == 0.5
+    assert spec['splice'] == ((60,), (), 8, 3, 32)  # A C G T and the ambiguity codes D N S R
+    assert data.SPLICE.mask_ratio == 0.5
     # the metric the probe reports, and what a pretraining domain is probed on (DABS's pairs)
     assert {n for n, d in data.DOMAINS.items() if d.metric != 'accuracy'} == {'wafer_transfer'}
     assert data.WAFER_TRANSFER.metric == 'weighted_f1'
