@@ -1308,13 +1308,13 @@ def read_hapt_table(path: Path, columns: int, dtype, fix: str) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"{path} is missing: {fix}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is unreadable ({_oneline(e)}): {fix}") from None
+        raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     if not text.strip():  # np.loadtxt would only warn
         raise DataError(f"{path} holds no rows: {fix}")
     try:
         a = np.loadtxt(io.StringIO(text), dtype=dtype, ndmin=2)
     except ValueError as e:  # a row with another number of columns, or a value that is no number (of dtype)
-        raise DataError(f"{path} is not a HAPT table of {columns} numbers a row ({_oneline(e)}): {fix}") from None
+        raise DataError(f"{path} is not a HAPT table of {columns} numbers a row ({one_line(e)}): {fix}") from None
     if a.shape[1] != columns:
         raise DataError(f"{path} has {a.shape[1]} columns, expected {columns}: {fix}")
     if not np.isfinite(a).all():  # 'nan' and 'inf' parse as floats, but no sensor gives them
@@ -1425,13 +1425,13 @@ def read_higgs_sample(path: Path, fix: str) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"{path} is missing: {fix}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is unreadable ({_oneline(e)}): {fix}") from None
+        raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     if not text.strip():  # np.loadtxt would only warn
         raise DataError(f"{path} holds no rows: {fix}")
     try:
         a = np.loadtxt(io.StringIO(text), delimiter='\t', dtype=np.float64, ndmin=2)
     except ValueError as e:  # a row with another number of columns, or a value that is no number
-        raise DataError(f"{path} is not the tab-separated HIGGS rows ({_oneline(e)}): {fix}") from None
+        raise DataError(f"{path} is not the tab-separated HIGGS rows ({one_line(e)}): {fix}") from None
     if a.shape[1] != 29:
         raise DataError(f"{path} has {a.shape[1]} columns, expected 29 (label + 28 features): {fix}")
     if not np.isfinite(a).all():
@@ -1485,7 +1485,7 @@ def read_splice(path: Path, fix: str):
     except FileNotFoundError:
         raise DataError(f"{path} is missing: {fix}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is unreadable ({_oneline(e)}): {fix}") from None
+        raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     seqs, labels = [], []
     for i, line in enumerate(lines, start=1):
         if not line.strip():

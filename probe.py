@@ -227,7 +227,11 @@ def load_data(cfg, domain, device):
     # small datasets live on the accelerator and are batched there: no workers, no per-sample Python
     splits = dataclasses.replace(splits, **{k: getattr(splits, k).to(device) for k in ("train_x", "train_y", "test_x",
                                                                                        "test_y")})
-    return Data(splits, *(i.to(device) for i in data.train_val_split(len(splits.train_x), cfg.val_frac)))
+    try:  # whole speakers or users go to validation where the data have them (splits.train_groups)
+        idx = data.train_val_split(len(splits.train_x), cfg.val_frac, groups=splits.train_groups)
+    except ValueError as e:
+        raise UsageError(f"--val-frac {cfg.val_frac} on {domain.name}: {e}") from None
+    return Data(splits, *(i.to(device) for i in idx))
 
 
 def probe(featurize, d, domain, cfg, with_test):
