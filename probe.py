@@ -297,7 +297,9 @@ def write_png(path, img):
 def reconstruction_grid(model, x, path):
     """Rows: originals, masked inputs, reconstructions from Z, from Z*, and |Z* recon - Z recon| amplified."""
     model.eval()
-    rec = model.reconstruct(x)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # training's RNG untouched
+        torch.manual_seed(0)  # the same masks at every call: pictures of one run compare
+        rec = model.reconstruct(x)
     mcfg = model.cfg
     (ph, pw), (gh, gw) = mcfg.patch_size, mcfg.grid
     pixel_mask = rec["mask"].view(-1, 1, gh, gw).repeat_interleave(ph, 2).repeat_interleave(pw, 3)  # (B, 1, H, W)

@@ -127,6 +127,21 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(cifar_dir, tmp_path)
     assert (tmp_path / "full" / "reconstructions_6.png").is_file()
 
 
+def test_evaluation_during_pretraining_reads_validation_only_and_leaves_training_alone(cifar_dir, tmp_path):
+    common = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "4", "--probe-epochs", "1"]
+    run_main(*common, "--eval-interval", "0", "--out-dir", tmp_path / "plain")
+    run_main(*common, "--eval-interval", "2", "--out-dir", tmp_path / "eval")
+    plain, evald = read_log(tmp_path / "plain" / "log.jsonl"), read_log(tmp_path / "eval" / "log.jsonl")
+    mid = [r for r in evald if "probe_val_acc" in r]
+    assert [r["step"] for r in mid] == [2]  # not at the last step: the run's end probes then
+    assert {"val_amortized", "val_adapted", "val_shift", "probe_lr"} <= set(mid[0])
+    assert not any(k.startswith("test") for r in mid for k in r)  # the test split is scored once, at the end
+    assert (tmp_path / "eval" / "reconstructions_2.png").is_file()
+    losses = lambda log: [(r["step"], r["loss"]) for r in log if "loss" in r]  # noqa: E731
+    assert losses(evald) == losses(plain)  # the evaluation draws from no generator the training uses
+    assert evald[-1]["test_acc"] == plain[-1]["test_acc"]
+
+
 def test_pretraining_lowers_the_loss(cifar_dir, tmp_path):
     run_main("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "40", "--lr", "3e-3",
              "--out-dir", tmp_path, "--eval-interval", "0")

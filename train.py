@@ -261,14 +261,18 @@ def checkpoint_status(ckpt_path, saved_step):
 
 
 def probe_during_training(model, cfg, domain, d, autocast, step, out_dir, log_file):
-    """--eval-interval: pictures and a validation probe (never the test split) while pretraining goes on."""
+    """--eval-interval: the held-out logs, pictures and a validation probe (never the test split) while
+    pretraining goes on."""
+    held_out = d.splits.train_x[d.val_idx]
+    rec = dict(step=step, **probe.diagnose(model, held_out, domain.to_input, cfg.batch_size, autocast))
     if len(domain.input_shape) == 3:
-        probe.reconstruction_grid(model, domain.to_input(d.splits.train_x[d.val_idx[:8]]),
-                                  out_dir / f"reconstructions_{step}.png")
+        probe.reconstruction_grid(model, domain.to_input(held_out[:8]), out_dir / f"reconstructions_{step}.png")
     featurize = lambda x: probe.features(model, x, domain.to_input, autocast)  # noqa: E731
     res = probe.probe(featurize, d, domain, cfg, with_test=False)
-    print(f"step {step} | probe val_acc {res['val_acc']:.4f} (lr {res['probe_lr']}, epoch {res['probe_epoch']})")
-    log_file.write(json.dumps(dict(step=step, probe_val_acc=res["val_acc"])) + "\n")
+    rec.update(probe_val_acc=res["val_acc"], probe_lr=res["probe_lr"], probe_epoch=res["probe_epoch"])
+    log_line(rec)
+    log_file.write(json.dumps(rec) + "\n")
+
 
 # -----------------------------------------------------------------------------
 # the end of a run: held-out logs, pictures, and the probes (the test splits are scored here, once)
