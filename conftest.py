@@ -5,7 +5,7 @@ The writers are plain functions, imported where needed (`from conftest import ma
 folder on sys.path), so that a test calls them with the arguments it needs. CIFAR-format files are written
 the way the originals were (protocol-2 pickles from Python 2, so bytes keys and byte strings); wav files
 through `wave`, PAMAP2's .dat text with NaN gaps, gzip CSV, a TSV inside a zip, JSON arrays, and what
-README.md's one-time conversions write (LibriSpeech's WAV beside each FLAC, the wafer maps' .npz). Each
+the one-time conversions of docs/domains.md write (LibriSpeech's WAV beside each FLAC, the wafer maps' .npz). Each
 writer returns what the loader must give back. `write_fake(name, data_dir, monkeypatch)` writes any domain's fake,
 e.g. for one training step per domain. Last, what the command-line tests share: `run_cli` runs a script as a
 user would, `assert_clean_error` checks the one-line promise, `tiny_model` is a model small enough for
@@ -203,7 +203,7 @@ LIBRISPEECH_LAYOUT = {
 
 
 def write_fake_librispeech(data_dir, seed=0, layout=None):
-    """LibriSpeech/<split>/<speaker>/<chapter>/ as extracted from openslr and converted as README.md says: each
+    """LibriSpeech/<split>/<speaker>/<chapter>/ as extracted from openslr and converted as docs/domains.md says: each
     <speaker>-<chapter>-<utterance>.wav (16 kHz) beside its .flac (here a stub: the loader never reads it), and
     the chapter's .trans.txt. Returns {split: wav paths sorted by stem (torchaudio's walker order)}."""
     rng = np.random.default_rng(seed)
@@ -333,7 +333,7 @@ def write_fake_scop(data_dir, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# WM-811K wafer maps: the .npz that README.md's one-time conversion writes
+# WM-811K wafer maps: the .npz that docs/domains.md's one-time conversion writes
 
 def write_wafer_npz(path, maps, labels):
     """maps: uint8 arrays of values 0-2, of any sizes; labels: -1 (unlabelled) or 0-8. Written as the

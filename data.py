@@ -30,7 +30,7 @@ Notable choices:
   parsers check every record instead.
 - What takes minutes to parse (speech spectrograms, HIGGS, Pfam, wafer maps) is parsed once into .npy files
   beside the data (`cached_arrays`) and memory-mapped from then on.
-- LibriSpeech (FLAC) and WM-811K (a pandas pickle) need a one-time conversion outside the project (README.md);
+- LibriSpeech (FLAC) and WM-811K (a pandas pickle) need a one-time conversion outside the project (docs/domains.md);
   their loaders read what it writes, check it, and name the command when it is missing.
 - Pretraining-only domains (num_classes 0: librispeech, pfam, wafer) have no labels to learn and no test split;
   each names the labelled domain(s) a run pretrained on it is probed on (Domain.transfer), as DABS pairs them.
@@ -154,7 +154,7 @@ def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0,
     """Fixed-seed split of range(n) into sorted (train_idx, val_idx): disjoint, together all of it.
 
     Not seeded_split: this one carves validation out of any train split, for train.py, and its partition
-    (torch's generator) is what the README's validation figures were measured on.
+    (torch's generator) is what the validation figures of docs/ablation.md were measured on.
 
     groups: None, or int (n,), the group of each row (Splits.train_groups: a speaker, a user). Rows of one
     speaker are alike, so a validation set that shares speakers with train would flatter the probe: with
@@ -530,7 +530,7 @@ AUDIO_MNIST = Domain(name='audio_mnist', input_shape=(1, 224, 224), patch_size=(
 # Source: openslr.org/12 (CC BY 4.0): train-clean-100, train-clean-360 and train-other-500 (the 960 h: 281,241
 # utterances, 2,338 speakers) and dev-clean (2,703 utterances, 40 speakers). The archives hold FLAC, which the
 # standard library cannot decode, so there is no download: the user extracts them in data_dir and converts the
-# FLAC once to 16-bit WAV beside each file (README.md, "Formats that need a one-time conversion"); a FLAC whose
+# FLAC once to 16-bit WAV beside each file (docs/domains.md, "Formats that need a one-time conversion"); a FLAC whose
 # WAV is missing stops the load with that command.
 # Format: LibriSpeech/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utterance>.wav (next to the .flac and
 # the .trans.txt), each split's files in the order of their stems (a string sort), as torchaudio's walker
@@ -554,7 +554,7 @@ LIBRISPEECH_FIX = "decode it again from the .flac beside it: flac -d -s -f -o <n
 
 
 def librispeech_convert(folder: Path) -> str:
-    """The README's one-time FLAC -> WAV conversion, as one shell command over `folder`."""
+    """The one-time FLAC -> WAV conversion of docs/domains.md, as one shell command over `folder`."""
     return f"find {folder} -name '*.flac' -exec sh -c 'flac -d -s -f -o \"${{1%.flac}}.wav\" \"$1\"' _ {{}} \\;"
 
 
@@ -1018,7 +1018,7 @@ SCOP = Domain(name='scop', input_shape=(PROTEIN_LENGTH,), patch_size=(), vocab_s
 # fail), of many sizes; 172,950 are labelled with a failure pattern (147,431 of them 'none'), 638,507 are not.
 # Source: MIR-WM811K.zip from mirlab.org (no published checksum). Its pandas pickle and MATLAB v7.3 file need
 # pandas or HDF5, so there is no download: the user converts the pickle once into wafer.npz in data_dir
-# (README.md, "Formats that need a one-time conversion"): `maps` (uint8, every map flattened, concatenated),
+# (docs/domains.md, "Formats that need a one-time conversion"): `maps` (uint8, every map flattened, concatenated),
 # `shapes` (N, 2), `offsets` (N,) into `maps`, and int16 `label` (N,): -1 unlabelled, else the index in
 # WAFER_CLASSES (DABS's codes). Every array is checked when the cache is built.
 # Preprocessing as DABS: pixel = int(value * 127.5), so 0, 127, 255; 3 identical channels; torchvision's
@@ -1039,7 +1039,7 @@ WAFER_URL = 'http://mirlab.org/dataSet/public/MIR-WM811K.zip'
 WAFER_CLASSES = ['none', 'random', 'donut', 'scratch', 'center', 'loc', 'edge-loc', 'edge-ring', 'near-full']
 WAFER_PIXELS = np.array([0, 127, 255], np.uint8)  # int(value * 127.5) for the values 0, 1, 2, as DABS
 WAFER_SIZE = 32
-WAFER_REDO = "re-run the conversion that writes it (README.md, 'Formats that need a one-time conversion')"
+WAFER_REDO = "re-run the conversion that writes it (docs/domains.md, 'Formats that need a one-time conversion')"
 
 
 def wafer_npz(path: Path, keys: tuple) -> list:
@@ -1047,7 +1047,7 @@ def wafer_npz(path: Path, keys: tuple) -> list:
     if not path.is_file():
         raise DataError(f"{path} not found: WM-811K ships as a pandas pickle and a MATLAB v7.3 file, which this "
                         f"project cannot read, so there is no download: get MIR-WM811K.zip from {WAFER_URL} and "
-                        f"convert MIR-WM811K/Python/WM811K.pkl once into {path.name} in {path.parent} as README.md "
+                        f"convert MIR-WM811K/Python/WM811K.pkl once into {path.name} in {path.parent} as docs/domains.md "
                         f"shows ('Formats that need a one-time conversion'); or pass --data-dir with the folder "
                         f"that holds {path.name}")
     try:

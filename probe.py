@@ -324,7 +324,8 @@ class Config(Knobs):
                          "given, else the paper's backbone) or 'raw' (the inputs themselves)")
 
 
-def run(cfg):
+def check(cfg):
+    """Every option of probe.py, before any work: returns the domain and the domains to probe."""
     domain, targets = check_knobs(cfg)
     if cfg.baseline not in ("", "random", "raw"):
         raise UsageError(f"--baseline must be 'random' or 'raw', got {cfg.baseline!r}")
@@ -333,6 +334,11 @@ def run(cfg):
     if not targets:
         raise UsageError(f"{domain.name} has no labels to probe: name labelled domains of its input shape with "
                          "--probe-domains, or probe with --domain set to one")
+    return domain, targets
+
+
+def run(cfg):
+    domain, targets = check(cfg)
     out_dir = cli.writable_dir(cfg.out_dir or (Path(cfg.ckpt).parent if cfg.ckpt else f"runs/{cfg.domain}"))
     device, autocast = cli.device_and_precision(cfg)
     datasets = {d.name: load_data(cfg, d, device) for d in targets}  # every one read before any work

@@ -4,7 +4,7 @@ every way getting them can go wrong; the caches and the splits. test_domains.py 
 
 The writers of the genuine formats are in conftest.py. Here small archives are built from them and
 served through file:// URLs or a fake urlopen. Nothing here touches the network or modifies
-/work/shared/data.
+the project's shared/data.
 """
 import hashlib
 import io
@@ -478,7 +478,7 @@ def test_train_val_split_is_a_fixed_partition():
     assert [len(t) for t in data.train_val_split(0)] == [0, 0]
     with pytest.raises(ValueError):
         data.train_val_split(10, 1.0)
-    # the partition itself, pinned: train.py's validation split, and the README's validation figures, rest on it
+    # the partition itself, pinned: train.py's validation split, and docs/ablation.md's validation figures, rest on it
     assert [t.tolist() for t in data.train_val_split(10)] == [[0, 1, 2, 3, 5, 6, 7, 8, 9], [4]]
     assert [t.tolist() for t in data.train_val_split(20, 0.25, seed=3)] == \
         [[0, 2, 4, 5, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19], [1, 3, 6, 7, 12]]
@@ -486,7 +486,7 @@ def test_train_val_split_is_a_fixed_partition():
 
 
 def test_train_val_split_without_groups_is_unchanged():
-    # groups=None must give exactly the partition the README's validation figures were measured on: a copy of
+    # groups=None must give exactly the partition docs/ablation.md's validation figures were measured on: a copy of
     # the formula as it was before groups existed
     def before_groups(n, val_frac=0.1, seed=0):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

@@ -4,7 +4,7 @@ Tests for the non-image DABS domains in data.py: speech, sensors, tabular, DNA a
 Fixtures are written in each dataset's genuine format by conftest.py's writers (wav through `wave`,
 PAMAP2's .dat text with NaN gaps, gzip CSV, a TSV inside a zip, JSON arrays) and go through the loaders
 exactly as a download would, archives included. The spectrogram is checked against a direct DFT written
-here in numpy. Nothing here touches the network or writes into /work/shared/data.
+here in numpy. Nothing here touches the network or writes into shared/data.
 """
 import gzip
 import hashlib
@@ -766,7 +766,7 @@ def test_bad_protein_json_is_a_data_error(tmp_path, case):
 
 
 # -----------------------------------------------------------------------------
-# WM-811K wafer maps (the .npz of README.md's conversion)
+# WM-811K wafer maps (the .npz of docs/domains.md's conversion)
 
 def one_map(m):
     """data.wafer_images of a single map."""
@@ -851,7 +851,7 @@ def test_bad_wafer_npz_is_a_data_error(tmp_path, case):
     f = tmp_path / 'wafer.npz'
     needles = ['re-run the conversion']
     if case == 'missing':
-        data_error(lambda: data.load_wafer(tmp_path, download=False), f, data.WAFER_URL, 'WM811K.pkl', 'README.md')
+        data_error(lambda: data.load_wafer(tmp_path, download=False), f, data.WAFER_URL, 'WM811K.pkl', 'docs/domains.md')
         return
     fake = write_fake_wafer(tmp_path)
     maps = fake['maps']

@@ -84,7 +84,7 @@ class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_d
 PRESETS = {  # a preset changes the defaults of the knobs it names; an option given on the command line wins
     "paper": {},
     # the default backbone cannot learn much in minutes on 2 cores: a smaller one, a larger rate, a mask of
-    # 0.75 (half the encoder's work) and a schedule that ends in ~20 minutes of pretraining (see README)
+    # 0.75 (half the encoder's work) and a schedule that ends in ~20 minutes of pretraining (docs/ablation.md)
     "cpu": dict(embed_dim=192, depth=6, num_heads=6, decoder_depth=2, mask_ratio=0.75, max_steps=3400, lr=1.5e-3,
                 warmup_steps=200, eval_interval=0, log_interval=200),
 }
