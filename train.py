@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -187,11 +188,25 @@ def build(cfg, mcfg, device, rank, ckpt_path):
 # the training loop
 
 
-def pretrain(cfg, domain, mcfg, d, device, rank, world, autocast, out_dir):
+class Run(NamedTuple):
+    """What the checks and the set-up decided before any work (see run() at the bottom)."""
+    cfg: Config
+    domain: data.Domain
+    targets: list             # the domains probed at the end: the run's own when it has labels, then transfer
+    mcfg: MetaMAEConfig
+    device: torch.device
+    rank: int
+    world: int                # processes under torchrun, else 1
+    autocast: Callable        # autocast() opens the run's precision
+    out_dir: Path
+
+
+def pretrain(r, d):
     """Steps until --stop-step or --max-steps, logging, probing and saving on the way; returns the model (its
-    compile/DDP wrappers left behind) and the last step. d: the domain's probe.Data."""
-    master, ckpt_path, x = rank == 0, out_dir / "ckpt.pt", d.splits.train_x
-    model, opt, data_gen, step = build(cfg, mcfg, device, rank, ckpt_path)
+    compile/DDP wrappers left behind) and the last step. r: the Run; d: its domain's probe.Data."""
+    cfg, domain, device, autocast, out_dir, world = r.cfg, r.domain, r.device, r.autocast, r.out_dir, r.world
+    master, ckpt_path, x = r.rank == 0, out_dir / "ckpt.pt", d.splits.train_x
+    model, opt, data_gen, step = build(cfg, r.mcfg, device, r.rank, ckpt_path)
     saved_step = step if cfg.resume else None  # the step of the checkpoint on disk that this run can continue
     raw_model = model  # what is saved and probed: no compile or DDP wrapper in its keys
     if world > 1 and device.type == "cuda":  # one BatchNorm statistic over all ranks, as the authors do
@@ -231,10 +246,10 @@ def pretrain(cfg, domain, mcfg, d, device, rank, world, autocast, out_dir):
                 log_file.flush()
                 t0, step_at_t0 = time.time(), step
             if master and cfg.eval_interval and step % cfg.eval_interval == 0 and not last and domain.num_classes:
-                probe_during_training(raw_model, cfg, domain, d, autocast, step, out_dir, log_file)
+                probe_during_training(r, raw_model, d, step, log_file)
                 t0, step_at_t0 = time.time(), step  # the probe's time is not the training's
             if master and (ckpt_now or last):
-                save_checkpoint(ckpt_path, raw_model, opt, cfg, mcfg, step, data_gen)
+                save_checkpoint(ckpt_path, raw_model, opt, cfg, r.mcfg, step, data_gen)
                 saved_step = step
     except KeyboardInterrupt:
         raise cli.Interrupted(f"interrupted at step {step}; {checkpoint_status(ckpt_path, saved_step)}") from None
@@ -260,13 +275,14 @@ def checkpoint_status(ckpt_path, saved_step):
     return f"the checkpoint of step {saved_step} ({ckpt_path}) is intact: --resume continues from it"
 
 
-def probe_during_training(model, cfg, domain, d, autocast, step, out_dir, log_file):
+def probe_during_training(r, model, d, step, log_file):
     """--eval-interval: the held-out logs, pictures and a validation probe (never the test split) while
     pretraining goes on."""
+    cfg, domain, autocast = r.cfg, r.domain, r.autocast
     held_out = d.splits.train_x[d.val_idx]
     rec = dict(step=step, **probe.diagnose(model, held_out, domain.to_input, cfg.batch_size, autocast))
     if len(domain.input_shape) == 3:
-        probe.reconstruction_grid(model, domain.to_input(held_out[:8]), out_dir / f"reconstructions_{step}.png")
+        probe.reconstruction_grid(model, domain.to_input(held_out[:8]), r.out_dir / f"reconstructions_{step}.png")
     featurize = lambda x: probe.features(model, x, domain.to_input, autocast)  # noqa: E731
     res = probe.probe(featurize, d, domain, cfg, with_test=False)
     rec.update(probe_val_acc=res["val_acc"], probe_lr=res["probe_lr"], probe_epoch=res["probe_epoch"])
@@ -278,18 +294,19 @@ def probe_during_training(model, cfg, domain, d, autocast, step, out_dir, log_fi
 # the end of a run: held-out logs, pictures, and the probes (the test splits are scored here, once)
 
 
-def finish(model, cfg, domain, targets, datasets, autocast, out_dir, step, t_start):
+def finish(r, model, datasets, step, t_start):
     """The last record of a run; a finished run (step == max_steps) is probed with the test splits, once."""
+    cfg, domain, autocast = r.cfg, r.domain, r.autocast
     rec = dict(step=step, train_minutes=(time.time() - t_start) / 60)
     if step == cfg.max_steps:
         held_out = datasets[domain.name].splits.train_x[datasets[domain.name].val_idx]
         rec.update(probe.diagnose(model, held_out, domain.to_input, cfg.batch_size, autocast))
         if len(domain.input_shape) == 3:
             rec["adapt_max_pixel_change"] = probe.reconstruction_grid(model, domain.to_input(held_out[:8]),
-                                                                      out_dir / f"reconstructions_{step}.png")
-        rec.update(probe.evaluate(model, cfg, targets, datasets, autocast), total_minutes=(time.time() - t_start) / 60)
+                                                                      r.out_dir / f"reconstructions_{step}.png")
+        rec.update(probe.evaluate(model, cfg, r.targets, datasets, autocast), total_minutes=(time.time() - t_start) / 60)
     log_line(rec)
-    with open(out_dir / "log.jsonl", "a") as f:
+    with open(r.out_dir / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     return rec
 
@@ -371,14 +388,15 @@ def run(cfg):
     out_dir = prepare_out_dir(cfg)
     device, autocast = cli.device_and_precision(cfg)
     device, rank, world = setup_distributed(cfg, device)
+    r = Run(cfg, domain, targets, mcfg, device, rank, world, autocast, out_dir)
     # the run's data, then every probe domain's: a missing or broken one stops the run now, not after pretraining
     datasets = {d.name: probe.load_data(cfg, d, device) for d in [domain, *(t for t in targets if t != domain)]}
     t_start = time.time()
-    model, step = pretrain(cfg, domain, mcfg, datasets[domain.name], device, rank, world, autocast, out_dir)
+    model, step = pretrain(r, datasets[domain.name])
     if world > 1:
         check_ranks_in_sync(model, world, rank == 0)
     if rank == 0:
-        return finish(model, cfg, domain, targets, datasets, autocast, out_dir, step, t_start)
+        return finish(r, model, datasets, step, t_start)
 
 
 def main(argv=None):
