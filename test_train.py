@@ -295,6 +295,54 @@ def test_one_step_on_the_real_cifar10_sample(tmp_path):
     assert_share_of_the_test_split(rec["test_acc"], "cifar10", REAL_DATA)
 
 
+def start_training(args):
+    """A train.py process, returned once it has taken its first steps."""
+    p = subprocess.Popen([sys.executable, str(HERE / "train.py"), *map(str, args)], cwd=HERE, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    for line in p.stdout:
+        if line.startswith("step 3 "):
+            return p
+    raise AssertionError(p.stderr.read())
+
+
+def test_a_run_folder_belongs_to_one_run_and_a_killed_one_leaves_it_free(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", out, "--probe-epochs", 1]
+    args = [*base, "--max-steps", 100000, "--ckpt-interval", 2]
+    first = start_training(args)
+    try:
+        # a second training (new, resumed or overwriting) is refused at once, naming the running one
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            assert_clean_error(train_cli(*args, *extra), 2, f"is in use by a running train.py (pid {first.pid})")
+        # a probe of the same folder runs beside it and touches none of its files
+        rc, _, err = run_cli("probe.py", "--domain", "cifar10", "--data-dir", cifar_dir, "--baseline", "raw",
+                             "--probe-epochs", "1", "--out-dir", out)
+        assert rc == 0, err
+        assert first.poll() is None  # the training goes on
+    finally:
+        first.kill()  # kill -9: no chance to clean up
+        first.wait()
+    # the lock died with the process: the run continues from its last checkpoint, and its log holds each step once
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    rc, _, err = train_cli(*base, "--max-steps", state["step"] + 2, "--resume")
+    assert rc == 0, err
+    steps = [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert steps == list(range(1, state["step"] + 3))
+
+
+def test_overwrite_removes_the_old_run_at_once(cifar_dir, tmp_path):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--max-steps", "2",
+            "--probe-epochs", "1"]
+    run_main(*base)
+    old = (tmp_path / "ckpt.pt").read_bytes()
+    # an overwriting run stopped before its first save: the old weights must not stay beside the new log
+    with pytest.raises(train.data.DataError):
+        run_main(*base, "--overwrite", "--download", "false", "--data-dir", tmp_path / "nothing")
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "log.jsonl").exists()
+    run_main(*base, "--overwrite", "--seed", "1")
+    assert (tmp_path / "ckpt.pt").read_bytes() != old
+
+
 def test_a_run_never_replaces_a_checkpoint_unasked(cifar_dir, tmp_path):
     base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--max-steps", "1",
             "--probe-epochs", "1", "--eval-interval", "0"]

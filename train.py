@@ -16,6 +16,7 @@ a run goes: the knobs, one training step, checkpoints, the loop, the end of a ru
 set-up that come before any work.
 """
 
+import fcntl
 import functools
 import json
 import math
@@ -217,6 +218,8 @@ def pretrain(r, d):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     train = make_step(model, opt, cfg, autocast)
     stop = min(cfg.stop_step or cfg.max_steps, cfg.max_steps)
+    if master and cfg.resume:
+        log_until(out_dir / "log.jsonl", step)
     log_file = open(out_dir / "log.jsonl", "a" if cfg.resume else "w") if master else None
     if master:
         print(f"{cfg.domain}: {len(x)} training inputs of shape {tuple(domain.input_shape)}, "
@@ -256,6 +259,20 @@ def pretrain(r, d):
     if master:
         log_file.close()
     return raw_model, step
+
+
+def log_until(path, step):
+    """A resumed run's log keeps the records up to its checkpoint's step: those after it were written by a run
+    that died before saving them, and the resumed run writes them again."""
+    keep = []
+    for line in open(path) if path.exists() else []:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            pass
+    with data.atomic_file(path) as tmp:
+        tmp.write_text("".join(keep))
 
 
 def log_line(rec, suffix=""):
@@ -344,17 +361,35 @@ def check(cfg):
     return cfg, domain, targets, mcfg
 
 
-def prepare_out_dir(cfg):
-    """The run folder, made and proven writable before any work. A new run never replaces another run's
-    checkpoint unless told to."""
+def claim_out_dir(cfg, rank):
+    """The run folder, made and proven writable before any work, and this run's alone: a lock that the system
+    releases when the process ends, however it ends (kill -9 too), so no dead run can leave it stuck. A new run
+    never replaces another run's checkpoint unless told to; --overwrite removes the old run's checkpoint and
+    log at once. Returns the folder and the lock's open file, to be kept open while the run lasts."""
     out_dir = cli.writable_dir(cfg.out_dir or f"runs/{cfg.domain}")
+    if rank:  # under torchrun only rank 0 writes
+        return out_dir, None
+    lock = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise UsageError(f"{out_dir} is in use by a running {lock.read().strip() or 'process'}: wait for it to end, "
+                         "or choose another --out-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"train.py (pid {os.getpid()})")
+    lock.flush()
     ckpt = out_dir / "ckpt.pt"
     if not cfg.resume and not cfg.overwrite and ckpt.exists():
         raise UsageError(f"{ckpt} exists: continue that run with --resume, choose another --out-dir, "
                          "or start over with --overwrite")
+    if cfg.overwrite:  # now, not at the first save: an early Ctrl-C must not leave old weights beside a new log
+        ckpt.unlink(missing_ok=True)
+        (out_dir / "log.jsonl").unlink(missing_ok=True)
     for stale in out_dir.glob(".ckpt.pt.*.part"):  # a save cut short by a kill: never a checkpoint
         stale.unlink(missing_ok=True)
-    return out_dir
+    return out_dir, lock
 
 
 def setup_distributed(cfg, device):
@@ -385,9 +420,9 @@ def check_ranks_in_sync(model, world, master):
 
 def run(cfg):
     cfg, domain, targets, mcfg = check(cfg)
-    out_dir = prepare_out_dir(cfg)
     device, autocast = cli.device_and_precision(cfg)
     device, rank, world = setup_distributed(cfg, device)
+    out_dir, lock = claim_out_dir(cfg, rank)  # noqa: F841 (held open until the run ends)
     r = Run(cfg, domain, targets, mcfg, device, rank, world, autocast, out_dir)
     # the run's data, then every probe domain's: a missing or broken one stops the run now, not after pretraining
     datasets = {d.name: probe.load_data(cfg, d, device) for d in [domain, *(t for t in targets if t != domain)]}
