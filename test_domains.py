@@ -921,11 +921,13 @@ def test_speech_subset_speaker_split_labels_and_rows(tmp_path):
     assert snapshot(tmp_path) == before  # nothing written: no cache beside a read-only sample
     assert data.SPEECH_SUBSET_WORDS == [w for w in data.GOOGLE_SPEECH_WORDS if w in
                                         {'yes', 'no', 'up', 'down', 'left', 'right', 'on', 'off', 'stop', 'go'}]
-    assert s.train_x.shape == (31, 1, 224, 224) and s.test_x.shape == (20, 1, 224, 224)
+    assert s.train_x.shape == (31, 1, 224, 32) and s.test_x.shape == (20, 1, 224, 32)
     assert s.train_x.dtype == torch.float16
     for x, y, files in ((s.train_x, s.train_y, expected['train']), (s.test_x, s.test_y, expected['test'])):
         assert y.dtype == torch.int64 and y.tolist() == [data.SPEECH_SUBSET_WORDS.index(f.split('/')[0]) for f in files]
-        assert (x.float() - expected_speech_rows(root, files)).abs().max() < 0.01  # google_speech's log-mels
+        full = expected_speech_rows(root, files)  # google_speech's log-mels, of which the first 32 frames are kept
+        assert (x.float() - full[..., :32]).abs().max() < 0.01
+        assert (full[..., 32:] == full[..., -1:]).all()  # what is dropped is the padding's one value
     # by speaker, by the SHA-1 rule; no speaker on both sides; the groups are the speakers, numbered in sorted order
     assert all(sha1_is_test(speaker_of(f)) for f in expected['test'])
     assert not any(sha1_is_test(speaker_of(f)) for f in expected['train'])
@@ -1192,12 +1194,13 @@ def test_real_speech_subset():
     i = 100
     alone = data.speech_splits([SPEECH_SUBSET / test[i]], [], [0], 16_000, data.GOOGLE_SPEECH_MEAN,
                                data.GOOGLE_SPEECH_STD).train_x
-    assert torch.equal(s.test_x[i:i + 1], alone)
+    assert torch.equal(s.test_x[i:i + 1], alone[..., :32])
+    assert (alone[..., 26:] == alone[..., -1:]).all()  # past the 26 frames that reach the clip: padding
     with wave.open(str(SPEECH_SUBSET / test[i])) as w:
         assert (w.getframerate(), w.getsampwidth(), w.getnchannels(), w.getnframes()) == (16_000, 2, 1, 16_000)
         y = np.frombuffer(w.readframes(16_000), '<i2').astype(np.float32) / 32768
     db = data.log_mel(torch.from_numpy(y)[None], 16_000)
-    assert (s.test_x[i].float() - (db - data.GOOGLE_SPEECH_MEAN) / data.GOOGLE_SPEECH_STD).abs().max() < 0.01
+    assert (s.test_x[i].float() - (db[..., :32] - data.GOOGLE_SPEECH_MEAN) / data.GOOGLE_SPEECH_STD).abs().max() < 0.01
 
 
 @pytest.mark.skipif(not HAPT.is_dir(), reason="the real HAPT sample is not in shared/data")
@@ -1287,7 +1290,7 @@ def test_domain_specs():
     assert spec['wafer'] == ((3, 32, 32), (4, 4), 0, 0, 128)
     assert spec['wafer_transfer'] == ((3, 32, 32), (4, 4), 0, 9, 128)
     # the real samples in shared/data: as their nearest DABS domains, but HAPT's windows, patches and mask ratio
-    assert spec['google_speech_subset'] == ((1, 224, 224), (16, 16), 0, 10, 64)
+    assert spec['google_speech_subset'] == ((1, 224, 32), (16, 16), 0, 10, 64)  # the frames a 1 s clip fills
     assert data.GOOGLE_SPEECH_SUBSET.mask_ratio == 0.5
     assert spec['hapt_sample'] == ((6, 128), (4,), 0, 6, 256)
     assert data.HAPT_SAMPLE.mask_ratio == 0.75  # pamap2's 0.85 would keep 4 of its 32 tokens
