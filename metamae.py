@@ -31,7 +31,7 @@ and gradients for the same weights and random state):
 
 import math
 from dataclasses import dataclass
-from numbers import Integral  # numpy's integers too
+from numbers import Integral, Real  # numpy's numbers too
 from typing import NamedTuple
 
 import torch
@@ -75,8 +75,7 @@ class MetaMAEConfig:
     @property
     def modality(self):
         """'image' (C, H, W) -- spectrograms too --, 'series' (C, T), 'tokens' (L,) or 'tabular' (F,)."""
-        by_rank = {3: "image", 2: "series", 1: "tabular"}
-        return "tokens" if self.vocab_size > 0 else by_rank.get(len(self.input_shape), "invalid")
+        return "tokens" if self.vocab_size > 0 else {3: "image", 2: "series", 1: "tabular"}[len(self.input_shape)]
 
     @property
     def grid(self):
@@ -102,11 +101,23 @@ class MetaMAEConfig:
         """Raises ValueError naming the first invalid field; later checks assume the earlier ones passed."""
         def bad(field, why):
             raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(self, field)!r})")
+        for field in ("vocab_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+                      "decoder_num_heads", "inner_steps", "proj_dim"):  # 2.0 or True would fail later, and vaguely
+            if not isinstance(getattr(self, field), Integral) or isinstance(getattr(self, field), bool):
+                bad(field, "must be an int")
+        for field in ("mlp_ratio", "dropout", "mask_ratio", "inner_lr", "support_ratio", "contrast_weight",
+                      "temperature"):
+            value = getattr(self, field)
+            if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
+                bad(field, "must be a finite number")
+        if not isinstance(self.first_order, bool):  # 'no' is truthy: it would silently mean first order
+            bad("first_order", "must be True or False")
         shape, patch = self.input_shape, self.patch_size
-        if (not isinstance(shape, (tuple, list)) or self.modality == "invalid"
-                or not all(isinstance(s, Integral) and s > 0 for s in shape)
-                or (self.modality == "tokens" and len(shape) != 1)):
-            bad("input_shape", "expected a tuple of positive ints (C, H, W), (C, T), (L,) or (F,); tokens are (L,)")
+        if (not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= 3
+                or not all(isinstance(s, Integral) and s > 0 for s in shape)):
+            bad("input_shape", "expected a tuple of positive ints (C, H, W), (C, T), (L,) or (F,)")
+        if self.vocab_size and len(shape) != 1:
+            bad("vocab_size", f"is for token inputs of shape (L,), but input_shape is {tuple(shape)}: set it to 0")
         spatial = shape[1:] if self.modality in ("image", "series") else ()
         if spatial and (not isinstance(patch, (tuple, list)) or len(patch) != len(spatial)
                         or not all(isinstance(p, Integral) and p > 0 and n % p == 0 for n, p in zip(spatial, patch))):
@@ -119,9 +130,9 @@ class MetaMAEConfig:
                 bad(field, "must be >= 0")
         even = 4 if self.modality == "image" else 2  # sin-cos tables halve the width, 2-D ones halve it again
         for field, heads in (("embed_dim", self.num_heads), ("decoder_embed_dim", self.decoder_num_heads)):
-            width = getattr(self, field)
-            if width <= 0 or width % heads or width % even:
-                bad(field, f"must be positive and divisible by {heads} and by {even}")
+            if getattr(self, field) <= 0 or getattr(self, field) % math.lcm(heads, even):
+                bad(field, f"must be a positive multiple of {math.lcm(heads, even)}: of the {heads} heads, and of "
+                           f"{even} for the sin-cos positions")
         if not 0 <= self.dropout < 1:
             bad("dropout", "must be in [0, 1)")
         if not 0 < self.num_visible < self.num_tokens:
@@ -433,7 +444,7 @@ class MetaMAE(nn.Module):
         (loss, mean positive cosine, mean negative cosine)."""
         if self.training and len(z) < 2:  # BatchNorm in train mode, and a negative, need two inputs
             raise ValueError("MetaMAE: the contrastive loss needs at least 2 inputs per batch in train mode "
-                             "(negatives, and the projector's BatchNorm statistics); got 1")
+                             f"(negatives, and the projector's BatchNorm statistics); got {len(z)}")
         # each view through the projector on its own, so each has its own BatchNorm statistics
         a = F.normalize(self.projector(z[:, 1:].mean(dim=1)), dim=-1)  # (B, proj_dim)
         b = F.normalize(self.projector(z_star[:, 1:].mean(dim=1)), dim=-1)  # (B, proj_dim)

@@ -462,10 +462,23 @@ def test_mae_configuration_has_no_projector():
     ("input_shape", dict(input_shape=(1, 2, 3, 4))),
     ("patch_size", dict(patch_size=2)),         # an int, not a tuple
     ("inner_lr", dict(inner_lr=-0.5)),
+    ("inner_lr", dict(inner_lr=float("inf"))),  # finite, or the first step is NaN
+    ("contrast_weight", dict(contrast_weight=float("inf"))),
+    ("mlp_ratio", dict(mlp_ratio=float("inf"))),
+    ("depth", dict(depth=2.0)),                 # a float where an int counts blocks
+    ("inner_steps", dict(inner_steps=1.5)),
+    ("embed_dim", dict(embed_dim=True)),
+    ("first_order", dict(first_order="no")),    # truthy: would silently mean first order
+    ("vocab_size", dict(vocab_size=10)),        # token ids on an image config: vocab_size is the mistake
 ])
 def test_invalid_config_raises_naming_the_field(field, kw):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"MetaMAEConfig.{field}:"):
         make(**kw)
+
+
+def test_a_width_that_does_not_fit_says_the_multiple_it_needs():
+    with pytest.raises(ValueError, match=r"embed_dim: must be a positive multiple of 12: of the 6 heads, and of 4"):
+        make(embed_dim=30, num_heads=6)
 
 
 # ----------------------------------------------------------------------------- bad input, as a copier meets it
