@@ -7,6 +7,8 @@ an exit code (2: a bad option, before any work; 1: bad data, or a run that canno
 import argparse
 import contextlib
 import functools
+import os
+import signal
 import sys
 from dataclasses import field, fields
 from pathlib import Path
@@ -61,6 +63,9 @@ def parse_args(argv, config_class, doc, presets=None):
         else:
             parser.add_argument(flag, type=f.type, help=help, metavar=f.type.__name__.upper())
     given = vars(parser.parse_args([dashed(a) for a in argv]))
+    for key in given:  # the shell leaves --data-dir=~/x as it is
+        if key.endswith("_dir") or key == "ckpt":
+            given[key] = os.path.expanduser(given[key])
     preset = given.get("preset", "paper")
     if presets is not None and preset not in presets:
         raise UsageError(f"unknown --preset {preset!r}; choose one of {', '.join(presets)}")
@@ -101,9 +106,17 @@ def precision(autocast):
     return "bfloat16" if autocast.keywords["enabled"] else "float32"
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 @contextlib.contextmanager
 def one_line_errors():
-    """What a user sees of an expected error: one line, and exit code 2 (usage), 1 (data, run) or 130 (Ctrl-C)."""
+    """What a user sees of an expected error: one line, and exit code 2 (usage), 1 (data, run) or 130 (Ctrl-C).
+    A scheduler's SIGTERM and a closed terminal's SIGHUP take Ctrl-C's way out: the run says where it stopped
+    and what it kept."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         yield
     except UsageError as e:

@@ -686,6 +686,8 @@ def read_pamap2(path: Path):
         raise DataError(f"{path} is missing: {fix}") from None
     except ValueError as e:  # a row with another number of columns, or a value that is no number
         raise DataError(f"{path} is not a PAMAP2 .dat file ({one_line(e)}): {fix}") from None
+    if not a.size:
+        raise DataError(f"{path} is empty: {fix}")
     if a.shape[1] != 54:
         raise DataError(f"{path} has {a.shape[1]} columns, expected 54: {fix}")
     activity = a[:, 1]
@@ -1679,6 +1681,9 @@ def fetch_and_extract(url: str, archive_name: str, size, digest, download: bool,
     """The dataset's folder: used as it is when there (no network, no hashing), else its archive is
     fetched (or found in place), verified and extracted safely into it."""
     if not folder.is_dir():
+        if folder.parent.name == folder.name:  # --data-dir names the dataset's folder, not the one that holds it
+            raise DataError(f"{folder.parent} is the dataset's own folder: pass the folder that holds it, "
+                            f"--data-dir {folder.parent.parent}")
         extract_archive(fetch_archive(url, folder.parent / archive_name, size, digest, download, folder.name), folder)
     return folder
 

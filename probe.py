@@ -82,6 +82,8 @@ def check_knobs(cfg):
         raise UsageError(f"--threads must be >= 0, got {cfg.threads}")
     if not 0 < cfg.val_frac < 1:
         raise UsageError(f"--val-frac must be in (0, 1), got {cfg.val_frac}")
+    if not 0 <= cfg.probe_weight_decay < float("inf"):  # NaN fails too
+        raise UsageError(f"--probe-weight-decay must be a finite number >= 0, got {cfg.probe_weight_decay}")
     try:
         lrs = [float(v) for v in cfg.probe_lrs.split(",")]
     except ValueError:
@@ -93,7 +95,8 @@ def check_knobs(cfg):
     targets = [domain] if domain.num_classes else []
     for name in names:
         if name not in data.DOMAINS:
-            raise UsageError(f"unknown --probe-domains entry {name!r}; choose among {', '.join(data.DOMAINS)}")
+            raise UsageError(f"unknown --probe-domains entry {name!r}; choose among {', '.join(data.DOMAINS)}, "
+                             "or 'none'")
         d = data.DOMAINS[name]
         if (d.input_shape, d.patch_size, d.vocab_size) != (domain.input_shape, domain.patch_size, domain.vocab_size):
             raise UsageError(f"--probe-domains {name}: its inputs {tuple(d.input_shape)} (patches {tuple(d.patch_size)}"
@@ -109,6 +112,11 @@ def check_knobs(cfg):
 # checkpoints, as train.py writes them: read with weights_only, so that nothing in one is executed
 
 
+def clip(text, n=160):
+    """text cut to about n characters at a word's end: a message quoting another (PyTorch's) stays one line."""
+    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " ..."
+
+
 def load_checkpoint(path, mcfg=None):
     """Returns (state, its MetaMAEConfig); with mcfg, refuses a checkpoint of another model."""
     if not path.is_file():
@@ -118,7 +126,7 @@ def load_checkpoint(path, mcfg=None):
         saved = MetaMAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
     except Exception as e:
         raise RunError(f"checkpoint {path} is unreadable or not a checkpoint of this project "
-                       f"({data.one_line(e)[:140]}); delete it or point --ckpt elsewhere") from None
+                       f"({clip(data.one_line(e))}); delete it or point --ckpt elsewhere") from None
     if mcfg is not None and saved != mcfg:
         diff = [f for f, v in vars(mcfg).items() if getattr(saved, f) != v]
         raise RunError(f"checkpoint {path} was trained with a different model ({', '.join(diff)}); "
@@ -231,7 +239,27 @@ def load_data(cfg, domain, device):
         idx = data.train_val_split(len(splits.train_x), cfg.val_frac, groups=splits.train_groups)
     except ValueError as e:
         raise UsageError(f"--val-frac {cfg.val_frac} on {domain.name}: {e}") from None
+    if domain.num_classes and not (len(idx[0]) and len(idx[1])):
+        raise UsageError(f"--val-frac {cfg.val_frac} of {domain.name}'s {len(splits.train_x)} training inputs leaves "
+                         f"{len(idx[0])} to train the probe and {len(idx[1])} to select it: choose a --val-frac that "
+                         "leaves both")
+    check_values(splits, domain)
     return Data(splits, *(i.to(device) for i in idx))
+
+
+def check_values(splits, domain):
+    """What a loader or a cache handed over must be what the model and the probe can read: labels of the domain's
+    classes, token ids of its vocabulary. A broken or stale cache says so here, not as an IndexError later."""
+    fix = "the dataset's files or a cache built from them are damaged: delete the caches (*.npy) and run again"
+    for name, y in (("train", splits.train_y), ("test", splits.test_y)):
+        if domain.num_classes and len(y) and (y.min() < 0 or y.max() >= domain.num_classes):
+            raise data.DataError(f"{domain.name}: a {name} label is {(y.min() if y.min() < 0 else y.max()).item()}, "
+                                 f"but it has {domain.num_classes} classes: {fix}")
+    if domain.vocab_size:
+        for name, x in (("train", splits.train_x), ("test", splits.test_x)):
+            if len(x) and x.max() >= domain.vocab_size:
+                raise data.DataError(f"{domain.name}: a {name} token id is {x.max().item()}, but the vocabulary has "
+                                     f"{domain.vocab_size}: {fix}")
 
 
 def probe(featurize, d, domain, cfg, with_test):
@@ -239,6 +267,9 @@ def probe(featurize, d, domain, cfg, with_test):
     run's end)."""
     s = d.splits
     ftrain = featurize(s.train_x)
+    if not torch.isfinite(ftrain).all():  # a probe on NaN features would report the share of one class
+        raise RunError(f"{domain.name}: features of its training inputs are not finite; the inputs hold NaN or "
+                       "infinite values (check the dataset files and delete its caches), or the encoder's weights do")
     tr = (ftrain[d.train_idx], s.train_y[d.train_idx])
     va = (ftrain[d.val_idx], s.train_y[d.val_idx])
     te = (featurize(s.test_x), s.test_y) if with_test else None
@@ -364,7 +395,10 @@ def run(cfg):
 
 def main(argv=None):
     with cli.one_line_errors():
-        run(cli.parse_args(sys.argv[1:] if argv is None else argv, Config, __doc__))
+        try:
+            run(cli.parse_args(sys.argv[1:] if argv is None else argv, Config, __doc__))
+        except KeyboardInterrupt as e:
+            raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) while probing; nothing was written") from None
 
 
 if __name__ == "__main__":

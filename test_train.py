@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cli
+import probe
 import train
 from conftest import (FAKE_WRITERS, HERE, REAL_DATA, TINY, assert_clean_error, make_cifar, make_imagenet32, read_log,
                       run_cli, tiny_model, train_losses, write_fake)
@@ -380,6 +381,12 @@ def test_a_run_never_replaces_a_checkpoint_unasked(cifar_dir, tmp_path):
     (["--weight-decay", "-5"], "--weight-decay must be a finite number >= 0"),
     (["--probe-lrs", "nan"], "--probe-lrs must be positive finite numbers"),  # before, not after, pretraining
     (["--val-frac", "1"], "--val-frac must be in (0, 1)"),
+    (["--probe-weight-decay", "nan"], "--probe-weight-decay must be a finite number >= 0"),
+    (["--probe-weight-decay", "-1"], "--probe-weight-decay must be a finite number >= 0"),
+    (["--inner-lr", "inf"], "inner_lr: must be a finite number"),
+    (["--contrast-weight", "inf"], "contrast_weight: must be a finite number"),
+    (["--mlp-ratio", "inf"], "mlp_ratio: must be a finite number"),
+    (["--probe-domains", "nope"], "or 'none'"),
     (["--device", "tpu"], "--device must be"),
     (["--device", "gpu"], "'cuda'"),
     (["--cuda-graph"], "--cuda-graph needs one CUDA device"),  # the test machines have no GPU
@@ -391,6 +398,73 @@ def test_bad_options_are_refused_before_any_work_with_exit_2(cifar_dir, tmp_path
     assert_clean_error(train_cli("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", out_dir, *args),
                        2, needle)
     assert not out_dir.exists()  # nothing written
+
+
+def test_resume_refuses_a_checkpoint_of_another_dataset_of_the_same_shape(tmp_path):
+    make_cifar(tmp_path / "data" / "cifar-10-batches-py", rows_per_file=20)
+    make_imagenet32(tmp_path / "data")
+    base = ["--data-dir", tmp_path / "data", *TINY, "--out-dir", tmp_path / "run", "--max-steps", "4"]
+    run_main("--domain", "cifar10", *base, "--stop-step", "2")
+    assert_clean_error(train_cli("--domain", "imagenet32", *base, "--resume"), 1, "was trained on cifar10, not "
+                       "imagenet32", "--domain cifar10")
+
+
+def test_a_probe_that_cannot_select_or_train_is_refused_not_reported(cifar_dir, tmp_path):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "1"]
+    for frac in ("0.00001", "0.999"):  # 0 validation rows; 0 training rows (100 images)
+        assert_clean_error(train_cli(*base, "--val-frac", frac, "--out-dir", tmp_path / frac), 2, "leaves")
+        assert not (tmp_path / frac / "ckpt.pt").exists()  # refused before pretraining, not after it
+
+
+def test_labels_and_token_ids_outside_the_domain_are_refused(tmp_path, monkeypatch):
+    import numpy as np
+    data_dir = write_fake("higgs", tmp_path / "data", monkeypatch)
+    train.data.load_higgs(data_dir, False)  # builds HIGGS.npy
+    cache = np.load(data_dir / "HIGGS.npy")
+    cache[3, 0] = 2.0  # a label HIGGS does not have, as a stale or broken cache would hold
+    np.save(data_dir / "HIGGS.npy", cache)
+    assert_clean_error(train_cli("--domain", "higgs", "--data-dir", data_dir, *TINY, "--download", "false",
+                                 "--out-dir", tmp_path / "run"), 1, "a train label is 2, but it has 2 classes")
+    splits = train.data.Splits(torch.full((2, 250), 7, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
+                               torch.zeros(1, 250, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(train.data.DataError, match="a train token id is 7, but the vocabulary has 4"):
+        probe.check_values(splits, train.data.DOMAINS["genomics"])
+
+
+def test_features_that_are_not_finite_are_refused_not_probed(cifar_dir):
+    d = probe.load_data(parse(["--data-dir", cifar_dir]), train.data.DOMAINS["cifar10"], torch.device("cpu"))
+    nan_features = lambda x: torch.full((len(x), 4), float("nan"))  # noqa: E731
+    with pytest.raises(train.RunError, match="features of its training inputs are not finite"):
+        probe.probe(nan_features, d, train.data.DOMAINS["cifar10"], parse([]), with_test=True)
+
+
+def test_sigterm_takes_ctrl_c_s_way_out(cifar_dir, tmp_path):
+    args = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "100000", "--ckpt-interval", "2",
+            "--out-dir", tmp_path]
+    p = start_training(args)
+    p.terminate()  # SIGTERM, as a scheduler ends a job
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted (SIGTERM) at step" in err and "is intact: --resume continues from it" in err, err
+
+
+def test_ctrl_c_in_the_final_evaluation_names_the_checkpoint(cifar_dir, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(probe, "evaluate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--domain", str("cifar10"), "--data-dir", str(cifar_dir), *TINY, "--max-steps", "1",
+                    "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "in the final evaluation" in err and f"--ckpt {tmp_path / 'ckpt.pt'}" in err
+
+
+def test_paths_with_a_tilde_and_a_data_dir_inside_the_dataset(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(cifar_dir))
+    assert parse(["--data-dir=~/x", "--out-dir=~/r"]).data_dir == str(cifar_dir / "x")
+    assert_clean_error(train_cli("--domain", "cifar10", "--data-dir", cifar_dir / "cifar-10-batches-py", *TINY,
+                                 "--out-dir", tmp_path / "r"), 1, "is the dataset's own folder",
+                       f"--data-dir {cifar_dir}")
 
 
 def test_data_dir_that_is_a_file_is_refused(tmp_path):
@@ -405,6 +479,9 @@ def test_data_dir_that_is_a_file_is_refused(tmp_path):
     (lambda s: s["model"].pop("encoder.norm.weight"), "encoder.norm.weight"),
     (lambda s: s["model"].update({"encoder.norm.weight": torch.ones(3)}), "encoder.norm.weight"),
     (lambda s: s["model"]["encoder.norm.bias"].fill_(float("nan")), "non-finite weights (encoder.norm.bias)"),
+    # PyTorch would load these and crash at the first step (an internal assert, then a segfault), or train on NaN
+    (lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)), "exp_avg of parameter 0 has shape (3,)"),
+    (lambda s: s["optimizer"]["state"][1]["exp_avg_sq"].fill_(float("nan")), "exp_avg_sq of parameter 1 is not finite"),
 ])
 def test_damaged_checkpoints_are_refused_in_one_line(cifar_dir, tmp_path, damage, needle):
     base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--max-steps", "2"]
@@ -413,7 +490,7 @@ def test_damaged_checkpoints_are_refused_in_one_line(cifar_dir, tmp_path, damage
     damage(state)
     torch.save(state, tmp_path / "ckpt.pt")
     assert_clean_error(train_cli(*base, "--resume"), 1, needle)
-    if "optimizer" in state and "rng_cpu" in state:  # a checkpoint only probed needs its weights, and they are bad
+    if "optimizer" in state and "rng_cpu" in state and "of parameter" not in needle:  # a probe needs only weights
         assert_clean_error(run_cli("probe.py", "--domain", "cifar10", "--data-dir", cifar_dir, "--ckpt",
                                    tmp_path / "ckpt.pt"), 1, needle)
 

@@ -154,6 +154,20 @@ def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
         torch.save(state, tmp)
 
 
+def check_optimizer_state(saved, opt):
+    """AdamW's moments must have their parameters' shapes and be finite: PyTorch would load a wrong shape and
+    crash (an internal assert, then a segfault) at the first step, and a NaN moment poisons every later one."""
+    params = [p for group in opt.param_groups for p in group["params"]]  # the order of the saved state's ids
+    for i, moments in saved["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            m = moments[name]
+            if m.shape != params[int(i)].shape:
+                raise ValueError(f"the optimizer's {name} of parameter {i} has shape {tuple(m.shape)}, the "
+                                 f"parameter {tuple(params[int(i)].shape)}")
+            if not torch.isfinite(m).all():
+                raise ValueError(f"the optimizer's {name} of parameter {i} is not finite")
+
+
 def build(cfg, mcfg, device, rank, ckpt_path):
     """The model, its optimizer, the batch generator and the first step: fresh, or resumed exactly from the
     checkpoint (weights, optimizer moments, step, and every random state)."""
@@ -165,8 +179,13 @@ def build(cfg, mcfg, device, rank, ckpt_path):
     step = 0
     if cfg.resume:
         state, _ = probe.load_checkpoint(ckpt_path, mcfg)
+        trained_on = state.get("config", {}).get("domain", cfg.domain)
+        if trained_on != cfg.domain:  # the same input shape does not make the same data
+            raise RunError(f"checkpoint {ckpt_path} was trained on {trained_on}, not {cfg.domain}: resume it with "
+                           f"--domain {trained_on}, or probe it on {cfg.domain} with probe.py --ckpt")
         probe.load_weights(model, state, ckpt_path)
         try:
+            check_optimizer_state(state["optimizer"], opt)
             opt.load_state_dict(state["optimizer"])
             step = int(state["step"])
             torch.set_rng_state(state["rng_cpu"])
@@ -174,7 +193,7 @@ def build(cfg, mcfg, device, rank, ckpt_path):
             if state.get("rng_cuda") is not None and device.type == "cuda":
                 torch.cuda.set_rng_state_all(state["rng_cuda"])
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
-            raise RunError(f"checkpoint {ckpt_path} cannot be resumed ({data.one_line(e)[:140]}); probe it with "
+            raise RunError(f"checkpoint {ckpt_path} cannot be resumed ({probe.clip(data.one_line(e))}); probe it with "
                            "probe.py --ckpt, or start over with --overwrite") from None
         if step > cfg.max_steps:
             raise RunError(f"checkpoint {ckpt_path} is at step {step}, past --max-steps {cfg.max_steps}: raise "
@@ -254,8 +273,9 @@ def pretrain(r, d):
             if master and (ckpt_now or last):
                 save_checkpoint(ckpt_path, raw_model, opt, cfg, r.mcfg, step, data_gen)
                 saved_step = step
-    except KeyboardInterrupt:
-        raise cli.Interrupted(f"interrupted at step {step}; {checkpoint_status(ckpt_path, saved_step)}") from None
+    except KeyboardInterrupt as e:
+        raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) at step {step}; "
+                              f"{checkpoint_status(ckpt_path, saved_step)}") from None
     if master:
         log_file.close()
     return raw_model, step
@@ -424,14 +444,21 @@ def run(cfg):
     device, rank, world = setup_distributed(cfg, device)
     out_dir, lock = claim_out_dir(cfg, rank)  # noqa: F841 (held open until the run ends)
     r = Run(cfg, domain, targets, mcfg, device, rank, world, autocast, out_dir)
-    # the run's data, then every probe domain's: a missing or broken one stops the run now, not after pretraining
-    datasets = {d.name: probe.load_data(cfg, d, device) for d in [domain, *(t for t in targets if t != domain)]}
+    try:  # the run's data, then every probe domain's: a missing or broken one stops the run now, not at its end
+        datasets = {d.name: probe.load_data(cfg, d, device) for d in [domain, *(t for t in targets if t != domain)]}
+    except KeyboardInterrupt as e:
+        raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) while reading the data, before the first step") from None
     t_start = time.time()
     model, step = pretrain(r, datasets[domain.name])
     if world > 1:
         check_ranks_in_sync(model, world, rank == 0)
     if rank == 0:
-        return finish(r, model, datasets, step, t_start)
+        try:
+            return finish(r, model, datasets, step, t_start)
+        except KeyboardInterrupt as e:
+            raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) after step {step}, in the final evaluation; the "
+                                  f"checkpoint {out_dir / 'ckpt.pt'} is intact: probe it with python probe.py "
+                                  f"--domain {domain.name} --ckpt {out_dir / 'ckpt.pt'}") from None
 
 
 def main(argv=None):
