@@ -540,3 +540,10 @@ def train_losses(model, opt, cfg, lrs, x, lr_tensor=None):
             lr_tensor.fill_(lr)
             out.append(train.train_step(model, opt, x, cfg, autocast)[0].item())
     return out
+
+
+def listing(folder):
+    """A folder's names, sorted, less what a build leaves on purpose: its empty .<name>.lock and the
+    <cache>.sources fingerprint. Temporary .part files stay in: they must never be left."""
+    return sorted(n for n in os.listdir(folder) if not (n.startswith('.') and n.endswith('.lock'))
+                  and not n.endswith('.sources'))

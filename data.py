@@ -39,7 +39,9 @@ Notable choices:
 import contextlib
 import csv
 import dataclasses
+import fcntl
 import functools
+import glob
 import gzip
 import hashlib
 import io
@@ -412,7 +414,7 @@ def speech_splits(train: list, test: list, labels: list, sample_rate: int, mean:
     if cache is None:
         x = np.concatenate([b[0] for b in batches()])
     else:
-        x, = cached_arrays({cache: (np.float16, (1, N_MELS, N_FRAMES))}, batches, rows=len(files))
+        x, = cached_arrays({cache: (np.float16, (1, N_MELS, N_FRAMES))}, batches, rows=len(files), sources=files)
     x, y = torch.from_numpy(x), torch.tensor(labels, dtype=torch.int64)
     return split_rows(x, y, len(train))
 
@@ -763,7 +765,9 @@ def load_higgs(data_dir: Path, download: bool) -> Splits:
         a = read_higgs(archive)
         yield (a[np.concatenate(seeded_split(len(a), archive))],)
 
-    a, = cached_arrays({cache: (np.float32, (29,))}, parse)
+    a, = cached_arrays({cache: (np.float32, (29,))}, parse, sources=[data_dir / 'HIGGS.csv.gz'])
+    if not np.isin(a[:, 0], (0, 1)).all():  # the cache, not the csv (checked when parsed): 0.5 would read as 0
+        raise DataError(f"{cache} holds a label other than 0 or 1: it is damaged; delete it and run again to rebuild it")
     n_train = len(seeded_split(len(a), cache)[0])  # the cache holds the train rows, then the test rows
     a = torch.from_numpy(a)
     return split_rows(a[:, 1:], a[:, 0].long(), n_train)
@@ -857,6 +861,15 @@ def iter_json_array(path: Path, chunk_chars: int = 1 << 22):
     of unread text is kept ahead so that no number can be cut short and still parse."""
     decoder = json.JSONDecoder()
     fix = "the file is not the expected dataset or is truncated: delete it and download it again"
+    try:
+        yield from _json_elements(path, chunk_chars, decoder, fix)
+    except FileNotFoundError:  # an archive whose folder had another name, or a file deleted by hand
+        raise DataError(f"{path} is missing: delete {path.parent} and download the dataset again") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}): {fix}") from None
+
+
+def _json_elements(path: Path, chunk_chars: int, decoder, fix: str):
     with open(path, encoding='utf-8') as f:
         buf, pos, n, expect, eof = '', 0, 0, '[', False  # expect: '[', 'element', or ',' (or ']')
 
@@ -944,7 +957,8 @@ PFAM_TRANSFER_RECORDS = 200_000  # the tail of the permuted pfam_valid that DABS
 def pfam_parsed(path: Path) -> list:
     """A TAPE Pfam JSON file -> [tokens uint8 (N, 128), clan ids int64 (N,)], cached beside it."""
     return cached_arrays({path.with_suffix('.tokens.npy'): (np.uint8, (PROTEIN_LENGTH,)),
-                          path.with_suffix('.clans.npy'): (np.int64, ())}, lambda: protein_chunks(path, 'clan'))
+                          path.with_suffix('.clans.npy'): (np.int64, ())}, lambda: protein_chunks(path, 'clan'),
+                         sources=[path])
 
 
 def pfam_transfer_split(n: int, what) -> tuple[np.ndarray, np.ndarray]:
@@ -1166,7 +1180,7 @@ def wafer_cache(path: Path, cache: Path, rows: np.ndarray) -> np.ndarray:
         maps, shapes, offsets = read_wafer(path)
         for i in range(0, len(rows), chunk):
             yield (wafer_images(maps, shapes, offsets, rows[i:i + chunk]),)
-    x, = cached_arrays({cache: (np.uint8, (3, WAFER_SIZE, WAFER_SIZE))}, parse, rows=len(rows))
+    x, = cached_arrays({cache: (np.uint8, (3, WAFER_SIZE, WAFER_SIZE))}, parse, rows=len(rows), sources=[path])
     return x
 
 
@@ -1584,6 +1598,25 @@ def atomic_file(path: Path):
         tmp.unlink(missing_ok=True)  # gone after os.replace; otherwise leave nothing behind
 
 
+@contextlib.contextmanager
+def building(path: Path):
+    """Held while `path` (an archive, a folder or a cache) is being made: one process at a time makes it, and
+    whoever holds the lock may remove the temporary .part files and folders of `path` that a killed process
+    left (no live process is writing them: it would hold the lock). The lock file stays, empty. A folder
+    that cannot be written (read-only data, a full disk) is one line that says so."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.parent / f'.{path.name}.lock', 'a')
+    except OSError as e:
+        raise DataError(f"cannot write {path} ({one_line(e)}): make {path.parent} writable (or free space there), "
+                        f"or pass --data-dir with a folder that can be written") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits for another process making the same file
+        for stale in path.parent.glob(f'.{glob.escape(path.name)}.*.part'):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        yield
+
+
 def _check(path: Path, size, digest):
     """None if `path` has the expected size and md5 (32 hex digits) or sha256 (64) digest, else what is wrong
     (got vs expected). A size or digest of None is not checked: some sources publish neither."""
@@ -1616,8 +1649,7 @@ def fetch_archive(url: str, path: Path, size, digest, download: bool, folder: st
     if not download:
         raise DataError(f"{f'{folder}/' if folder else path.name} not found in {path.parent} and downloading is off: "
                         f"{place}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:  # `path` only ever appears complete and verified
+    with building(path), atomic_file(path) as tmp:  # `path` only ever appears complete and verified
         print(f"downloading {url} ({f'{size / 1e6:.0f} MB' if size else 'size not published'}) to {path}")
         try:
             with open(tmp, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
@@ -1684,7 +1716,10 @@ def fetch_and_extract(url: str, archive_name: str, size, digest, download: bool,
         if folder.parent.name == folder.name:  # --data-dir names the dataset's folder, not the one that holds it
             raise DataError(f"{folder.parent} is the dataset's own folder: pass the folder that holds it, "
                             f"--data-dir {folder.parent.parent}")
-        extract_archive(fetch_archive(url, folder.parent / archive_name, size, digest, download, folder.name), folder)
+        archive = fetch_archive(url, folder.parent / archive_name, size, digest, download, folder.name)
+        with building(folder):
+            if not folder.is_dir():  # another process may have extracted it while this one waited
+                extract_archive(archive, folder)
     return folder
 
 
@@ -1707,19 +1742,17 @@ def _read_cache(path: Path, dtype, row_shape: tuple) -> np.ndarray:
     return a
 
 
-def _write_cache(files: dict, parse: Callable):
-    """Stream parse()'s chunks into the .npy `files`, which appear, renamed into place, only once all are
-    complete. The row count is known only at the end, so each header is written for 0 rows first and
+def _write_cache(files: dict, chunks):
+    """Stream the chunks (tuples of arrays, one per file) into the .npy `files`, which appear, renamed into
+    place, only once all are complete. The row count is known only at the end, so each header is written for 0 rows first and
     rewritten: numpy pads it to the same size whatever the count, which the assert checks."""
-    chunks = iter(parse())
-    first = next(chunks, None)  # before any file is made: parse() may fetch the data, and make its folder
     with contextlib.ExitStack() as stack:  # the files are renamed into place when the stack closes, all or none
         tmps = [stack.enter_context(atomic_file(path)) for path in files]
         outs = [stack.enter_context(open(tmp, 'wb')) for tmp in tmps]  # closed before the renames
         specs, counts = list(files.values()), [0] * len(files)
         for f, (dtype, row_shape) in zip(outs, specs):
             f.write(_npy_header(dtype, (0, *row_shape)))
-        for part in itertools.chain([] if first is None else [first], chunks):
+        for part in chunks:
             for i, (f, (dtype, row_shape), a) in enumerate(zip(outs, specs, part)):
                 assert a.shape[1:] == row_shape, (a.shape, row_shape)
                 f.write(np.ascontiguousarray(a, dtype).tobytes())
@@ -1731,20 +1764,58 @@ def _write_cache(files: dict, parse: Callable):
             f.write(header)
 
 
-def cached_arrays(files: dict, parse: Callable, rows: int = None) -> list:
+def _fingerprint(sources: list) -> str:
+    """What a cache was built from: each source file's name, size and modification time, as one digest."""
+    h = hashlib.sha1(usedforsecurity=False)  # a fingerprint, not security
+    for path in sorted(map(Path, sources)):
+        st = path.stat()
+        h.update(f"{path.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cached_arrays(files: dict, parse: Callable, rows: int = None, sources: list = ()) -> list:
     """The arrays of the .npy `files` ({path: (dtype, shape of one row)}), memory-mapped; built first from
-    parse() if one is missing, or if they do not hold `rows` rows (when given: a stale cache).
+    parse() if one is missing, if they do not hold `rows` rows (when given), or if a file of `sources` (what
+    they are built from) changed since: its size, time or name. A source that is gone (a download deleted to
+    free space) leaves the cache as it is.
 
     parse() yields tuples of chunks, one chunk of rows per file: a dataset can exceed the memory, so the
-    chunks are streamed to disk. A file missing means an interrupted build; a file that does not read as
-    the array it should hold is a DataError that says to delete it."""
-    if all(path.exists() for path in files):
+    chunks are streamed to disk. The sources' fingerprint is kept in <first file>.sources, written last. A file
+    missing means an interrupted build; a file that does not read as the array it should hold is a DataError
+    that says to delete it."""
+    stamp = next(iter(files)).with_suffix('.sources')
+    fingerprint = _fingerprint(sources) if sources and all(Path(p).exists() for p in sources) else None
+
+    def fresh():
+        if not all(path.exists() for path in files):
+            return None
         arrays = [_read_cache(path, *spec) for path, spec in files.items()]
         if len({len(a) for a in arrays}) > 1:
             raise DataError(f"{' and '.join(map(str, files))} hold different row counts, so they are not one "
                             f"cache: delete them and run again to rebuild them")
-        if rows is None or len(arrays[0]) == rows:
+        built_from = stamp.read_text().strip() if stamp.exists() else None
+        if (rows is None or len(arrays[0]) == rows) and fingerprint in (None, built_from):
             return arrays
-    print(f"parsing into {' and '.join(map(str, files))} (once; later runs memory-map it)")
-    _write_cache(files, parse)
-    return [_read_cache(path, *spec) for path, spec in files.items()]
+        print(f"{stamp.with_suffix('')}: the files it was built from changed: rebuilding it")
+        return None
+
+    arrays = fresh()
+    if arrays is None:
+        chunks = iter(parse())
+        first = next(chunks, None)  # before any lock or file is made: parse() may fetch the data, or refuse it
+        with contextlib.ExitStack() as locks:
+            for path in files:  # in one order: two processes cannot each hold what the other waits for
+                locks.enter_context(building(path))
+            arrays = fresh()  # another process may have built it while this one waited
+            if arrays is None:
+                print(f"parsing into {' and '.join(map(str, files))} (once; later runs memory-map it)")
+                try:
+                    _write_cache(files, itertools.chain([] if first is None else [first], chunks))
+                except OSError as e:  # a full disk, a folder made read-only meanwhile
+                    raise DataError(f"could not write {' and '.join(map(str, files))} ({one_line(e)}): free space "
+                                    f"in {next(iter(files)).parent}, or pass --data-dir with another folder") from None
+                if fingerprint:
+                    with atomic_file(stamp) as tmp:
+                        tmp.write_text(fingerprint + '\n')
+                arrays = [_read_cache(path, *spec) for path, spec in files.items()]
+    return arrays

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import data
-from conftest import data_error, fails, make_cifar, make_imagenet32, serve, write_cifar_batch
+from conftest import data_error, fails, listing, make_cifar, make_imagenet32, serve, write_cifar_batch
 from data import DataError
 
 REAL_CIFAR = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'cifar-10-batches-py'
@@ -99,9 +99,9 @@ def test_batches_parse_whoever_wrote_them(tmp_path, writer):
 
 @pytest.mark.skipif(not REAL_CIFAR.is_dir(), reason='real CIFAR-10 sample not present')
 def test_real_cifar10_sample():
-    before = sorted(os.listdir(REAL_CIFAR))
+    before = listing(REAL_CIFAR)
     s = data.get_domain('cifar10').load(REAL_CIFAR.parent, download=False)
-    assert sorted(os.listdir(REAL_CIFAR)) == before  # read only
+    assert listing(REAL_CIFAR) == before  # read only
     assert s.train_x.shape == (10_000, 3, 32, 32) and s.test_x.shape == (2_000, 3, 32, 32)
     assert torch.bincount(s.train_y).tolist() == [1000] * 10
     assert torch.bincount(s.test_y).tolist() == [200] * 10
@@ -166,7 +166,7 @@ def test_download_verifies_and_extracts(tmp_path, monkeypatch):
     serve(monkeypatch, 'CIFAR10', archive)
     data_dir = tmp_path / 'data'  # does not exist yet
     assert_splits(data.load_cifar10(data_dir, download=True), expected)
-    assert sorted(os.listdir(data_dir)) == ['cifar-10-batches-py', 'cifar-10-python.tar.gz']  # no temp files
+    assert listing(data_dir) == ['cifar-10-batches-py', 'cifar-10-python.tar.gz']  # no temp files
     assert (data_dir / 'cifar-10-python.tar.gz').read_bytes() == archive.read_bytes()
     # the second time, the extracted folder is used as is: no network, no hashing
     monkeypatch.setattr(urllib.request, 'urlopen', no_network)
@@ -182,7 +182,7 @@ def test_placed_archive_is_verified_and_extracted_without_network(tmp_path, monk
     data_dir.mkdir()
     shutil.copy(archive, data_dir)
     assert_splits(data.load_cifar10(data_dir, download=False), expected)
-    assert sorted(os.listdir(data_dir)) == ['cifar-10-batches-py', 'cifar-10-python.tar.gz']
+    assert listing(data_dir) == ['cifar-10-batches-py', 'cifar-10-python.tar.gz']
 
 
 def test_placed_archive_with_wrong_checksum_is_refused_and_kept(tmp_path, monkeypatch):
@@ -195,7 +195,7 @@ def test_placed_archive_with_wrong_checksum_is_refused_and_kept(tmp_path, monkey
     (data_dir / archive.name).write_bytes(raw)
     data_error(lambda: data.load_cifar10(data_dir, download=True),
                data.CIFAR10_MD5, hashlib.md5(raw).hexdigest(), 'delete it')
-    assert os.listdir(data_dir) == [archive.name]  # the user's file is theirs to delete; nothing extracted
+    assert listing(data_dir) == [archive.name]  # the user's file is theirs to delete; nothing extracted
 
 
 @pytest.mark.parametrize('what', ['md5', 'size'])
@@ -212,7 +212,7 @@ def test_download_with_wrong_checksum_is_deleted(tmp_path, monkeypatch, what):
         needles = [f'{good_size + 1:,}', f'{good_size:,}']
     data_dir = tmp_path / 'data'
     data_error(lambda: data.load_cifar10(data_dir, download=True), 'deleted', data.CIFAR10_URL, *needles)
-    assert os.listdir(data_dir) == []
+    assert listing(data_dir) == []
 
 
 @pytest.mark.parametrize('failure', [urllib.error.URLError(OSError(101, 'Network is unreachable')),
@@ -226,7 +226,7 @@ def test_no_internet_says_what_to_place_where(tmp_path, monkeypatch, failure):
     msg = data_error(lambda: data.load_cifar10(data_dir, download=True),
                      data.CIFAR10_URL, 'cifar-10-python.tar.gz', 'cifar-10-batches-py', data_dir, '--data-dir')
     assert type(failure).__name__ in msg  # the reason is shown, not swallowed
-    assert os.listdir(data_dir) == []
+    assert listing(data_dir) == []
 
 
 def test_download_off_and_nothing_there(tmp_path, monkeypatch):
@@ -247,7 +247,7 @@ def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, interrupt):
     class HalfStream(io.BytesIO):  # what urlopen returns, cut off after the first chunk
         def read(self, n=-1):
             if self.tell() > 0:
-                seen.append(sorted(os.listdir(data_dir)))  # mid-download: only the temporary name
+                seen.append(listing(data_dir))  # mid-download: only the temporary name
                 raise interrupt
             return super().read(1000)
     monkeypatch.setattr(urllib.request, 'urlopen', lambda *a, **k: HalfStream(archive.read_bytes()))
@@ -255,7 +255,7 @@ def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, interrupt):
         data.load_cifar10(data_dir, download=True)
     assert len(seen) == 1 and len(seen[0]) == 1
     assert seen[0][0].startswith('.cifar-10-python.tar.gz.') and seen[0][0].endswith('.part')
-    assert os.listdir(data_dir) == []
+    assert listing(data_dir) == []
 
 
 def tar_member(name, type=tarfile.REGTYPE, linkname=''):
@@ -283,7 +283,7 @@ def test_unsafe_tar_members_are_refused(tmp_path, monkeypatch, members):
     data_dir.mkdir()
     shutil.copy(archive, data_dir)
     data_error(lambda: data.load_cifar10(data_dir, download=False), 'refusing', members[0].name)
-    assert os.listdir(data_dir) == [archive.name]  # nothing extracted, no temporary folder left
+    assert listing(data_dir) == [archive.name]  # nothing extracted, no temporary folder left
     assert not (tmp_path / 'evil').exists() and not Path('/tmp/metamae-test-evil').exists()
 
 
@@ -291,7 +291,7 @@ def test_corrupt_archive_is_a_data_error(tmp_path):
     bad = tmp_path / 'x.tar.gz'
     bad.write_bytes(b'\x1f\x8b' + b'not really gzip' * 10)
     data_error(lambda: data.extract_archive(bad, tmp_path / 'out'), str(bad), 'download it again')
-    assert sorted(os.listdir(tmp_path)) == ['x.tar.gz']
+    assert listing(tmp_path) == ['x.tar.gz']
 
 
 # -----------------------------------------------------------------------------
@@ -328,9 +328,9 @@ def test_imagenet32_placed_zips_are_extracted(tmp_path, layout):
             for f in sorted((tmp_path / 'src' / name).iterdir()):
                 z.write(f, f'{name}/{f.name}' if layout == 'folder-inside-zip' else f.name)
     assert_splits(data.load_imagenet32(data_dir, download=False), expected)
-    assert sorted(os.listdir(data_dir)) == ['Imagenet32_train', 'Imagenet32_train.zip',
+    assert listing(data_dir) == ['Imagenet32_train', 'Imagenet32_train.zip',
                                             'Imagenet32_val', 'Imagenet32_val.zip']
-    assert len(os.listdir(data_dir / 'Imagenet32_train')) == 10
+    assert len(listing(data_dir / 'Imagenet32_train')) == 10
 
 
 def test_imagenet32_zip_with_escaping_member_is_refused(tmp_path):
@@ -360,7 +360,7 @@ def test_cache_is_built_once_then_memory_mapped(tmp_path):
     assert np.array_equal(a, np.concatenate([p[0] for p in parts]))
     assert np.array_equal(b, np.concatenate([p[1] for p in parts]))
     assert isinstance(a, np.memmap) and a.dtype == np.float32 and b.dtype == np.int64
-    assert sorted(os.listdir(tmp_path)) == ['a.npy', 'b.npy']  # no temporary files left
+    assert listing(tmp_path) == ['a.npy', 'b.npy']  # no temporary files left
     assert np.array_equal(np.load(tmp_path / 'a.npy'), a)  # a plain .npy file: its header has the final count
     again = data.cached_arrays(files, fails)  # parsed once
     assert all(np.array_equal(x, y) for x, y in zip(again, (a, b)))
@@ -376,13 +376,13 @@ def test_interrupted_cache_build_leaves_nothing(tmp_path, interrupt):
 
     def parse():
         yield from chunks(2)
-        seen.append(sorted(os.listdir(tmp_path)))  # mid-build: only the temporary names
+        seen.append(listing(tmp_path))  # mid-build: only the temporary names
         raise interrupt
     with pytest.raises(type(interrupt)):
         data.cached_arrays(files, parse)
     assert [name.split('.npy.')[0] for name in seen[0]] == ['.a', '.b']
     assert all(name.endswith('.part') for name in seen[0])
-    assert os.listdir(tmp_path) == []
+    assert listing(tmp_path) == []
     # a build interrupted between its two renames leaves one file of two: it is built again, not read
     np.save(tmp_path / 'a.npy', np.zeros((1, 3), np.float32))
     a, b = data.cached_arrays(files, lambda: iter(chunks(1)))
@@ -408,7 +408,7 @@ def test_written_files_have_the_usual_permissions(tmp_path, monkeypatch, umask, 
         data.cached_arrays(two_file_cache(data_dir), lambda: iter(chunks(1)))
     finally:
         os.umask(old)
-    modes = {name: (data_dir / name).stat().st_mode & 0o777 for name in os.listdir(data_dir)}
+    modes = {name: (data_dir / name).stat().st_mode & 0o777 for name in listing(data_dir)}
     assert {name: modes[name] for name in ('cifar-10-python.tar.gz', 'a.npy', 'b.npy', 'Imagenet32_val')} == \
         {'cifar-10-python.tar.gz': file_mode, 'a.npy': file_mode, 'b.npy': file_mode, 'Imagenet32_val': dir_mode}
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import data
-from conftest import (FAKE_WRITERS, data_error, fails, protein_records, serve, write_fake,
+from conftest import (FAKE_WRITERS, data_error, fails, listing, protein_records, serve, write_fake,
                       write_fake_audio_mnist, write_fake_genomics, write_fake_google_speech, write_fake_higgs,
                       write_fake_librispeech, write_fake_pamap2, write_fake_pfam, write_fake_scop, write_fake_wafer,
                       write_genomics_zip, write_json_array, write_wafer_npz, write_wav)
@@ -230,7 +230,7 @@ def test_google_speech_download_verifies_extracts_and_caches(tmp_path, monkeypat
     serve(monkeypatch, 'GOOGLE_SPEECH', archive)
     data_dir = tmp_path / 'data'
     s = data.load_google_speech(data_dir, download=True)
-    assert sorted(os.listdir(data_dir)) == ['speech_commands_v0.02', 'speech_commands_v0.02.logmel.npy',
+    assert listing(data_dir) == ['speech_commands_v0.02', 'speech_commands_v0.02.logmel.npy',
                                             'speech_commands_v0.02.tar.gz']  # no temporary files left
     assert len(s.train_x) == len(expected['train'])
     # the second time: no network, no wav read, the cached spectrograms
@@ -512,13 +512,13 @@ def test_higgs_download_and_a_small_file(tmp_path, monkeypatch):
     s = data.load_higgs(tmp_path / 'data', download=True)
     train, test = higgs_split(a)
     assert np.array_equal(s.test_x.numpy(), test[:, 1:]) and len(s.train_x) == 90
-    assert sorted(os.listdir(tmp_path / 'data')) == ['HIGGS.csv.gz', 'HIGGS.npy']  # no temporary files left
+    assert listing(tmp_path / 'data') == ['HIGGS.csv.gz', 'HIGGS.npy']  # no temporary files left
     # a file too small to leave a test row is refused, and nothing is cached
     write_fake_higgs(tmp_path / 'tiny', rows=9)
     serve(monkeypatch, 'HIGGS', tmp_path / 'tiny' / 'HIGGS.csv.gz')
     data_error(lambda: data.load_higgs(tmp_path / 'tiny', download=False), tmp_path / 'tiny' / 'HIGGS.csv.gz',
                '9 rows leave none for the test split')
-    assert os.listdir(tmp_path / 'tiny') == ['HIGGS.csv.gz']
+    assert listing(tmp_path / 'tiny') == ['HIGGS.csv.gz']
     # and with no file and downloading off, nothing is made, not even the folder
     data_error(lambda: data.load_higgs(tmp_path / 'nowhere', download=False), 'HIGGS.csv.gz', '--data-dir')
     assert not (tmp_path / 'nowhere').exists()
@@ -567,7 +567,7 @@ def test_genomics_tokens_labels_and_split(tmp_path, monkeypatch):
     rows = write_fake_genomics(tmp_path / 'src')
     serve(monkeypatch, 'GENOMICS', tmp_path / 'src' / 'genomics_ood.zip', digest=False)  # TFDS publishes none
     s = data.load_genomics(tmp_path / 'data', download=True)  # the zip is read as it is: nothing extracted
-    assert os.listdir(tmp_path / 'data') == ['genomics_ood.zip']
+    assert listing(tmp_path / 'data') == ['genomics_ood.zip']
     perm = np.random.RandomState(42).permutation(len(rows))
     tokens = np.array([['ACGT'.index(b) for b in seq] for seq, _ in rows], np.uint8)[perm]
     labels = np.array([data.GENOMICS_GENERA.index(g) for _, g in rows])[perm]
@@ -646,7 +646,7 @@ def test_pfam_pretrains_on_pfam_train_without_labels(tmp_path, monkeypatch):
     assert s.train_y.dtype == torch.int64 and s.train_y.tolist() == [0] * 40  # labels not used
     assert s.test_x.shape == (0, 128) and s.test_x.dtype == torch.uint8 and s.test_y.shape == (0,)
     assert data.PFAM.num_classes == 0 and data.PFAM.transfer == ('pfam_transfer',)
-    assert sorted(os.listdir(tmp_path / 'pfam')) == [  # pfam_valid is the transfer domain's
+    assert listing(tmp_path / 'pfam') == [  # pfam_valid is the transfer domain's
         'pfam_train.clans.npy', 'pfam_train.json', 'pfam_train.tokens.npy', 'pfam_valid.json']
     monkeypatch.setattr(data, 'iter_json_array', fails)  # parsed once
     assert torch.equal(data.load_pfam(tmp_path, download=False).train_x, s.train_x)
@@ -835,7 +835,7 @@ def test_wafer_maps_labels_and_splits(tmp_path, monkeypatch):
     assert t.test_y.tolist() == label[labelled[pl[18:]]].tolist()
     assert t.train_y.dtype == torch.int64 and sorted(set(label[labelled])) == list(range(9))
     assert data.WAFER_TRANSFER.to_input(t.train_x[:2]).max() <= 1
-    assert sorted(os.listdir(tmp_path)) == ['wafer.labelled.32x32.npy', 'wafer.npz', 'wafer.unlabelled.32x32.npy']
+    assert listing(tmp_path) == ['wafer.labelled.32x32.npy', 'wafer.npz', 'wafer.unlabelled.32x32.npy']
     # the real sizes: 638,507 unlabelled and 172,950 labelled maps give DABS's 574,657 / 63,850 and 155,655 / 17,295
     assert [len(a) for a in data.seeded_split(638_507, '')] == [574_657, 63_850]
     assert [len(a) for a in data.seeded_split(172_950, '')] == [155_655, 17_295]
@@ -894,7 +894,7 @@ def test_bad_wafer_npz_is_a_data_error(tmp_path, case):
         np.savez(f, **arrays)
     load = data.load_wafer_transfer if case == 'too few' else data.load_wafer
     data_error(lambda: load(tmp_path, download=False), f, *needles)
-    assert os.listdir(tmp_path) == ['wafer.npz']  # nothing cached
+    assert listing(tmp_path) == ['wafer.npz']  # nothing cached
 
 
 # -----------------------------------------------------------------------------
@@ -1350,3 +1350,55 @@ def test_the_speech_sample_says_restore_it(tmp_path):
     (root / 'testing_list.txt').unlink()
     msg = data_error(lambda: data.load_google_speech_sample(tmp_path, download=False), 'testing_list.txt', 'restore')
     assert 'download' not in msg
+
+
+# ----------------------------------------------------------------------------- caches tied to what they were built from
+
+
+def test_a_cache_is_rebuilt_when_its_source_changes(tmp_path):
+    write_fake('pfam', tmp_path, None)
+    train_json = tmp_path / 'pfam' / 'pfam_train.json'
+    n = len(data.load_pfam(tmp_path, download=False).train_x)
+    records = json.loads(train_json.read_text())[:5]  # the file replaced by a smaller one, as a new download would
+    train_json.write_text(json.dumps(records))
+    os.utime(train_json, ns=(1, 1))  # another time, whatever the clock's resolution
+    assert n > 5 and len(data.load_pfam(tmp_path, download=False).train_x) == 5
+    assert len(data.load_pfam(tmp_path, download=False).train_x) == 5  # and then used as it is
+    train_json.unlink()  # a source deleted to free space leaves the cache as it is
+    assert len(data.load_pfam(tmp_path, download=False).train_x) == 5
+
+
+def test_a_build_removes_what_a_killed_build_left(tmp_path, monkeypatch):
+    data_dir = write_fake('higgs', tmp_path / 'data', monkeypatch)
+    (data_dir / '.HIGGS.npy.k1ll3d.part').write_bytes(b'half a cache')
+    data.load_higgs(data_dir, download=False)
+    assert listing(data_dir) == ['HIGGS.csv.gz', 'HIGGS.npy']
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    data_dir = write_fake('higgs', tmp_path / 'data', monkeypatch)
+
+    def full(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(data, '_npy_header', full)
+    data_error(lambda: data.load_higgs(data_dir, download=False), 'could not write', 'No space left on device',
+               '--data-dir')
+    assert listing(data_dir) == ['HIGGS.csv.gz']  # no partial cache
+
+
+def test_a_higgs_cache_label_that_is_not_0_or_1_is_refused(tmp_path, monkeypatch):
+    data_dir = write_fake('higgs', tmp_path / 'data', monkeypatch)
+    data.load_higgs(data_dir, download=False)
+    a = np.load(data_dir / 'HIGGS.npy')
+    a[0, 0] = 0.5  # would read as 0
+    np.save(data_dir / 'HIGGS.npy', a)
+    data_error(lambda: data.load_higgs(data_dir, download=False), 'HIGGS.npy', 'a label other than 0 or 1')
+
+
+def test_pfam_json_missing_or_not_utf8_is_one_line(tmp_path):
+    write_fake('pfam', tmp_path, None)
+    train_json = tmp_path / 'pfam' / 'pfam_train.json'
+    train_json.write_bytes(train_json.read_bytes()[:40] + b'\xff\xfe' + train_json.read_bytes()[40:])
+    data_error(lambda: data.load_pfam(tmp_path, download=False), 'pfam_train.json', 'is not UTF-8')
+    train_json.unlink()
+    data_error(lambda: data.load_pfam(tmp_path, download=False), 'pfam_train.json is missing')

@@ -562,3 +562,18 @@ def test_librispeech_probes_its_transfer_domains_and_a_label_free_domain_is_not_
         assert_share_of_the_test_split(rec[f"{d}_test_acc"], d, data_dir)
     assert_clean_error(run_cli("probe.py", "--domain", "librispeech", "--baseline", "random", "--probe-domains",
                                "none", "--data-dir", data_dir, "--out-dir", tmp_path / "e"), 2, "has no labels to probe")
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(cifar_dir, tmp_path, monkeypatch):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--max-steps", "4",
+            "--ckpt-interval", "2"]
+    run_main(*base, "--stop-step", "2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def full(obj, f, *args, **kwargs):  # what torch.save meets on a full disk, after writing part of the file
+        open(f, "wb").write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 203456 vs 203348")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(train.RunError, match="could not write the checkpoint of step 4 .* the one on disk is intact"):
+        run_main(*base, "--resume")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and not list(tmp_path.glob(".ckpt.pt.*"))

@@ -150,8 +150,13 @@ def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
     state = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg), model_config=asdict(mcfg),
                  step=step, rng_cpu=torch.get_rng_state(), rng_data=data_gen.get_state(),
                  rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    with data.atomic_file(path) as tmp:  # a crash while saving leaves the previous checkpoint intact
-        torch.save(state, tmp)
+    try:
+        with data.atomic_file(path) as tmp:  # a crash while saving leaves the previous checkpoint intact
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk: PyTorch says "unexpected pos ..." or "No space left"
+        kept = "the one on disk is intact: --resume continues from it" if path.exists() else "none was written yet"
+        raise RunError(f"could not write the checkpoint of step {step} to {path} ({probe.clip(data.one_line(e))}); "
+                       f"free space there; {kept}") from None
 
 
 def check_optimizer_state(saved, opt):
