@@ -78,8 +78,10 @@ def writable_dir(path):
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        with tempfile.TemporaryFile(dir=path) as f:  # written, not only made: a full disk makes empty files
+            f.write(bytes(1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         raise UsageError(f"--out-dir {path} is not a writable folder ({e.strerror or data.one_line(e)}); "
                          "choose another") from None
@@ -128,6 +130,16 @@ def one_line_errors():
     except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, torch.OutOfMemoryError) as e:  # PyTorch's CPU allocator raises a RuntimeError of its own
+        print(f"error: out of memory ({data.one_line(e)[:200]}): lower --batch-size, or the model's width or depth",
+              file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):
+            raise
+        print(f"error: out of memory ({data.one_line(e)[:200]}): lower --batch-size, or the model's width or depth",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -343,6 +343,9 @@ def _read_wav_extensible(path: Path):
             _, channels, rate, _, _, bits = struct.unpack_from('<HHIIHH', body)
             if body[24:26] != b'\x01\x00':  # the sub-format GUID starts with the format code; 1 = PCM
                 raise DataError(f"{path} is not PCM (WAVE_FORMAT_EXTENSIBLE with another sub-format)")
+            if channels < 1 or bits < 8 or bits % 8:
+                raise DataError(f"{path} has {channels} channels of {bits}-bit samples, expected 16-bit PCM: "
+                                "delete it and download the dataset again")
             fmt = channels, bits // 8, rate
         elif chunk == b'data' and fmt:
             channels, width, rate = fmt

@@ -80,6 +80,8 @@ def check_knobs(cfg):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.threads < 0:
         raise UsageError(f"--threads must be >= 0, got {cfg.threads}")
+    if not 0 <= cfg.seed < 2**32:  # torch's generators take 64 bits, and train.py derives seeds from it
+        raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}")
     if not 0 < cfg.val_frac < 1:
         raise UsageError(f"--val-frac must be in (0, 1), got {cfg.val_frac}")
     if not 0 <= cfg.probe_weight_decay < float("inf"):  # NaN fails too
@@ -232,6 +234,9 @@ class Data(NamedTuple):
 
 def load_data(cfg, domain, device):
     splits = domain.load(Path(cfg.data_dir), cfg.download)
+    if not len(splits.train_x) or (domain.num_classes and not len(splits.test_x)):
+        raise data.DataError(f"{domain.name} in {cfg.data_dir} has {len(splits.train_x)} training and "
+                             f"{len(splits.test_x)} test inputs: its files are empty or damaged; get them again")
     # small datasets live on the accelerator and are batched there: no workers, no per-sample Python
     splits = dataclasses.replace(splits, **{k: getattr(splits, k).to(device) for k in ("train_x", "train_y", "test_x",
                                                                                        "test_y")})

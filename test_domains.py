@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import struct
 import tarfile
 import urllib.request
 import wave
@@ -1402,3 +1403,12 @@ def test_pfam_json_missing_or_not_utf8_is_one_line(tmp_path):
     data_error(lambda: data.load_pfam(tmp_path, download=False), 'pfam_train.json', 'is not UTF-8')
     train_json.unlink()
     data_error(lambda: data.load_pfam(tmp_path, download=False), 'pfam_train.json is missing')
+
+
+@pytest.mark.parametrize('channels,bits', [(0, 16), (1, 4)])
+def test_an_extensible_wav_with_no_channel_or_sub_byte_samples_is_one_line(tmp_path, channels, bits):
+    pcm = b'\x01\x00\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71'  # KSDATAFORMAT_SUBTYPE_PCM
+    fmt = struct.pack('<HHIIHHHHI', 0xFFFE, channels, 16000, 32000, 2, bits, 22, bits, 0) + pcm
+    body = b'WAVE' + b'fmt ' + struct.pack('<I', len(fmt)) + fmt + b'data' + struct.pack('<I', 100) + bytes(100)
+    (tmp_path / 'x.wav').write_bytes(b'RIFF' + struct.pack('<I', len(body)) + body)  # ZeroDivisionError before
+    data_error(lambda: data.read_wav(tmp_path / 'x.wav', 16000), f'{channels} channels of {bits}-bit samples')

@@ -199,3 +199,21 @@ def test_read_only_out_dir_is_refused_before_work(cifar_dir, tmp_path):
                                      "--out-dir", tmp_path / "run"), 2, "not a writable folder")
     finally:
         tmp_path.chmod(0o755)
+
+
+@pytest.mark.parametrize("field,value", [("embed_dim", 33), ("depth", "one"), ("mlp_ratio", float("inf")),
+                                         ("mask_ratio", 0.999)])
+def test_a_checkpoint_with_an_invalid_model_config_is_one_line(cifar_dir, tmp_path, field, value):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, "--out-dir", tmp_path]
+    train_main(*base, *TINY, "--max-steps", "1", "--eval-interval", "0", "--probe-epochs", "1")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state["model_config"][field] = value
+    torch.save(state, tmp_path / "bad.pt")
+    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "bad.pt"), 1, "unreadable or not a checkpoint",
+                       f"MetaMAEConfig.{field}")
+
+
+def test_a_domain_with_no_training_inputs_is_one_line(tmp_path):
+    make_cifar(tmp_path / "cifar-10-batches-py", rows_per_file=0)
+    assert_clean_error(probe_cli("--domain", "cifar10", "--data-dir", tmp_path, "--baseline", "raw", "--out-dir",
+                                 tmp_path / "r"), 1, "has 0 training and 0 test inputs")

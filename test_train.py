@@ -387,6 +387,7 @@ def test_a_run_never_replaces_a_checkpoint_unasked(cifar_dir, tmp_path):
     (["--contrast-weight", "inf"], "contrast_weight: must be a finite number"),
     (["--mlp-ratio", "inf"], "mlp_ratio: must be a finite number"),
     (["--probe-domains", "nope"], "or 'none'"),
+    (["--seed", "-1"], "--seed must be in 0..4294967295"),
     (["--device", "tpu"], "--device must be"),
     (["--device", "gpu"], "'cuda'"),
     (["--cuda-graph"], "--cuda-graph needs one CUDA device"),  # the test machines have no GPU
@@ -577,3 +578,9 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(cifar_dir, tmp_path,
     with pytest.raises(train.RunError, match="could not write the checkpoint of step 4 .* the one on disk is intact"):
         run_main(*base, "--resume")
     assert (tmp_path / "ckpt.pt").read_bytes() == before and not list(tmp_path.glob(".ckpt.pt.*"))
+
+
+def test_a_batch_that_cannot_be_allocated_is_one_line(cifar_dir, tmp_path):
+    # 10^8 images of 3 KB: far more than any machine's memory, refused by the allocator at once
+    assert_clean_error(train_cli("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--batch-size", "100000000",
+                                 "--out-dir", tmp_path), 1, "out of memory", "lower --batch-size")

@@ -307,7 +307,8 @@ def log_line(rec, suffix=""):
 
 def nonfinite_cause(x):
     if x.is_floating_point() and not torch.isfinite(x).all():
-        return "the training data hold NaN or infinite values: check the dataset files"
+        return ("the training data hold NaN or infinite values: check the dataset files, and delete its caches "
+                "(*.npy beside them) to rebuild them")
     return "lower --lr or --inner-lr"
 
 
