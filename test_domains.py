@@ -1412,3 +1412,16 @@ def test_an_extensible_wav_with_no_channel_or_sub_byte_samples_is_one_line(tmp_p
     body = b'WAVE' + b'fmt ' + struct.pack('<I', len(fmt)) + fmt + b'data' + struct.pack('<I', 100) + bytes(100)
     (tmp_path / 'x.wav').write_bytes(b'RIFF' + struct.pack('<I', len(body)) + body)  # ZeroDivisionError before
     data_error(lambda: data.read_wav(tmp_path / 'x.wav', 16000), f'{channels} channels of {bits}-bit samples')
+
+
+def test_a_data_folder_that_cannot_be_written_is_one_line_when_a_cache_is_needed(tmp_path, monkeypatch):
+    data_dir = write_fake('higgs', tmp_path / 'data', monkeypatch)
+    real_open = open
+
+    def read_only(path, *args, **kwargs):  # what a read-only filesystem (EROFS) answers a new file
+        if str(path).endswith('.lock'):
+            raise OSError(30, 'Read-only file system', str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(data, 'open', read_only, raising=False)
+    data_error(lambda: data.load_higgs(data_dir, download=False), 'cannot write', 'Read-only file system',
+               'make', 'writable', '--data-dir')
