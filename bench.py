@@ -73,6 +73,7 @@ def bench(cfg):
         runs[name] = dict(step=step, times=[], mem=0.0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for r in range(cfg.bench_repeats + 1):  # repeat 0 warms up (allocator, compile, graph capture): not timed
+        print(f"bench: {'warming up' if r == 0 else f'repeat {r} of {cfg.bench_repeats}'} ...", flush=True)
         for run in runs.values():
             peak_memory_mb(device, reset=True)
             x = batch()
@@ -100,9 +101,14 @@ def bench(cfg):
     return results
 
 
+SHOWN = {"domain", "preset", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "mask_ratio",
+         "batch_size", "inner_steps", "device", "dtype", "threads", "compile", "cuda_graph", "data_dir", "seed",
+         "bench_data", "bench_steps", "bench_repeats"}  # what --help lists; every other knob of train.py works too
+
+
 def main(argv=None):
     with cli.one_line_errors():
-        bench(cli.parse_args(sys.argv[1:] if argv is None else argv, BenchConfig, __doc__, train.PRESETS))
+        bench(cli.parse_args(sys.argv[1:] if argv is None else argv, BenchConfig, __doc__, train.PRESETS, SHOWN))
 
 
 if __name__ == "__main__":

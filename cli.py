@@ -2,17 +2,20 @@
 What the three commands (train.py, probe.py, bench.py) share, in one place: a dataclass of knobs read as
 --flags, the device and precision a command runs on, and what a user sees of an expected error: one line and
 an exit code (2: a bad option, before any work; 1: bad data, or a run that cannot go on; 130: interrupted).
+Last, train.py's run folder: held by one run at a time, its log kept whole across a kill and a resume.
 """
 
 import argparse
 import contextlib
+import fcntl
 import functools
+import json
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import field, fields
 from pathlib import Path
-import tempfile
 
 import torch
 
@@ -47,9 +50,10 @@ def boolean(text):
     return text.lower() in ("true", "1", "yes")
 
 
-def parse_args(argv, config_class, doc, presets=None):
+def parse_args(argv, config_class, doc, presets=None, shown=None):
     """`--key value` / `--key=value` overrides of the config's fields; `--flag` alone sets a bool. Knobs not
-    given take the preset's value (with `presets`: a --preset knob names one), then the field's default."""
+    given take the preset's value (with `presets`: a --preset knob names one), then the field's default.
+    shown: the fields --help lists (None: all); the others are accepted all the same."""
     def dashed(arg):  # --max_steps as --max-steps: nanoGPT's users type underscores
         key, eq, value = arg.partition("=")
         return key.replace("_", "-") + eq + value if arg.startswith("--") else arg
@@ -58,6 +62,7 @@ def parse_args(argv, config_class, doc, presets=None):
     for f in fields(config_class):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         help += "" if "default" in help else f" (default: {f.default!r})"
+        help = help if shown is None or f.name in shown else argparse.SUPPRESS
         if f.type is bool:
             parser.add_argument(flag, type=boolean, nargs="?", const=True, help=help, metavar="BOOL")
         else:
@@ -104,6 +109,32 @@ def device_and_precision(cfg):
                                                  enabled=bf16)
 
 
+def setup_distributed(cfg, device):
+    """Under torchrun: (device of this rank, rank, world size), the process group joined; else (device, 0, 1)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return device, 0, 1
+    if cfg.cuda_graph:
+        raise UsageError("--cuda-graph needs one CUDA device and no torchrun; drop it with several GPUs")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def check_ranks_in_sync(model, world, master):
+    """Every rank must hold the same weights at the end: DDP averages gradients, nothing else syncs them."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    spread = [flat.clone() for _ in range(world)]
+    torch.distributed.all_gather(spread, flat)
+    max_dev = max((s - flat).abs().max().item() for s in spread)
+    if master:
+        print(f"ranks in sync: max parameter difference {max_dev:.3g}")
+    torch.distributed.destroy_process_group()
+    if max_dev > 0:
+        raise RunError(f"ranks diverged (max parameter difference {max_dev}); this is a bug, please report it")
+
+
 def precision(autocast):
     return "bfloat16" if autocast.keywords["enabled"] else "float32"
 
@@ -117,8 +148,7 @@ def one_line_errors():
     """What a user sees of an expected error: one line, and exit code 2 (usage), 1 (data, run) or 130 (Ctrl-C).
     A scheduler's SIGTERM and a closed terminal's SIGHUP take Ctrl-C's way out: the run says where it stopped
     and what it kept."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    before = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     except UsageError as e:
@@ -130,16 +160,63 @@ def one_line_errors():
     except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(130)
-    except (MemoryError, torch.OutOfMemoryError) as e:  # PyTorch's CPU allocator raises a RuntimeError of its own
-        print(f"error: out of memory ({data.one_line(e)[:200]}): lower --batch-size, or the model's width or depth",
-              file=sys.stderr)
-        sys.exit(1)
-    except RuntimeError as e:
-        if "can't allocate memory" not in str(e):
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError, and so is the CPU's
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
             raise
         print(f"error: out of memory ({data.one_line(e)[:200]}): lower --batch-size, or the model's width or depth",
               file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    finally:  # a caller in the same process (a test) gets its handlers back
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+# -----------------------------------------------------------------------------
+# train.py's run folder: one run's alone, its log whole
+
+
+def claim_out_dir(cfg, rank):
+    """The run folder, made and proven writable before any work, and this run's alone: a lock that the system
+    releases when the process ends, however it ends (kill -9 too), so no dead run can leave it stuck. A new run
+    never replaces another run's checkpoint unless told to; --overwrite removes the old run's checkpoint and
+    log at once. Returns the folder and the lock's open file, to be kept open while the run lasts."""
+    out_dir = writable_dir(cfg.out_dir or f"runs/{cfg.domain}")
+    if rank:  # under torchrun only rank 0 writes
+        return out_dir, None
+    lock = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise UsageError(f"{out_dir} is in use by a running {lock.read().strip() or 'process'}: wait for it to end, "
+                         "or choose another --out-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"train.py (pid {os.getpid()})")
+    lock.flush()
+    ckpt = out_dir / "ckpt.pt"
+    if not cfg.resume and not cfg.overwrite and ckpt.exists():
+        raise UsageError(f"{ckpt} exists: continue that run with --resume, choose another --out-dir, "
+                         "or start over with --overwrite")
+    if cfg.overwrite:  # now, not at the first save: an early Ctrl-C must not leave old weights beside a new log
+        ckpt.unlink(missing_ok=True)
+        (out_dir / "log.jsonl").unlink(missing_ok=True)
+    for stale in out_dir.glob(".ckpt.pt.*.part"):  # a save cut short by a kill: never a checkpoint
+        stale.unlink(missing_ok=True)
+    return out_dir, lock
+
+
+def log_until(path, step):
+    """A resumed run's log keeps the records up to its checkpoint's step: those after it were written by a run
+    that died before saving them, and the resumed run writes them again."""
+    keep = []
+    for line in open(path) if path.exists() else []:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            pass
+    with data.atomic_file(path) as tmp:
+        tmp.write_text("".join(keep))

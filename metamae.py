@@ -17,7 +17,12 @@ With inner_steps=0 and contrast_weight=0 the same network is a plain MAE.
     x = torch.rand(64, 3, 32, 32)
     loss, logs = model(x)      # logs: amortized / support / adapted / contrast losses (detached)
     loss.backward()
-    features = model.encode(x) # (64, embed_dim = 256): what a linear probe reads
+    features = model.encode(x) # (64, embed_dim = 256): what a linear probe reads (model.features(x): with a graph)
+
+The training recipe around it (AdamW without decay on biases, norms and tokens, warm-up and cosine, gradient
+clipping; the probe's standardized features) is in train.py and probe.py. torch.compile(model) fails at its
+first forward: the inner loop's gradient of a gradient cannot be compiled. model.encoder.compile() works (the
+encoder is differentiated once), and is what train.py's --compile does.
 
 Deliberate differences from the authors' models.py (the default configuration computes the same loss
 and gradients for the same weights and random state):
@@ -165,12 +170,18 @@ class Tokenizer(nn.Module):
         """Input (B, *input_shape) -> reconstruction targets: (B, N, patch_dim) floats, or (B, N) token ids.
         Values in any float dtype are cast to the model's (float64 from numpy too); token ids must be ints."""
         cfg = self.cfg
+        if not torch.is_tensor(x):  # a numpy array, say
+            x = torch.as_tensor(x, device=next(self.parameters()).device)
         if tuple(x.shape[1:]) != tuple(cfg.input_shape):
             raise ValueError(f"MetaMAE: expected input of shape (B, {', '.join(map(str, cfg.input_shape))}) "
                              f"from cfg.input_shape, got {tuple(x.shape)}")
         if x.is_floating_point() == (cfg.modality == "tokens"):  # values are floats, token ids integers
             want = "integer ids" if cfg.modality == "tokens" else "floating point (scale integer pixels first)"
             raise ValueError(f"MetaMAE: {cfg.modality} input must be {want}, got {x.dtype}")
+        if cfg.modality == "tokens" and x.device.type == "cpu" and len(x) and not 0 <= x.min() <= x.max() < cfg.vocab_size:
+            # (checked on CPU only: on a GPU the read would stall the step; nn.Embedding then asserts there)
+            raise ValueError(f"MetaMAE: token ids must be in 0..{cfg.vocab_size - 1} (cfg.vocab_size = "
+                             f"{cfg.vocab_size}), got {x.min().item()}..{x.max().item()}")
         x = x if cfg.modality == "tokens" else x.to(self.proj.weight.dtype)
         if cfg.modality == "image":  # MAE's patch order: (ph, pw, C)
             return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=cfg.patch_size[0], p2=cfg.patch_size[1])
@@ -473,10 +484,15 @@ class MetaMAE(nn.Module):
             loss = loss + cfg.contrast_weight * contrast
         return loss, logs
 
+    def features(self, x):
+        """All tokens through the encoder, no masking, no dropout, mean of the patch tokens: (B, embed_dim).
+        Differentiable, for fine-tuning the encoder on a task (put a head on it)."""
+        return self.encoder(self.encoder.tokenizer.patchify(x))[:, 1:].mean(dim=1)
+
     @torch.no_grad()
     def encode(self, x):
-        """Features for linear probing: all tokens, no dropout, mean of the patch tokens. (B, embed_dim)"""
-        return self.encoder(self.encoder.tokenizer.patchify(x))[:, 1:].mean(dim=1)
+        """features(x) without a graph: what a linear probe of the frozen encoder reads. (B, embed_dim)"""
+        return self.features(x)
 
     @torch.no_grad()
     def reconstruct(self, x, noise=None):

@@ -136,6 +136,20 @@ def load_checkpoint(path, mcfg=None):
     return state, saved
 
 
+def check_optimizer_state(saved, opt):
+    """AdamW's moments must have their parameters' shapes and be finite: PyTorch would load a wrong shape and
+    crash (an internal assert, then a segfault) at the first step, and a NaN moment poisons every later one."""
+    params = [p for group in opt.param_groups for p in group["params"]]  # the order of the saved state's ids
+    for i, moments in saved["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            m = moments[name]
+            if m.shape != params[int(i)].shape:
+                raise ValueError(f"the optimizer's {name} of parameter {i} has shape {tuple(m.shape)}, the "
+                                 f"parameter {tuple(params[int(i)].shape)}")
+            if not torch.isfinite(m).all():
+                raise ValueError(f"the optimizer's {name} of parameter {i} is not finite")
+
+
 def load_weights(model, state, path):
     """The checkpoint's weights into model; a missing, mis-shaped or non-finite weight is one line."""
     try:

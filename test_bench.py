@@ -5,7 +5,7 @@ import pytest
 import bench
 import cli
 import train
-from conftest import TINY, assert_clean_error, run_cli
+from conftest import TINY, assert_clean_error, run_in_process
 
 
 def parse(argv):
@@ -27,4 +27,4 @@ def test_bench_prints_three_rows_with_ratios_to_mae(capsys):
 
 @pytest.mark.parametrize("args", [["--bench-steps", "0"], ["--bench-repeats", "0"]])
 def test_bad_bench_options_exit_2(args):
-    assert_clean_error(run_cli("bench.py", *TINY, *args), 2, "--bench-steps and --bench-repeats must be positive")
+    assert_clean_error(run_in_process(bench.main, *TINY, *args), 2, "--bench-steps and --bench-repeats must be positive")

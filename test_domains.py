@@ -1425,3 +1425,9 @@ def test_a_data_folder_that_cannot_be_written_is_one_line_when_a_cache_is_needed
     monkeypatch.setattr(data, 'open', read_only, raising=False)
     data_error(lambda: data.load_higgs(data_dir, download=False), 'cannot write', 'Read-only file system',
                'make', 'writable', '--data-dir')
+
+
+def test_a_higgs_archive_of_the_wrong_size_is_refused_before_anything_is_said_of_parsing(tmp_path, capsys):
+    write_fake_higgs(tmp_path, rows=20)  # not the published size: HIGGS_SIZE is the real file's
+    data_error(lambda: data.load_higgs(tmp_path, download=False), 'HIGGS.csv.gz', 'is not the expected archive')
+    assert 'parsing' not in capsys.readouterr().out

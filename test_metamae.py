@@ -552,3 +552,32 @@ def test_reconstruct_under_inference_mode_says_why():
         model.reconstruct(make_x(2))
     with torch.inference_mode():
         assert model.encode(make_x(2)).shape == (2, 32)
+
+
+def test_numpy_inputs_work_and_token_ids_outside_the_vocabulary_are_named():
+    model, make_x = make("2d")
+    x = make_x(4)
+    torch.manual_seed(0)
+    from_torch = model(x)[0]
+    torch.manual_seed(0)
+    assert model(x.numpy())[0].item() == from_torch.item()  # numpy's float64 too: cast like any float tensor
+    assert torch.equal(model.encode(x.double().numpy()), model.encode(x))
+    tokens = make("tokens")[0]
+    with pytest.raises(ValueError, match=r"token ids must be in 0..6 \(cfg.vocab_size = 7\), got 0..7"):
+        tokens(torch.tensor([[0] * 19 + [7]] * 2))
+
+
+def test_features_is_encode_with_a_graph_for_fine_tuning():
+    model, make_x = make("2d", dropout=0.1)
+    x = make_x(3)
+    f = model.features(x)
+    assert torch.equal(f.detach(), model.encode(x)) and model.encode(x).grad_fn is None
+    f.pow(2).sum().backward()  # a task's loss on the features trains the encoder
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.blocks.parameters())
+
+
+def test_a_batch_without_its_batch_dimension_is_named_as_such_not_as_a_batch_of_one():
+    model = make("2d")[0]  # (3, 8, 12) inputs: one image without its batch dimension has 3 "rows"
+    one = MetaMAE(MetaMAEConfig(**{**TINY, "input_shape": (1, 8, 12), "patch_size": (2, 4)}))
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, 1, 8, 12\).*got \(1, 8, 12\)"):
+        one(torch.rand(1, 8, 12))  # was blamed on the contrastive loss's batch of 1

@@ -11,7 +11,8 @@ import torch
 import cli
 import probe
 import train
-from conftest import (TINY, assert_clean_error, make_cifar, make_imagenet32, read_log, run_cli, write_cifar_batch)
+from conftest import (TINY, assert_clean_error, make_cifar, make_imagenet32, read_log, run_cli, run_in_process,
+                      write_cifar_batch)
 
 
 def parse(argv):
@@ -19,7 +20,8 @@ def parse(argv):
 
 
 def probe_cli(*args):
-    return run_cli("probe.py", *args)
+    """probe.py's command line, in this process: (exit code, stdout, stderr)."""
+    return run_in_process(probe.main, *args)
 
 
 def train_main(*args):
@@ -217,3 +219,8 @@ def test_a_domain_with_no_training_inputs_is_one_line(tmp_path):
     make_cifar(tmp_path / "cifar-10-batches-py", rows_per_file=0)
     assert_clean_error(probe_cli("--domain", "cifar10", "--data-dir", tmp_path, "--baseline", "raw", "--out-dir",
                                  tmp_path / "r"), 1, "has 0 training and 0 test inputs")
+
+
+def test_the_real_entry_point_exits_2_with_one_line(cifar_dir, tmp_path):
+    assert_clean_error(run_cli("probe.py", "--domain", "cifar10", "--data-dir", cifar_dir, "--baseline", "best"), 2,
+                       "--baseline must be 'random' or 'raw'")

@@ -14,7 +14,7 @@ import cli
 import probe
 import train
 from conftest import (FAKE_WRITERS, HERE, REAL_DATA, TINY, assert_clean_error, make_cifar, make_imagenet32, read_log,
-                      run_cli, tiny_model, train_losses, write_fake)
+                      run_cli, run_in_process, tiny_model, train_losses, write_fake)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,9 @@ def run_main(*args):
     return train.run(parse(args))
 
 
-def train_cli(*args, **kwargs):
-    return run_cli("train.py", *args, **kwargs)
+def train_cli(*args):
+    """train.py's command line, in this process: (exit code, stdout, stderr)."""
+    return run_in_process(train.main, *args)
 
 
 def assert_share_of_the_test_split(acc, domain_name, data_dir):
@@ -54,7 +55,7 @@ def test_overrides_both_spellings_and_types():
 
 
 def test_help_lists_every_knob():
-    code, out, _ = train_cli("--help")
+    code, out, _ = run_cli("train.py", "--help")
     assert code == 0
     for f in train.fields(train.Config):
         assert f"--{f.name.replace('_', '-')}" in out
@@ -218,7 +219,8 @@ def test_training_loop_reads_the_device_only_at_log_and_checkpoint_steps(cifar_d
 
 
 def test_missing_data_without_download_names_url_file_and_option(tmp_path):
-    assert_clean_error(train_cli("--domain", "cifar10", "--data-dir", tmp_path, "--download", "false"), 1,
+    # through the real entry point, as a user's shell meets it
+    assert_clean_error(run_cli("train.py", "--domain", "cifar10", "--data-dir", tmp_path, "--download", "false"), 1,
                        "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                        "--data-dir")
     assert list(tmp_path.iterdir()) == []
@@ -233,7 +235,7 @@ def test_no_internet_is_a_clean_error(tmp_path, monkeypatch):
         run_main("--domain", "cifar10", "--data-dir", tmp_path / "data", *TINY, "--out-dir", tmp_path / "run")
     msg = str(e.value)  # one_line_errors prints it as the one line, with exit code 1
     assert "\n" not in msg and "could not download" in msg and "cifar-10-python.tar.gz" in msg and "--data-dir" in msg
-    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]  # nothing half-written
 
 
 def test_wrong_checksum_archive_is_refused(tmp_path):
@@ -259,12 +261,14 @@ def test_missing_and_incompatible_checkpoints(cifar_dir, tmp_path):
     assert_clean_error(train_cli(*base, "--resume"), 1, "unreadable")
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cifar_dir, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cifar_dir, tmp_path, monkeypatch):
     base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--max-steps", "4"]
     run_main(*base, "--stop-step", "2")
     before = (tmp_path / "ckpt.pt").read_bytes()
-    # an absurd learning rate sends the weights to ~1e30 in one step, and the next loss overflows
-    assert_clean_error(train_cli(*base, "--resume", "--lr", "1e30"), 1, "non-finite")
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: (torch.tensor(float("nan")), step(*a, **k)[1]))
+    with pytest.raises(train.RunError, match="non-finite loss before step 3.*the checkpoint of step 2 .* is intact"):
+        run_main(*base, "--resume")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert not list(tmp_path.glob(".ckpt.pt.*"))
 
@@ -308,8 +312,9 @@ def start_training(args):
 
 def test_a_run_folder_belongs_to_one_run_and_a_killed_one_leaves_it_free(cifar_dir, tmp_path):
     out = tmp_path / "run"
-    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", out, "--probe-epochs", 1]
-    args = [*base, "--max-steps", 100000, "--ckpt-interval", 2]
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", out, "--probe-epochs", 1,
+            "--max-steps", 100000]
+    args = [*base, "--ckpt-interval", 2]
     first = start_training(args)
     try:
         # a second training (new, resumed or overwriting) is refused at once, naming the running one
@@ -325,7 +330,7 @@ def test_a_run_folder_belongs_to_one_run_and_a_killed_one_leaves_it_free(cifar_d
         first.wait()
     # the lock died with the process: the run continues from its last checkpoint, and its log holds each step once
     state = torch.load(out / "ckpt.pt", weights_only=True)
-    rc, _, err = train_cli(*base, "--max-steps", state["step"] + 2, "--resume")
+    rc, _, err = train_cli(*base, "--stop-step", state["step"] + 2, "--resume")
     assert rc == 0, err
     steps = [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r]
     assert steps == list(range(1, state["step"] + 3))
@@ -425,7 +430,11 @@ def test_labels_and_token_ids_outside_the_domain_are_refused(tmp_path, monkeypat
     cache[3, 0] = 2.0  # a label HIGGS does not have, as a stale or broken cache would hold
     np.save(data_dir / "HIGGS.npy", cache)
     assert_clean_error(train_cli("--domain", "higgs", "--data-dir", data_dir, *TINY, "--download", "false",
-                                 "--out-dir", tmp_path / "run"), 1, "a train label is 2, but it has 2 classes")
+                                 "--out-dir", tmp_path / "run"), 1, "HIGGS.npy holds a label other than 0 or 1")
+    labels = train.data.Splits(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 10]),
+                               torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(train.data.DataError, match="a train label is 10, but it has 10 classes"):
+        probe.check_values(labels, train.data.DOMAINS["cifar10"])
     splits = train.data.Splits(torch.full((2, 250), 7, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
                                torch.zeros(1, 250, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
     with pytest.raises(train.data.DataError, match="a train token id is 7, but the vocabulary has 4"):
@@ -492,14 +501,22 @@ def test_damaged_checkpoints_are_refused_in_one_line(cifar_dir, tmp_path, damage
     torch.save(state, tmp_path / "ckpt.pt")
     assert_clean_error(train_cli(*base, "--resume"), 1, needle)
     if "optimizer" in state and "rng_cpu" in state and "of parameter" not in needle:  # a probe needs only weights
-        assert_clean_error(run_cli("probe.py", "--domain", "cifar10", "--data-dir", cifar_dir, "--ckpt",
+        assert_clean_error(run_in_process(probe.main, "--domain", "cifar10", "--data-dir", cifar_dir, "--ckpt",
                                    tmp_path / "ckpt.pt"), 1, needle)
 
 
-def test_resume_past_max_steps_says_so(cifar_dir, tmp_path):
-    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path]
+def test_resume_keeps_the_run_s_own_schedule_and_refuses_a_finished_run(cifar_dir, tmp_path):
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--probe-epochs", "1"]
     run_main(*base, "--max-steps", "3", "--stop-step", "2")
-    assert_clean_error(train_cli(*base, "--max-steps", "1", "--resume"), 1, "is at step 2, past --max-steps 1")
+    # another --max-steps or --lr would restart the cosine schedule from its peak, silently
+    assert_clean_error(train_cli(*base, "--max-steps", "1", "--resume"), 1, "--max-steps 3 (now 1)", "--overwrite")
+    assert_clean_error(train_cli(*base, "--max-steps", "3", "--lr", "0.1", "--resume"), 1, "--lr 0.0005 (now 0.1)")
+    run_main(*base, "--max-steps", "3", "--resume", "--stop-step", "0")
+    log = read_log(tmp_path / "log.jsonl")
+    assert len([r for r in log if "test_acc" in r]) == 1  # the end's probe, once
+    assert_clean_error(train_cli(*base, "--max-steps", "3", "--resume"), 1, "the end of a finished run",
+                       "python probe.py --domain cifar10 --ckpt")
+    assert read_log(tmp_path / "log.jsonl") == log  # nothing appended
 
 
 def test_non_finite_messages_say_what_exists_and_blame_nan_data(tmp_path):
@@ -561,7 +578,7 @@ def test_librispeech_probes_its_transfer_domains_and_a_label_free_domain_is_not_
     assert "test_acc" not in rec  # no labels: no probe of its own
     for d in ("librispeech_transfer", "audio_mnist", "google_speech"):
         assert_share_of_the_test_split(rec[f"{d}_test_acc"], d, data_dir)
-    assert_clean_error(run_cli("probe.py", "--domain", "librispeech", "--baseline", "random", "--probe-domains",
+    assert_clean_error(run_in_process(probe.main, "--domain", "librispeech", "--baseline", "random", "--probe-domains",
                                "none", "--data-dir", data_dir, "--out-dir", tmp_path / "e"), 2, "has no labels to probe")
 
 

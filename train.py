@@ -16,11 +16,10 @@ a run goes: the knobs, one training step, checkpoints, the loop, the end of a ru
 set-up that come before any work.
 """
 
-import fcntl
+import contextlib
 import functools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -43,10 +42,20 @@ MODEL = MetaMAEConfig()  # the model's defaults, read once from the one place th
 DOMAIN_SET = ("input_shape", "patch_size", "vocab_size")  # model fields that the domain decides
 
 
+PRESETS = {  # a preset changes the defaults of the knobs it names; an option given on the command line wins
+    "paper": {},
+    # the default backbone cannot learn much in minutes on 2 cores: a smaller one, a larger rate, a mask of
+    # 0.75 (half the encoder's work) and a schedule that ends in ~20 minutes of pretraining (docs/ablation.md)
+    "cpu": dict(embed_dim=192, depth=6, num_heads=6, decoder_depth=2, mask_ratio=0.75, max_steps=3400, lr=1.5e-3,
+                warmup_steps=200, eval_interval=0, log_interval=50, ckpt_interval=500),  # a line every ~40 s
+}
+
+
 @dataclass
 class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_dir, seed, device, probe_lrs, ...
     # model: the DABS backbone of the paper; 'cpu' swaps in a small one that learns in minutes on 2 cores
-    preset: str = knob("paper", "'paper' (MetaMAEConfig's defaults) or 'cpu' (see PRESETS); options given win")
+    preset: str = knob("paper", "'paper': the knobs' defaults (the authors' model, 100k steps); 'cpu': " + ", ".join(
+        f"{k} {v}" for k, v in PRESETS["cpu"].items()) + "; options given win")
     embed_dim: int = knob(MODEL.embed_dim, "encoder width")
     depth: int = knob(MODEL.depth, "encoder blocks")
     num_heads: int = knob(MODEL.num_heads, "encoder heads")
@@ -82,14 +91,6 @@ class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_d
     resume: bool = knob(False, "continue from <out_dir>/ckpt.pt")
     overwrite: bool = knob(False, "start a new run in an --out-dir whose ckpt.pt is then replaced")
 
-
-PRESETS = {  # a preset changes the defaults of the knobs it names; an option given on the command line wins
-    "paper": {},
-    # the default backbone cannot learn much in minutes on 2 cores: a smaller one, a larger rate, a mask of
-    # 0.75 (half the encoder's work) and a schedule that ends in ~20 minutes of pretraining (docs/ablation.md)
-    "cpu": dict(embed_dim=192, depth=6, num_heads=6, decoder_depth=2, mask_ratio=0.75, max_steps=3400, lr=1.5e-3,
-                warmup_steps=200, eval_interval=0, log_interval=200),
-}
 
 # -----------------------------------------------------------------------------
 # optimizer, schedule, and one training step
@@ -159,18 +160,7 @@ def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
                        f"free space there; {kept}") from None
 
 
-def check_optimizer_state(saved, opt):
-    """AdamW's moments must have their parameters' shapes and be finite: PyTorch would load a wrong shape and
-    crash (an internal assert, then a segfault) at the first step, and a NaN moment poisons every later one."""
-    params = [p for group in opt.param_groups for p in group["params"]]  # the order of the saved state's ids
-    for i, moments in saved["state"].items():
-        for name in ("exp_avg", "exp_avg_sq"):
-            m = moments[name]
-            if m.shape != params[int(i)].shape:
-                raise ValueError(f"the optimizer's {name} of parameter {i} has shape {tuple(m.shape)}, the "
-                                 f"parameter {tuple(params[int(i)].shape)}")
-            if not torch.isfinite(m).all():
-                raise ValueError(f"the optimizer's {name} of parameter {i} is not finite")
+RUN_DEFINING = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")  # --resume
 
 
 def build(cfg, mcfg, device, rank, ckpt_path):
@@ -190,7 +180,7 @@ def build(cfg, mcfg, device, rank, ckpt_path):
                            f"--domain {trained_on}, or probe it on {cfg.domain} with probe.py --ckpt")
         probe.load_weights(model, state, ckpt_path)
         try:
-            check_optimizer_state(state["optimizer"], opt)
+            probe.check_optimizer_state(state["optimizer"], opt)
             opt.load_state_dict(state["optimizer"])
             step = int(state["step"])
             torch.set_rng_state(state["rng_cpu"])
@@ -200,9 +190,17 @@ def build(cfg, mcfg, device, rank, ckpt_path):
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise RunError(f"checkpoint {ckpt_path} cannot be resumed ({probe.clip(data.one_line(e))}); probe it with "
                            "probe.py --ckpt, or start over with --overwrite") from None
-        if step > cfg.max_steps:
-            raise RunError(f"checkpoint {ckpt_path} is at step {step}, past --max-steps {cfg.max_steps}: raise "
-                           "--max-steps to train on (the lr schedule follows it), or probe it with probe.py --ckpt")
+        saved = state.get("config", {})
+        changed = [k for k in RUN_DEFINING if k in saved and saved[k] != getattr(cfg, k)]
+        if changed:  # the schedule would restart (lr 1e-5 back to its peak), or the batches change, silently
+            raise RunError(f"checkpoint {ckpt_path} was trained with " + ", ".join(
+                f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k)})" for k in changed) + ": the learning-rate"
+                " schedule and the batches follow them, so --resume takes the run's own values: give those, or start"
+                " a new run with --overwrite")
+        if step == cfg.max_steps:
+            raise RunError(f"checkpoint {ckpt_path} is the end of a finished run (step {step} of {cfg.max_steps}): "
+                           f"probe it with python probe.py --domain {cfg.domain} --ckpt {ckpt_path}, or train longer "
+                           "in a new run")
         if rank == 0:
             print(f"resumed from {ckpt_path} at step {step}")
     elif rank:
@@ -229,26 +227,14 @@ class Run(NamedTuple):
 def pretrain(r, d):
     """Steps until --stop-step or --max-steps, logging, probing and saving on the way; returns the model (its
     compile/DDP wrappers left behind) and the last step. r: the Run; d: its domain's probe.Data."""
-    cfg, domain, device, autocast, out_dir, world = r.cfg, r.domain, r.device, r.autocast, r.out_dir, r.world
+    cfg, domain, device, autocast, out_dir = r.cfg, r.domain, r.device, r.autocast, r.out_dir
     master, ckpt_path, x = r.rank == 0, out_dir / "ckpt.pt", d.splits.train_x
     model, opt, data_gen, step = build(cfg, r.mcfg, device, r.rank, ckpt_path)
     saved_step = step if cfg.resume else None  # the step of the checkpoint on disk that this run can continue
-    raw_model = model  # what is saved and probed: no compile or DDP wrapper in its keys
-    if world > 1 and device.type == "cuda":  # one BatchNorm statistic over all ranks, as the authors do
-        raw_model = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (gloo has none: per-rank on CPU)
-    if cfg.compile:
-        raw_model.encoder.compile()  # in place: the state_dict keeps its names
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    raw_model, model = wrap(model, cfg, device, r.world)  # raw_model is what is saved and probed
     train = make_step(model, opt, cfg, autocast)
-    stop = min(cfg.stop_step or cfg.max_steps, cfg.max_steps)
-    if master and cfg.resume:
-        log_until(out_dir / "log.jsonl", step)
-    log_file = open(out_dir / "log.jsonl", "a" if cfg.resume else "w") if master else None
-    if master:
-        print(f"{cfg.domain}: {len(x)} training inputs of shape {tuple(domain.input_shape)}, "
-              f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, batch {cfg.batch_size} x "
-              f"{world}, steps {step}..{stop}, device {device}, {cli.precision(autocast)}")
+    stop, start = min(cfg.stop_step or cfg.max_steps, cfg.max_steps), step
+    log_file = open_log(r, raw_model, len(x), step, stop) if master else None
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     t0, step_at_t0 = time.time(), step
     try:
@@ -264,10 +250,12 @@ def pretrain(r, d):
             if (log_now or last or ckpt_now) and nonfinite.item():
                 raise RunError(f"non-finite loss before step {step}; {nonfinite_cause(x)}; "
                                f"{checkpoint_status(ckpt_path, saved_step)}")
+            if master and step == start + 10 and device.type == "cpu" and not last:  # what the whole run costs
+                print(cost_hint(cfg, (time.time() - t0) / 10, stop - step), flush=True)
             if master and (log_now or last):
                 ms = 1000 * (time.time() - t0) / (step - step_at_t0)
                 rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
-                           ms_per_step=ms, samples_per_s=cfg.batch_size * world * 1000 / ms)
+                           ms_per_step=ms, samples_per_s=cfg.batch_size * r.world * 1000 / ms)
                 log_line(rec, f" | {100 * step / stop:.0f}% eta {(stop - step) * ms / 60_000:.1f} min")
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
@@ -279,25 +267,51 @@ def pretrain(r, d):
                 save_checkpoint(ckpt_path, raw_model, opt, cfg, r.mcfg, step, data_gen)
                 saved_step = step
     except KeyboardInterrupt as e:
+        hint = f" ({PRESET_HINT})" if cfg.preset == "paper" and device.type == "cpu" else ""
         raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) at step {step}; "
-                              f"{checkpoint_status(ckpt_path, saved_step)}") from None
+                              f"{checkpoint_status(ckpt_path, saved_step)}{hint}") from None
     if master:
         log_file.close()
     return raw_model, step
 
 
-def log_until(path, step):
-    """A resumed run's log keeps the records up to its checkpoint's step: those after it were written by a run
-    that died before saving them, and the resumed run writes them again."""
-    keep = []
-    for line in open(path) if path.exists() else []:
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut short by the kill
-            pass
-    with data.atomic_file(path) as tmp:
-        tmp.write_text("".join(keep))
+def wrap(model, cfg, device, world):
+    """(the model itself, what the loop calls): --compile compiles the encoder in place (the state_dict keeps its
+    names), torchrun wraps it in DDP, with one BatchNorm statistic over all GPUs as the authors do."""
+    if world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (gloo has none: per-rank statistics on CPU)
+    if cfg.compile:
+        model.encoder.compile()
+    if world > 1:
+        return model, torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, model
+
+
+def open_log(r, model, n, step, stop):
+    """log.jsonl, opened for the run (a new run's first record holds its options), and the run's first line."""
+    path = r.out_dir / "log.jsonl"
+    if r.cfg.resume:
+        cli.log_until(path, step)
+    log_file = open(path, "a" if r.cfg.resume else "w")
+    if not r.cfg.resume:
+        log_file.write(json.dumps(dict(config=asdict(r.cfg), model_config=asdict(r.mcfg))) + "\n")
+    print(f"{r.domain.name}: {n} training inputs of shape {tuple(r.domain.input_shape)}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, batch {r.cfg.batch_size} x "
+          f"{r.world}, steps {step}..{stop}, device {r.device}, {cli.precision(r.autocast)}", flush=True)
+    return log_file
+
+
+PRESET_HINT = "on a CPU, --preset cpu trains a small model in about 20 minutes"
+
+
+def cost_hint(cfg, seconds_per_step, steps_left):
+    """One line, after the first steps: what the rest of the run will take at the rate measured."""
+    left = seconds_per_step * steps_left
+    when = f"{left / 86400:.1f} days" if left > 2 * 86400 else f"{left / 3600:.1f} hours" if left > 2 * 3600 else \
+        f"{left / 60:.0f} minutes"
+    hint = f"; {PRESET_HINT}" if cfg.preset == "paper" else ""
+    return f"{1000 * seconds_per_step:.0f} ms per step on this CPU: the {steps_left:,} steps left take about {when}{hint}"
 
 
 def log_line(rec, suffix=""):
@@ -347,11 +361,28 @@ def finish(r, model, datasets, step, t_start):
         if len(domain.input_shape) == 3:
             rec["adapt_max_pixel_change"] = probe.reconstruction_grid(model, domain.to_input(held_out[:8]),
                                                                       r.out_dir / f"reconstructions_{step}.png")
+        if r.targets:
+            print(f"probing the frozen encoder on {', '.join(d.name for d in r.targets)}: a linear probe at each "
+                  f"lr of {cfg.probe_lrs}, {cfg.probe_epochs} epochs, chosen on validation ...", flush=True)
         rec.update(probe.evaluate(model, cfg, r.targets, datasets, autocast), total_minutes=(time.time() - t_start) / 60)
-    log_line(rec)
     with open(r.out_dir / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
+    print(summary(r, rec), flush=True)
     return rec
+
+
+def summary(r, rec):
+    """The end of a run, at a glance: where its files are, and the probes' results in percent."""
+    picture = r.out_dir / f"reconstructions_{rec['step']}.png"
+    lines = [f"step {rec['step']} of {r.cfg.max_steps} after {rec['train_minutes']:.1f} min: {r.out_dir / 'ckpt.pt'}, "
+             f"{r.out_dir / 'log.jsonl'}" + (f", {picture}" if "adapt_max_pixel_change" in rec else "")]
+    for d in r.targets if "total_minutes" in rec else []:
+        key, (metric, score) = "" if d.name == r.cfg.domain else f"{d.name}_", (
+            ("weighted F1", "f1") if d.metric == "weighted_f1" else ("accuracy", "acc"))
+        lines.append(f"{d.name}: test {metric} {100 * rec[key + 'test_' + score]:.1f}% (validation "
+                     f"{100 * rec[key + 'val_' + score]:.1f}%; probe lr {rec[key + 'probe_lr']}, epoch "
+                     f"{rec[key + 'probe_epoch']})")
+    return "\n".join(lines + ([] if "total_minutes" in rec else ["stopped early: --resume continues the run"]))
 
 # -----------------------------------------------------------------------------
 # before any work: every option checked, the run folder, the devices
@@ -387,84 +418,29 @@ def check(cfg):
     return cfg, domain, targets, mcfg
 
 
-def claim_out_dir(cfg, rank):
-    """The run folder, made and proven writable before any work, and this run's alone: a lock that the system
-    releases when the process ends, however it ends (kill -9 too), so no dead run can leave it stuck. A new run
-    never replaces another run's checkpoint unless told to; --overwrite removes the old run's checkpoint and
-    log at once. Returns the folder and the lock's open file, to be kept open while the run lasts."""
-    out_dir = cli.writable_dir(cfg.out_dir or f"runs/{cfg.domain}")
-    if rank:  # under torchrun only rank 0 writes
-        return out_dir, None
-    lock = open(out_dir / ".lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        raise UsageError(f"{out_dir} is in use by a running {lock.read().strip() or 'process'}: wait for it to end, "
-                         "or choose another --out-dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"train.py (pid {os.getpid()})")
-    lock.flush()
-    ckpt = out_dir / "ckpt.pt"
-    if not cfg.resume and not cfg.overwrite and ckpt.exists():
-        raise UsageError(f"{ckpt} exists: continue that run with --resume, choose another --out-dir, "
-                         "or start over with --overwrite")
-    if cfg.overwrite:  # now, not at the first save: an early Ctrl-C must not leave old weights beside a new log
-        ckpt.unlink(missing_ok=True)
-        (out_dir / "log.jsonl").unlink(missing_ok=True)
-    for stale in out_dir.glob(".ckpt.pt.*.part"):  # a save cut short by a kill: never a checkpoint
-        stale.unlink(missing_ok=True)
-    return out_dir, lock
-
-
-def setup_distributed(cfg, device):
-    """Under torchrun: (device of this rank, rank, world size), the process group joined; else (device, 0, 1)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return device, 0, 1
-    if cfg.cuda_graph:
-        raise UsageError("--cuda-graph needs one CUDA device and no torchrun; drop it with several GPUs")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-
-
-def check_ranks_in_sync(model, world, master):
-    """Every rank must hold the same weights at the end: DDP averages gradients, nothing else syncs them."""
-    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
-    spread = [flat.clone() for _ in range(world)]
-    torch.distributed.all_gather(spread, flat)
-    max_dev = max((s - flat).abs().max().item() for s in spread)
-    if master:
-        print(f"ranks in sync: max parameter difference {max_dev:.3g}")
-    torch.distributed.destroy_process_group()
-    if max_dev > 0:
-        raise RunError(f"ranks diverged (max parameter difference {max_dev}); this is a bug, please report it")
-
-
 def run(cfg):
     cfg, domain, targets, mcfg = check(cfg)
     device, autocast = cli.device_and_precision(cfg)
-    device, rank, world = setup_distributed(cfg, device)
-    out_dir, lock = claim_out_dir(cfg, rank)  # noqa: F841 (held open until the run ends)
-    r = Run(cfg, domain, targets, mcfg, device, rank, world, autocast, out_dir)
-    try:  # the run's data, then every probe domain's: a missing or broken one stops the run now, not at its end
-        datasets = {d.name: probe.load_data(cfg, d, device) for d in [domain, *(t for t in targets if t != domain)]}
-    except KeyboardInterrupt as e:
-        raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) while reading the data, before the first step") from None
-    t_start = time.time()
-    model, step = pretrain(r, datasets[domain.name])
-    if world > 1:
-        check_ranks_in_sync(model, world, rank == 0)
-    if rank == 0:
-        try:
-            return finish(r, model, datasets, step, t_start)
+    device, rank, world = cli.setup_distributed(cfg, device)
+    out_dir, lock = cli.claim_out_dir(cfg, rank)
+    with lock or contextlib.nullcontext():  # the run folder is this run's until it ends, however it ends
+        r = Run(cfg, domain, targets, mcfg, device, rank, world, autocast, out_dir)
+        try:  # the run's data, then every probe domain's: a missing or broken one stops the run now, not at its end
+            datasets = {d.name: probe.load_data(cfg, d, device) for d in [domain, *(t for t in targets if t != domain)]}
         except KeyboardInterrupt as e:
-            raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) after step {step}, in the final evaluation; the "
-                                  f"checkpoint {out_dir / 'ckpt.pt'} is intact: probe it with python probe.py "
-                                  f"--domain {domain.name} --ckpt {out_dir / 'ckpt.pt'}") from None
+            raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) while reading the data, before the first step") \
+                from None
+        t_start = time.time()
+        model, step = pretrain(r, datasets[domain.name])
+        if world > 1:
+            cli.check_ranks_in_sync(model, world, rank == 0)
+        if rank == 0:
+            try:
+                return finish(r, model, datasets, step, t_start)
+            except KeyboardInterrupt as e:
+                raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) after step {step}, in the final evaluation; "
+                                      f"the checkpoint {out_dir / 'ckpt.pt'} is intact: probe it with python "
+                                      f"probe.py --domain {domain.name} --ckpt {out_dir / 'ckpt.pt'}") from None
 
 
 def main(argv=None):
