@@ -1229,6 +1229,29 @@ def sample_fix(folder: Path) -> str:
     return f"the sample shipped in shared/data is damaged: restore {folder.name}/ from the project's copy"
 
 
+def read_table(path: Path, columns: int, dtype, fix: str, what: str, delimiter: str = None) -> np.ndarray:
+    """A text table of a shipped sample, `columns` numbers a row -> (N, columns) array of dtype; every value
+    finite. what: the table's name in messages ('a HAPT table', 'the tab-separated HIGGS rows')."""
+    try:
+        text = path.read_text(encoding='ascii')
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
+    if not text.strip():  # np.loadtxt would only warn
+        raise DataError(f"{path} holds no rows: {fix}")
+    try:
+        a = np.loadtxt(io.StringIO(text), delimiter=delimiter, dtype=dtype, ndmin=2)
+    except ValueError as e:  # a row with another number of columns, or a value that is no number (of dtype)
+        raise DataError(f"{path} is not {what} of {columns} numbers a row ({one_line(e)}): {fix}") from None
+    if a.shape[1] != columns:
+        raise DataError(f"{path} has {a.shape[1]} columns, expected {columns}: {fix}")
+    if not np.isfinite(a).all():  # 'nan' and 'inf' parse as floats, but no sensor or table of these gives them
+        row, col = np.argwhere(~np.isfinite(a))[0]
+        raise DataError(f"{path} row {row + 1} holds {a[row, col]}, not a number: {fix}")
+    return a
+
+
 # -----------------------------------------------------------------------------
 # Speech Commands v0.02 subset (speech, as google_speech): 1,008 one-second clips (16 kHz) of 10 keywords by 61
 # speakers, whole speakers of the official v0.02 test set.
@@ -1327,32 +1350,10 @@ HAPT_ACTIVITIES = ['walking', 'walking upstairs', 'walking downstairs', 'sitting
 HAPT_WINDOW, HAPT_STRIDE = 128, 64
 
 
-def read_hapt_table(path: Path, columns: int, dtype, fix: str) -> np.ndarray:
-    """A space-separated HAPT text file with `columns` numbers a row -> (N, columns) array of dtype."""
-    try:
-        text = path.read_text(encoding='ascii')
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: {fix}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
-    if not text.strip():  # np.loadtxt would only warn
-        raise DataError(f"{path} holds no rows: {fix}")
-    try:
-        a = np.loadtxt(io.StringIO(text), dtype=dtype, ndmin=2)
-    except ValueError as e:  # a row with another number of columns, or a value that is no number (of dtype)
-        raise DataError(f"{path} is not a HAPT table of {columns} numbers a row ({one_line(e)}): {fix}") from None
-    if a.shape[1] != columns:
-        raise DataError(f"{path} has {a.shape[1]} columns, expected {columns}: {fix}")
-    if not np.isfinite(a).all():  # 'nan' and 'inf' parse as floats, but no sensor gives them
-        row, col = np.argwhere(~np.isfinite(a))[0]
-        raise DataError(f"{path} row {row + 1} holds {a[row, col]}, not a number: {fix}")
-    return a
-
-
 def read_hapt(folder: Path):
     """hapt_sample/ -> (windows float32 (N, 6, 128), labels int64 (N,), users int64 (N,)) of every recording."""
     fix, raw = sample_fix(folder), folder / 'RawData'
-    segments = read_hapt_table(raw / 'labels.txt', 5, np.int64, fix)  # (S, 5): experiment, user, activity, first, last
+    segments = read_table(raw / 'labels.txt', 5, np.int64, fix, 'a HAPT table')  # (S, 5): experiment, user, activity, first, last
     bad = segments[(segments[:, 2] < 1) | (segments[:, 2] > 12), 2]
     if len(bad):
         raise DataError(f"{raw / 'labels.txt'}: unknown activity {bad[0]}, expected 1-12: {fix}")
@@ -1374,7 +1375,7 @@ def read_hapt(folder: Path):
     x, y, who = [], [], []
     for (e, u), acc_file in sorted(recordings.items()):
         gyro_file = acc_file.with_name(acc_file.name.replace('acc_', 'gyro_', 1))
-        acc, gyro = read_hapt_table(acc_file, 3, np.float64, fix), read_hapt_table(gyro_file, 3, np.float64, fix)
+        acc, gyro = (read_table(f, 3, np.float64, fix, 'a HAPT table') for f in (acc_file, gyro_file))
         if len(acc) != len(gyro):
             raise DataError(f"{gyro_file} has {len(gyro)} samples, but {acc_file.name} has {len(acc)}: {fix}")
         signal = np.hstack([acc, gyro]).T.astype(np.float32)  # (6, T): acc x y z, gyro x y z
@@ -1397,7 +1398,7 @@ def read_hapt(folder: Path):
 def hapt_split_users(folder: Path) -> tuple[set, set]:
     """The archive's split by user: the distinct users of Train/subject_id_train.txt and Test/subject_id_test.txt."""
     fix = sample_fix(folder)
-    train, test = (set(read_hapt_table(folder / part / f'subject_id_{part.lower()}.txt', 1, np.int64, fix)[:, 0]
+    train, test = (set(read_table(folder / part / f'subject_id_{part.lower()}.txt', 1, np.int64, fix, 'a HAPT table')[:, 0]
                        .tolist()) for part in ('Train', 'Test'))
     if train & test:
         raise DataError(f"{folder}: user {min(train & test)} is in both Train/subject_id_train.txt and "
@@ -1446,23 +1447,7 @@ HIGGS_SAMPLE_URL = 'https://github.com/microsoft/LightGBM/tree/master/examples/b
 
 def read_higgs_sample(path: Path, fix: str) -> np.ndarray:
     """binary.train or binary.test -> float32 (N, 29): the label, then the 28 features."""
-    try:
-        text = path.read_text(encoding='ascii')
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: {fix}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
-    if not text.strip():  # np.loadtxt would only warn
-        raise DataError(f"{path} holds no rows: {fix}")
-    try:
-        a = np.loadtxt(io.StringIO(text), delimiter='\t', dtype=np.float64, ndmin=2)
-    except ValueError as e:  # a row with another number of columns, or a value that is no number
-        raise DataError(f"{path} is not the tab-separated HIGGS rows ({one_line(e)}): {fix}") from None
-    if a.shape[1] != 29:
-        raise DataError(f"{path} has {a.shape[1]} columns, expected 29 (label + 28 features): {fix}")
-    if not np.isfinite(a).all():
-        row, col = np.argwhere(~np.isfinite(a))[0]
-        raise DataError(f"{path} row {row + 1} holds {a[row, col]}, not a number: {fix}")
+    a = read_table(path, 29, np.float64, fix, 'the tab-separated HIGGS rows', delimiter='\t')  # label + 28 features
     bad = np.flatnonzero(~np.isin(a[:, 0], (0, 1)))
     if len(bad):
         raise DataError(f"{path} row {bad[0] + 1}: unknown label {a[bad[0], 0]:g} (expected 0 or 1): {fix}")
