@@ -73,6 +73,21 @@ def test_presets_and_domain_defaults():
     assert mcfg.mask_ratio == cfg.mask_ratio == domain.mask_ratio and cfg.batch_size == domain.batch_size
 
 
+def test_the_paper_preset_is_the_authors_recipe_and_mae_keeps_ours():
+    model = tiny_model()
+    paper = parse(["--preset", "paper"])
+    opt = train.make_optimizer(model, paper)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(list(model.parameters())), 0]  # decay on everything
+    assert all(g["weight_decay"] == 1e-4 and g["betas"] == (0.9, 0.999) for g in opt.param_groups[:1])
+    assert {train.lr_at(s, paper) for s in (0, 1, 50_000, 99_999)} == {1e-4} and paper.grad_clip == 0
+    assert parse([]).lr == paper.lr  # the default run is the paper's
+    mae = parse(["--preset", "mae"])
+    assert (mae.lr, mae.warmup_steps, mae.weight_decay, mae.adam_beta2, mae.grad_clip, mae.decay_all) == (
+        5e-4, 2000, 0.05, 0.95, 1.0, False)
+    cpu = parse(["--preset", "cpu"])  # the CPU preset is MAE's recipe, as measured in docs/ablation.md
+    assert (cpu.weight_decay, cpu.adam_beta2, cpu.grad_clip, cpu.decay_all) == (0.05, 0.95, 1.0, False)
+
+
 def test_model_defaults_are_defined_once():
     # every model knob of the command line is a MetaMAEConfig field with MetaMAEConfig's default (the mask
     # ratio's default is the domain's), and the run's model config is built from the knobs, not retyped

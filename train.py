@@ -2,7 +2,7 @@
 Pretrain MetaMAE on a DABS domain, then evaluate the frozen encoder by linear probing (probe.py).
 
     pip install -r requirements.txt
-    python train.py --domain cifar10                       # the paper's model and 100k steps: one GPU, downloads CIFAR-10
+    python train.py --domain cifar10                       # the authors' model, recipe and 100k steps: one GPU
     python train.py --domain cifar10 --preset cpu          # a small model and 3,400 steps: about 20 min on 2 CPU cores
     torchrun --standalone --nproc_per_node=4 train.py --domain cifar10   # several GPUs (DDP)
     python train.py --domain cifar10 --cuda-graph --compile   # one GPU, the whole step as one CUDA graph
@@ -43,7 +43,11 @@ DOMAIN_SET = ("input_shape", "patch_size", "vocab_size")  # model fields that th
 
 
 PRESETS = {  # a preset changes the defaults of the knobs it names; an option given on the command line wins
-    "paper": {},
+    # the authors' pretrain.py: AdamW at a constant 1e-4 with PyTorch's betas, weight decay 1e-4 on every
+    # parameter, no warm-up, no clipping, 100k steps (their run stops at 101k, 1,000 steps "for stable termination")
+    "paper": dict(lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=1e-4, decay_all=True, adam_beta2=0.999,
+                  grad_clip=0.0),
+    "mae": {},  # the knobs' defaults: MAE's recipe, warm-up and cosine, decay 0.05 on weight matrices only
     # the default backbone cannot learn much in minutes on 2 cores: a smaller one, a larger rate, a mask of
     # 0.75 (half the encoder's work) and a schedule that ends in ~20 minutes of pretraining (docs/ablation.md)
     "cpu": dict(embed_dim=192, depth=6, num_heads=6, decoder_depth=2, mask_ratio=0.75, max_steps=3400, lr=1.5e-3,
@@ -54,8 +58,9 @@ PRESETS = {  # a preset changes the defaults of the knobs it names; an option gi
 @dataclass
 class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_dir, seed, device, probe_lrs, ...
     # model: the DABS backbone of the paper; 'cpu' swaps in a small one that learns in minutes on 2 cores
-    preset: str = knob("paper", "'paper': the knobs' defaults (the authors' model, 100k steps); 'cpu': " + ", ".join(
-        f"{k} {v}" for k, v in PRESETS["cpu"].items()) + "; options given win")
+    preset: str = knob("paper", "'paper': the authors' recipe (" + ", ".join(f"{k} {v}" for k, v in PRESETS["paper"].items())
+                       + "); 'mae': the knobs' defaults, MAE's recipe; 'cpu': MAE's recipe, and " + ", ".join(
+                           f"{k} {v}" for k, v in PRESETS["cpu"].items()) + "; options given win")
     embed_dim: int = knob(MODEL.embed_dim, "encoder width")
     depth: int = knob(MODEL.depth, "encoder blocks")
     num_heads: int = knob(MODEL.num_heads, "encoder heads")
@@ -80,6 +85,8 @@ class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_d
     min_lr: float = knob(1e-5, "learning rate at the end of the cosine decay")
     warmup_steps: int = knob(2_000, "linear warm-up steps")
     weight_decay: float = knob(0.05, "AdamW decay on weight matrices (none on biases, norms, cls/mask tokens)")
+    decay_all: bool = knob(False, "decay biases, norms and the cls/mask tokens too, as the authors do")
+    adam_beta2: float = knob(0.95, "AdamW's second beta (MAE's 0.95; PyTorch's and the authors' 0.999)")
     grad_clip: float = knob(1.0, "clip the gradient norm (0: off)")
     # system (device, dtype and threads are probe.Knobs')
     compile: bool = knob(False, "torch.compile the encoder (the decoder is differentiated twice: never compiled)")
@@ -97,15 +104,16 @@ class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_d
 
 
 def make_optimizer(model, cfg):
-    """AdamW; no decay on biases, norms (1-D tensors) and the cls/mask tokens."""
+    """AdamW; no decay on biases, norms (1-D tensors) and the cls/mask tokens, unless --decay-all."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name.endswith(("cls_token", "mask_token")) else decay).append(p)
+        exempt = p.dim() < 2 or name.endswith(("cls_token", "mask_token"))
+        (no_decay if exempt and not cfg.decay_all else decay).append(p)
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     try:  # the fused kernel is 4x faster on CPU than the per-tensor loop; older PyTorch lacks it on CPU
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
 
 
 def lr_at(step, cfg):
@@ -160,7 +168,8 @@ def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
                        f"free space there; {kept}") from None
 
 
-RUN_DEFINING = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")  # --resume
+RUN_DEFINING = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "decay_all", "adam_beta2",
+                "grad_clip")  # what --resume must keep
 
 
 def build(cfg, mcfg, device, rank, ckpt_path):
@@ -399,6 +408,8 @@ def check(cfg):
     for name in ("max_steps", "log_interval", "ckpt_interval", "batch_size"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.adam_beta2 < 1:
+        raise UsageError(f"--adam-beta2 must be in [0, 1), got {cfg.adam_beta2}")
     for name in ("warmup_steps", "eval_interval", "stop_step", "grad_clip", "lr", "min_lr", "weight_decay"):
         if not getattr(cfg, name) >= 0 or not math.isfinite(getattr(cfg, name)):  # NaN fails both
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(cfg, name)}")
