@@ -396,13 +396,18 @@ class Task(NamedTuple):
 class MetaMAE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg  # frozen and checked when made (MetaMAEConfig.__post_init__)
+        self._cfg = cfg  # frozen and checked when made (MetaMAEConfig.__post_init__)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         if cfg.contrast_weight > 0:  # PyTorch's default init, as in their code
             D = cfg.embed_dim
             self.projector = nn.Sequential(nn.Linear(D, 4 * D, bias=False), nn.BatchNorm1d(4 * D), nn.ReLU(),
                                            nn.Linear(4 * D, cfg.proj_dim, bias=False))
+
+    @property
+    def cfg(self):
+        """The model's config, for good: its layers were built from it (a variant is a new model)."""
+        return self._cfg
 
     def make_task(self, x, noise=None):
         """Tokens, mask and support set of a batch x; noise (B, N) fixes the mask (None: drawn)."""

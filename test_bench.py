@@ -28,3 +28,13 @@ def test_bench_prints_three_rows_with_ratios_to_mae(capsys):
 @pytest.mark.parametrize("args", [["--bench-steps", "0"], ["--bench-repeats", "0"]])
 def test_bad_bench_options_exit_2(args):
     assert_clean_error(run_in_process(bench.main, *TINY, *args), 2, "--bench-steps and --bench-repeats must be positive")
+
+
+def test_bench_help_lists_what_shapes_a_step_and_it_says_where_it_is():
+    code, out, _ = run_in_process(bench.main, "--help")
+    flags = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+    assert code == 0 and "--bench-steps" in flags and "--batch-size" in flags and len(flags) < 25
+    assert "--probe-epochs" not in flags and "--resume" not in flags
+    code, out, _ = run_in_process(bench.main, *TINY, "--bench-steps", "1", "--bench-repeats", "2")
+    assert code == 0 and ["warming up", "repeat 1 of 2", "repeat 2 of 2"] == [
+        line[len("bench: "):-len(" ...")] for line in out.splitlines() if line.endswith(" ...")]

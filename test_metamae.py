@@ -278,6 +278,13 @@ def test_shift_is_zero_without_a_step_and_proportional_to_inner_lr():
     assert shifts[2.0] == pytest.approx(by_hand, rel=1e-5)
 
 
+def variant(model, **changes):
+    """The same weights under a config with `changes` (a model's config is its own: a variant is a new model)."""
+    other = MetaMAE(dataclasses.replace(model.cfg, **changes)).to(next(model.parameters()).dtype)
+    other.load_state_dict(model.state_dict())
+    return other
+
+
 def _grad_vector(model, x, noise):
     model.zero_grad()
     torch.manual_seed(0)  # the support-set draw
@@ -292,9 +299,7 @@ def test_second_order_gradient_matches_finite_differences():
     model.double()
     x, noise = make_x(4).double(), torch.rand(4, 8)
     second = _grad_vector(model, x, noise)
-    model.cfg = dataclasses.replace(model.cfg, first_order=True)
-    first = _grad_vector(model, x, noise)
-    model.cfg = dataclasses.replace(model.cfg, first_order=False)
+    first = _grad_vector(variant(model, first_order=True), x, noise)
     torch.manual_seed(123)
     v = torch.randn_like(second)
     params = list(model.parameters())
@@ -325,16 +330,13 @@ def test_first_and_second_order_differ_but_share_the_loss():
     # first order drops a term of the gradient, not of the loss: the same loss value, another gradient
     model, make_x = make()
     x, noise = make_x(4), torch.rand(4, 12)
-    losses = {}
-    for first_order in (False, True):
-        model.cfg = dataclasses.replace(model.cfg, first_order=first_order)
+    first_order = variant(model, first_order=True)
+    losses = []
+    for m in (model, first_order):
         torch.manual_seed(0)  # the support-set draw
-        losses[first_order] = model(x, noise)[0].item()
-    assert losses[True] == losses[False]
-    model.cfg = dataclasses.replace(model.cfg, first_order=False)
-    second = _grad_vector(model, x, noise)
-    model.cfg = dataclasses.replace(model.cfg, first_order=True)
-    first = _grad_vector(model, x, noise)
+        losses.append(m(x, noise)[0].item())
+    assert losses[0] == losses[1]
+    second, first = _grad_vector(model, x, noise), _grad_vector(first_order, x, noise)
     assert not torch.allclose(first, second)
     assert (first - second).norm() < 0.1 * second.norm()  # at initialization, a small correction
 
@@ -529,6 +531,8 @@ def test_a_config_cannot_change_under_a_model():
         cfg.inner_steps = 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         model.cfg.mask_ratio = 0.99
+    with pytest.raises(AttributeError, match="has no setter"):  # nor replaced: its layers were built from it
+        model.cfg = dataclasses.replace(cfg, contrast_weight=0.5)
     mae = MetaMAE(dataclasses.replace(cfg, inner_steps=0, contrast_weight=0))  # the way to a variant
     assert model.cfg.inner_steps == 1 and mae.cfg.inner_steps == 0 and "contrast" in model(torch.rand(2, 3, 8, 12))[1]
     with pytest.raises(ValueError, match="mask_ratio"):  # a variant is checked when made

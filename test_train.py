@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -616,3 +617,24 @@ def test_a_batch_that_cannot_be_allocated_is_one_line(cifar_dir, tmp_path):
     # 10^8 images of 3 KB: far more than any machine's memory, refused by the allocator at once
     assert_clean_error(train_cli("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--batch-size", "100000000",
                                  "--out-dir", tmp_path), 1, "out of memory", "lower --batch-size")
+
+
+def test_a_cpu_run_says_what_it_costs_and_its_end_reads_at_a_glance(cifar_dir, tmp_path, capsys):
+    run_main("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "14", "--log-interval", "100",
+             "--probe-epochs", "1", "--out-dir", tmp_path)
+    out = capsys.readouterr().out
+    assert "ms per step on this CPU: the 4 steps left take about" in out and "--preset cpu" in out  # after 10 steps
+    assert "probing the frozen encoder on cifar10" in out
+    end = out.strip().splitlines()[-2:]
+    assert end[0].startswith("step 14 of 14 after") and str(tmp_path / "ckpt.pt") in end[0] and ".png" in end[0]
+    assert re.fullmatch(r"cifar10: test accuracy \d+\.\d% \(validation \d+\.\d%; probe lr .*, epoch \d+\)", end[1])
+    first = read_log(tmp_path / "log.jsonl")[0]  # the options the run used
+    assert first["config"]["max_steps"] == 14 and first["model_config"]["embed_dim"] == 32
+
+
+def test_help_says_each_default_once_and_the_presets_values():
+    code, out, _ = run_in_process(train.main, "--help")
+    assert code == 0 and "(default: None)" not in out and "(default: the domain's) (default" not in out
+    assert "'cpu': MAE's recipe, and embed_dim 192" in " ".join(out.split())
+    cpu = parse(["--preset", "cpu"])
+    assert (cpu.log_interval, cpu.ckpt_interval, cpu.max_steps) == (50, 500, 3400)  # a line every ~40 s on 2 cores
