@@ -143,6 +143,18 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+PRESET_HINT = "on a CPU, --preset cpu trains a small model in about 20 minutes"
+
+
+def cost_hint(preset, seconds_per_step, steps_left):
+    """One line, after the first steps: what the rest of the run will take at the rate measured."""
+    left = seconds_per_step * steps_left
+    when = f"{left / 86400:.1f} days" if left > 2 * 86400 else f"{left / 3600:.1f} hours" if left > 2 * 3600 else \
+        f"{left / 60:.0f} minutes"
+    hint = f"; {PRESET_HINT}" if preset == "paper" else ""
+    return f"{1000 * seconds_per_step:.0f} ms per step on this CPU: the {steps_left:,} steps left take about {when}{hint}"
+
+
 @contextlib.contextmanager
 def one_line_errors():
     """What a user sees of an expected error: one line, and exit code 2 (usage), 1 (data, run) or 130 (Ctrl-C).

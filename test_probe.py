@@ -136,9 +136,19 @@ def test_probe_py_reads_a_checkpoint_and_the_baselines_against_chance_and_shuffl
                                     for f, y in [separable(400)]], separable(200, seed=1), 3,
                                   parse(["--probe-epochs", "20"]), test=separable(200, seed=2))
     assert shuffled["test_acc"] < 0.6
-    # a fresh encoder shaped like the checkpoint: its weights differ from the checkpoint's, so its features do
-    assert res["random"]["val_acc"] != res["ckpt"]["val_acc"] or res["random"]["probe_epoch"] != res["ckpt"][
-        "probe_epoch"] or res["random"]["test_acc"] != res["ckpt"]["test_acc"]
+    # the encoders probed: the checkpoint's weights for --ckpt; for --baseline random, its shape with fresh weights
+    seen, evaluate = {}, probe.evaluate
+    try:
+        probe.evaluate = lambda model, cfg, *a: seen.setdefault(cfg.baseline, model) and evaluate(model, cfg, *a)
+        for b in ("", "random"):
+            probe.run(parse([*common, "--probe-epochs", "1", "--ckpt", ckpt, *(["--baseline", b] if b else [])]))
+    finally:
+        probe.evaluate = evaluate
+    saved = torch.load(ckpt, weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in seen[""].state_dict().items())
+    fresh = seen["random"].state_dict()
+    assert fresh.keys() == saved.keys()
+    assert not torch.equal(fresh["encoder.blocks.0.fc1.weight"], saved["encoder.blocks.0.fc1.weight"])
 
 
 def test_transfer_imagenet32_to_cifar10_then_probe_the_checkpoint_alone(tmp_path):

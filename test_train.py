@@ -526,7 +526,7 @@ def test_resume_keeps_the_run_s_own_schedule_and_refuses_a_finished_run(cifar_di
     run_main(*base, "--max-steps", "3", "--stop-step", "2")
     # another --max-steps or --lr would restart the cosine schedule from its peak, silently
     assert_clean_error(train_cli(*base, "--max-steps", "1", "--resume"), 1, "--max-steps 3 (now 1)", "--overwrite")
-    assert_clean_error(train_cli(*base, "--max-steps", "3", "--lr", "0.1", "--resume"), 1, "--lr 0.0005 (now 0.1)")
+    assert_clean_error(train_cli(*base, "--max-steps", "3", "--lr", "0.1", "--resume"), 1, "--lr 0.0001 (now 0.1)")
     run_main(*base, "--max-steps", "3", "--resume", "--stop-step", "0")
     log = read_log(tmp_path / "log.jsonl")
     assert len([r for r in log if "test_acc" in r]) == 1  # the end's probe, once

@@ -169,7 +169,7 @@ def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
 
 
 RUN_DEFINING = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "decay_all", "adam_beta2",
-                "grad_clip")  # what --resume must keep
+                "grad_clip")  # what --resume must keep: the schedule and the batches follow them
 
 
 def build(cfg, mcfg, device, rank, ckpt_path):
@@ -260,7 +260,7 @@ def pretrain(r, d):
                 raise RunError(f"non-finite loss before step {step}; {nonfinite_cause(x)}; "
                                f"{checkpoint_status(ckpt_path, saved_step)}")
             if master and step == start + 10 and device.type == "cpu" and not last:  # what the whole run costs
-                print(cost_hint(cfg, (time.time() - t0) / 10, stop - step), flush=True)
+                print(cli.cost_hint(cfg.preset, (time.time() - t0) / 10, stop - step), flush=True)
             if master and (log_now or last):
                 ms = 1000 * (time.time() - t0) / (step - step_at_t0)
                 rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
@@ -276,7 +276,7 @@ def pretrain(r, d):
                 save_checkpoint(ckpt_path, raw_model, opt, cfg, r.mcfg, step, data_gen)
                 saved_step = step
     except KeyboardInterrupt as e:
-        hint = f" ({PRESET_HINT})" if cfg.preset == "paper" and device.type == "cpu" else ""
+        hint = f" ({cli.PRESET_HINT})" if cfg.preset == "paper" and device.type == "cpu" else ""
         raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) at step {step}; "
                               f"{checkpoint_status(ckpt_path, saved_step)}{hint}") from None
     if master:
@@ -309,18 +309,6 @@ def open_log(r, model, n, step, stop):
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, batch {r.cfg.batch_size} x "
           f"{r.world}, steps {step}..{stop}, device {r.device}, {cli.precision(r.autocast)}", flush=True)
     return log_file
-
-
-PRESET_HINT = "on a CPU, --preset cpu trains a small model in about 20 minutes"
-
-
-def cost_hint(cfg, seconds_per_step, steps_left):
-    """One line, after the first steps: what the rest of the run will take at the rate measured."""
-    left = seconds_per_step * steps_left
-    when = f"{left / 86400:.1f} days" if left > 2 * 86400 else f"{left / 3600:.1f} hours" if left > 2 * 3600 else \
-        f"{left / 60:.0f} minutes"
-    hint = f"; {PRESET_HINT}" if cfg.preset == "paper" else ""
-    return f"{1000 * seconds_per_step:.0f} ms per step on this CPU: the {steps_left:,} steps left take about {when}{hint}"
 
 
 def log_line(rec, suffix=""):
