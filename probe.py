@@ -445,7 +445,7 @@ def main(argv=None):
         try:
             run(cli.parse_args(sys.argv[1:] if argv is None else argv, Config, __doc__))
         except KeyboardInterrupt as e:
-            raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) while probing; nothing was written") from None
+            raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) while probing; nothing was written") from None
 
 
 if __name__ == "__main__":

@@ -264,3 +264,14 @@ def test_the_reconstruction_picture_is_labelled_and_pastes_the_visible_patches_b
     for reconstruction in rows[2:4]:
         assert (reconstruction[visible] == rows[1][visible]).all()  # the visible patches, pasted back
         assert (reconstruction[~visible] != 0).any()  # and the decoder's prediction where they were masked
+
+
+def test_ctrl_c_while_probing_or_reading_data_says_where_it_stopped(cifar_dir, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(probe, "evaluate", interrupted)
+    assert_clean_error(probe_cli("--domain", "cifar10", "--data-dir", cifar_dir, "--baseline", "raw", "--out-dir",
+                                 tmp_path), 130, "interrupted (Ctrl-C) while probing; nothing was written")
+    monkeypatch.setattr(probe, "load_data", interrupted)
+    assert_clean_error(run_in_process(train.main, "--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir",
+                                      tmp_path / "run"), 130, "while reading the data, before the first step")

@@ -556,7 +556,7 @@ def test_ctrl_c_exits_130_and_says_whether_a_checkpoint_exists(cifar_dir, tmp_pa
     p.send_signal(2)  # SIGINT, as Ctrl-C sends
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err, err
-    assert "no checkpoint of this run was written yet" in err, err
+    assert "interrupted (Ctrl-C) at step" in err and "no checkpoint of this run was written yet" in err, err
     assert not (tmp_path / "ckpt.pt").exists() and not list(tmp_path.glob(".ckpt.pt.*"))
 
 

@@ -277,7 +277,7 @@ def pretrain(r, d):
                 saved_step = step
     except KeyboardInterrupt as e:
         hint = f" ({cli.PRESET_HINT})" if cfg.preset == "paper" and device.type == "cpu" else ""
-        raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) at step {step}; "
+        raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) at step {step}; "
                               f"{checkpoint_status(ckpt_path, saved_step)}{hint}") from None
     if master:
         log_file.close()
@@ -427,7 +427,7 @@ def run(cfg):
         try:  # the run's data, then every probe domain's: a missing or broken one stops the run now, not at its end
             datasets = {d.name: probe.load_data(cfg, d, device) for d in [domain, *(t for t in targets if t != domain)]}
         except KeyboardInterrupt as e:
-            raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) while reading the data, before the first step") \
+            raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) while reading the data, before the first step") \
                 from None
         t_start = time.time()
         model, step = pretrain(r, datasets[domain.name])
@@ -437,7 +437,7 @@ def run(cfg):
             try:
                 return finish(r, model, datasets, step, t_start)
             except KeyboardInterrupt as e:
-                raise cli.Interrupted(f"interrupted ({e or 'Ctrl-C'}) after step {step}, in the final evaluation; "
+                raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) after step {step}, in the final evaluation; "
                                       f"the checkpoint {out_dir / 'ckpt.pt'} is intact: probe it with python "
                                       f"probe.py --domain {domain.name} --ckpt {out_dir / 'ckpt.pt'}") from None
 
