@@ -152,7 +152,8 @@ def cost_hint(preset, seconds_per_step, steps_left):
     when = f"{left / 86400:.1f} days" if left > 2 * 86400 else f"{left / 3600:.1f} hours" if left > 2 * 3600 else \
         f"{left / 60:.0f} minutes"
     hint = f"; {PRESET_HINT}" if preset == "paper" else ""
-    return f"{1000 * seconds_per_step:.0f} ms per step on this CPU: the {steps_left:,} steps left take about {when}{hint}"
+    return (f"{1000 * seconds_per_step:.0f} ms per step on this CPU: the {steps_left:,} steps left take about "
+            f"{when}{hint}")
 
 
 @contextlib.contextmanager

@@ -18,9 +18,10 @@ Notable choices:
   anything that must not look at test.
 - Nothing appears complete before it is: every file is written through `atomic_file` (a temporary name,
   renamed into place when complete: archives after their size + md5 or sha256 check, caches, and train.py's
-  checkpoints and pictures); archives are extracted into a temporary folder that is renamed into place. What is written gets the permissions of
-  any new file (0644 / 0755 under the usual umask), not tempfile's private 0600 / 0700, so a data folder
-  can be shared. Archive members that would land outside their folder are refused.
+  checkpoints and pictures); archives are extracted into a temporary folder that is renamed into place. What
+  is written gets the permissions of any new file (0644 / 0755 under the usual umask), not tempfile's
+  private 0600 / 0700, so a data folder can be shared. Archive members that would land outside their folder
+  are refused.
 - Pickles are read with an allow-list (numpy arrays only): unpickling can run code, and a folder
   placed by hand, or ImageNet32 (no published checksum), is not verified.
 - ImageNet32 is the Chrabaszcz et al. (2017) pickle release, not MetaMAE's torchvision ImageNet
@@ -1353,7 +1354,8 @@ HAPT_WINDOW, HAPT_STRIDE = 128, 64
 def read_hapt(folder: Path):
     """hapt_sample/ -> (windows float32 (N, 6, 128), labels int64 (N,), users int64 (N,)) of every recording."""
     fix, raw = sample_fix(folder), folder / 'RawData'
-    segments = read_table(raw / 'labels.txt', 5, np.int64, fix, 'a HAPT table')  # (S, 5): experiment, user, activity, first, last
+    # (S, 5): experiment, user, activity, first sample, last sample
+    segments = read_table(raw / 'labels.txt', 5, np.int64, fix, 'a HAPT table')
     bad = segments[(segments[:, 2] < 1) | (segments[:, 2] > 12), 2]
     if len(bad):
         raise DataError(f"{raw / 'labels.txt'}: unknown activity {bad[0]}, expected 1-12: {fix}")
@@ -1398,7 +1400,8 @@ def read_hapt(folder: Path):
 def hapt_split_users(folder: Path) -> tuple[set, set]:
     """The archive's split by user: the distinct users of Train/subject_id_train.txt and Test/subject_id_test.txt."""
     fix = sample_fix(folder)
-    train, test = (set(read_table(folder / part / f'subject_id_{part.lower()}.txt', 1, np.int64, fix, 'a HAPT table')[:, 0]
+    train, test = (set(read_table(folder / part / f'subject_id_{part.lower()}.txt', 1, np.int64, fix,
+                                  'a HAPT table')[:, 0]
                        .tolist()) for part in ('Train', 'Test'))
     if train & test:
         raise DataError(f"{folder}: user {min(train & test)} is in both Train/subject_id_train.txt and "

@@ -178,7 +178,8 @@ class Tokenizer(nn.Module):
         if x.is_floating_point() == (cfg.modality == "tokens"):  # values are floats, token ids integers
             want = "integer ids" if cfg.modality == "tokens" else "floating point (scale integer pixels first)"
             raise ValueError(f"MetaMAE: {cfg.modality} input must be {want}, got {x.dtype}")
-        if cfg.modality == "tokens" and x.device.type == "cpu" and len(x) and not 0 <= x.min() <= x.max() < cfg.vocab_size:
+        tokens_on_cpu = cfg.modality == "tokens" and x.device.type == "cpu" and len(x)
+        if tokens_on_cpu and not 0 <= x.min() <= x.max() < cfg.vocab_size:
             # (checked on CPU only: on a GPU the read would stall the step; nn.Embedding then asserts there)
             raise ValueError(f"MetaMAE: token ids must be in 0..{cfg.vocab_size - 1} (cfg.vocab_size = "
                              f"{cfg.vocab_size}), got {x.min().item()}..{x.max().item()}")

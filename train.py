@@ -58,9 +58,9 @@ PRESETS = {  # a preset changes the defaults of the knobs it names; an option gi
 @dataclass
 class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_dir, seed, device, probe_lrs, ...
     # model: the DABS backbone of the paper; 'cpu' swaps in a small one that learns in minutes on 2 cores
-    preset: str = knob("paper", "'paper': the authors' recipe (" + ", ".join(f"{k} {v}" for k, v in PRESETS["paper"].items())
-                       + "); 'mae': the knobs' defaults, MAE's recipe; 'cpu': MAE's recipe, and " + ", ".join(
-                           f"{k} {v}" for k, v in PRESETS["cpu"].items()) + "; options given win")
+    preset: str = knob("paper", "'paper': the authors' recipe (" + ", ".join(
+        f"{k} {v}" for k, v in PRESETS["paper"].items()) + "); 'mae': the knobs' defaults, MAE's recipe; 'cpu': MAE's "
+        "recipe, and " + ", ".join(f"{k} {v}" for k, v in PRESETS["cpu"].items()) + "; options given win")
     embed_dim: int = knob(MODEL.embed_dim, "encoder width")
     depth: int = knob(MODEL.depth, "encoder blocks")
     num_heads: int = knob(MODEL.num_heads, "encoder heads")
@@ -361,7 +361,8 @@ def finish(r, model, datasets, step, t_start):
         if r.targets:
             print(f"probing the frozen encoder on {', '.join(d.name for d in r.targets)}: a linear probe at each "
                   f"lr of {cfg.probe_lrs}, {cfg.probe_epochs} epochs, chosen on validation ...", flush=True)
-        rec.update(probe.evaluate(model, cfg, r.targets, datasets, autocast), total_minutes=(time.time() - t_start) / 60)
+        rec.update(probe.evaluate(model, cfg, r.targets, datasets, autocast))
+        rec["total_minutes"] = (time.time() - t_start) / 60
     with open(r.out_dir / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     print(summary(r, rec), flush=True)
@@ -409,9 +410,9 @@ def check(cfg):
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues the run in --out-dir; --overwrite starts a new one there: choose one")
     try:  # the model's own checks name the bad field
+        knobs = {f.name: getattr(cfg, f.name) for f in fields(MetaMAEConfig) if f.name not in DOMAIN_SET}
         mcfg = MetaMAEConfig(input_shape=tuple(domain.input_shape), patch_size=tuple(domain.patch_size),
-                             vocab_size=domain.vocab_size, **{f.name: getattr(cfg, f.name) for f in fields(MetaMAEConfig)
-                                                              if f.name not in DOMAIN_SET})
+                             vocab_size=domain.vocab_size, **knobs)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return cfg, domain, targets, mcfg
