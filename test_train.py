@@ -236,10 +236,11 @@ def test_training_loop_reads_the_device_only_at_log_and_checkpoint_steps(cifar_d
 
 def test_missing_data_without_download_names_url_file_and_option(tmp_path):
     # through the real entry point, as a user's shell meets it
-    assert_clean_error(run_cli("train.py", "--domain", "cifar10", "--data-dir", tmp_path, "--download", "false"), 1,
-                       "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                       "--data-dir")
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "data").mkdir()
+    assert_clean_error(run_cli("train.py", "--domain", "cifar10", "--data-dir", tmp_path / "data", "--download", "false",
+                               "--out-dir", tmp_path / "run"), 1, "cifar-10-python.tar.gz",
+                       "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "--data-dir")
+    assert list((tmp_path / "data").iterdir()) == []
 
 
 def test_no_internet_is_a_clean_error(tmp_path, monkeypatch):
@@ -256,8 +257,8 @@ def test_no_internet_is_a_clean_error(tmp_path, monkeypatch):
 
 def test_wrong_checksum_archive_is_refused(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the real archive")
-    assert_clean_error(train_cli("--domain", "cifar10", "--data-dir", tmp_path, "--download", "false"), 1,
-                       "cifar-10-python.tar.gz")
+    assert_clean_error(train_cli("--domain", "cifar10", "--data-dir", tmp_path, "--download", "false", "--out-dir",
+                                 tmp_path / "run"), 1, "cifar-10-python.tar.gz")
     assert not (tmp_path / "cifar-10-batches-py").exists()
 
 
@@ -265,7 +266,8 @@ def test_truncated_batch_file_is_a_clean_error(tmp_path):
     make_cifar(tmp_path / "cifar-10-batches-py", rows_per_file=4)
     victim = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     victim.write_bytes(victim.read_bytes()[:500])
-    assert_clean_error(train_cli("--domain", "cifar10", "--data-dir", tmp_path, *TINY), 1, "data_batch_3")
+    assert_clean_error(train_cli("--domain", "cifar10", "--data-dir", tmp_path, *TINY, "--out-dir", tmp_path / "run"), 1,
+                       "data_batch_3")
 
 
 def test_missing_and_incompatible_checkpoints(cifar_dir, tmp_path):
