@@ -123,9 +123,11 @@ def as_token_ids(x: torch.Tensor) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # how a dataset is split, and the one-line message of an error
 
-def one_line(e: BaseException) -> str:
-    """An exception as one line, 'Type: message', for the project's one-line errors (train.py, probe.py too)."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+def one_line(e: BaseException, limit: int = None) -> str:
+    """An exception as one line, 'Type: message', for the project's one-line errors (train.py, probe.py too);
+    with `limit`, cut to about that many characters at a word's end (a message quoting PyTorch's stays short)."""
+    text = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    return text if limit is None or len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def seeded_split(n: int, what) -> tuple[np.ndarray, np.ndarray]:

@@ -114,11 +114,6 @@ def check_knobs(cfg):
 # checkpoints, as train.py writes them: read with weights_only, so that nothing in one is executed
 
 
-def clip(text, n=160):
-    """text cut to about n characters at a word's end: a message quoting another (PyTorch's) stays one line."""
-    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " ..."
-
-
 def load_checkpoint(path, mcfg=None):
     """Returns (state, its MetaMAEConfig); with mcfg, refuses a checkpoint of another model."""
     if not path.is_file():
@@ -128,7 +123,7 @@ def load_checkpoint(path, mcfg=None):
         saved = MetaMAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
     except Exception as e:
         raise RunError(f"checkpoint {path} is unreadable or not a checkpoint of this project "
-                       f"({clip(data.one_line(e))}); delete it or point --ckpt elsewhere") from None
+                       f"({data.one_line(e, 160)}); delete it or point --ckpt elsewhere") from None
     if mcfg is not None and saved != mcfg:
         diff = [f for f, v in vars(mcfg).items() if getattr(saved, f) != v]
         raise RunError(f"checkpoint {path} was trained with a different model ({', '.join(diff)}); "

@@ -164,7 +164,7 @@ def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
             torch.save(state, tmp)
     except (OSError, RuntimeError) as e:  # a full disk: PyTorch says "unexpected pos ..." or "No space left"
         kept = "the one on disk is intact: --resume continues from it" if path.exists() else "none was written yet"
-        raise RunError(f"could not write the checkpoint of step {step} to {path} ({probe.clip(data.one_line(e))}); "
+        raise RunError(f"could not write the checkpoint of step {step} to {path} ({data.one_line(e, 160)}); "
                        f"free space there; {kept}") from None
 
 
@@ -197,7 +197,7 @@ def build(cfg, mcfg, device, rank, ckpt_path):
             if state.get("rng_cuda") is not None and device.type == "cuda":
                 torch.cuda.set_rng_state_all(state["rng_cuda"])
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
-            raise RunError(f"checkpoint {ckpt_path} cannot be resumed ({probe.clip(data.one_line(e))}); probe it with "
+            raise RunError(f"checkpoint {ckpt_path} cannot be resumed ({data.one_line(e, 160)}); probe it with "
                            "probe.py --ckpt, or start over with --overwrite") from None
         saved = state.get("config", {})
         changed = [k for k in RUN_DEFINING if k in saved and saved[k] != getattr(cfg, k)]
