@@ -1403,8 +1403,7 @@ def hapt_split_users(folder: Path) -> tuple[set, set]:
     """The archive's split by user: the distinct users of Train/subject_id_train.txt and Test/subject_id_test.txt."""
     fix = sample_fix(folder)
     train, test = (set(read_table(folder / part / f'subject_id_{part.lower()}.txt', 1, np.int64, fix,
-                                  'a HAPT table')[:, 0]
-                       .tolist()) for part in ('Train', 'Test'))
+                                  'a HAPT table')[:, 0].tolist()) for part in ('Train', 'Test'))
     if train & test:
         raise DataError(f"{folder}: user {min(train & test)} is in both Train/subject_id_train.txt and "
                         f"Test/subject_id_test.txt: {fix}")
