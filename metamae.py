@@ -35,7 +35,7 @@ and gradients for the same weights and random state):
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from numbers import Integral, Real  # numpy's numbers too
 from typing import NamedTuple
 
@@ -106,17 +106,14 @@ class MetaMAEConfig:
         """Raises ValueError naming the first invalid field; later checks assume the earlier ones passed."""
         def bad(field, why):
             raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(self, field)!r})")
-        for field in ("vocab_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
-                      "decoder_num_heads", "inner_steps", "proj_dim"):  # 2.0 or True would fail later, and vaguely
-            if not isinstance(getattr(self, field), Integral) or isinstance(getattr(self, field), bool):
-                bad(field, "must be an int")
-        for field in ("mlp_ratio", "dropout", "mask_ratio", "inner_lr", "support_ratio", "contrast_weight",
-                      "temperature"):
-            value = getattr(self, field)
-            if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
-                bad(field, "must be a finite number")
-        if not isinstance(self.first_order, bool):  # 'no' is truthy: it would silently mean first order
-            bad("first_order", "must be True or False")
+        for f in fields(self):  # by the annotations: 2.0 blocks, an inf rate or first_order='no' (truthy) fail here
+            value = getattr(self, f.name)
+            if f.type is bool and not isinstance(value, bool):
+                bad(f.name, "must be True or False")
+            if f.type is int and (not isinstance(value, Integral) or isinstance(value, bool)):
+                bad(f.name, "must be an int")
+            if f.type is float and (not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value)):
+                bad(f.name, "must be a finite number")
         shape, patch = self.input_shape, self.patch_size
         if (not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= 3
                 or not all(isinstance(s, Integral) and s > 0 for s in shape)):
