@@ -27,6 +27,8 @@ def commands(page):
             line = re.sub(r"^(do|done)\b", "", part.strip()).strip()
             if m := re.fullmatch(r'(\w+)="(.*)"', line):
                 env[m[1]] = re.sub(r"\$(\w+)", lambda v: env.get(v[1], v[0]), m[2])
+            elif re.fullmatch(r"(\w+=\S*\s*)+", line):  # d=splice S=1700 ...: several plain assignments
+                env.update(w.split("=", 1) for w in line.split())
             elif m := re.fullmatch(r"for (\w+) in (\S+).*", line):
                 env[m[1]] = m[2]
                 continue
