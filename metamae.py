@@ -74,8 +74,8 @@ class MetaMAEConfig:
     temperature: float = 0.5
     proj_dim: int = 128
 
-    def __post_init__(self):  # checked once, when made; dataclasses.replace(cfg, ...) makes (and checks) a new one
-        self.validate()
+    def __post_init__(self):  # checked once, when made (dataclasses.replace makes and checks a new one); the checks
+        check_config(self)    # sit at the end of the file, out of the method's way
 
     @property
     def modality(self):
@@ -102,48 +102,6 @@ class MetaMAEConfig:
     def num_visible(self):
         return int(self.num_tokens * (1 - self.mask_ratio))
 
-    def validate(self):
-        """Raises ValueError naming the first invalid field; later checks assume the earlier ones passed."""
-        def bad(field, why):
-            raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(self, field)!r})")
-        for f in fields(self):  # by the annotations: 2.0 blocks, an inf rate or first_order='no' (truthy) fail here
-            value = getattr(self, f.name)
-            if f.type is bool and not isinstance(value, bool):
-                bad(f.name, "must be True or False")
-            if f.type is int and (not isinstance(value, Integral) or isinstance(value, bool)):
-                bad(f.name, "must be an int")
-            if f.type is float and (not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value)):
-                bad(f.name, "must be a finite number")
-        shape, patch = self.input_shape, self.patch_size
-        if (not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= 3
-                or not all(isinstance(s, Integral) and s > 0 for s in shape)):
-            bad("input_shape", "expected a tuple of positive ints (C, H, W), (C, T), (L,) or (F,)")
-        if self.vocab_size and len(shape) != 1:
-            bad("vocab_size", f"is for token inputs of shape (L,), but input_shape is {tuple(shape)}: set it to 0")
-        spatial = shape[1:] if self.modality in ("image", "series") else ()
-        if spatial and (not isinstance(patch, (tuple, list)) or len(patch) != len(spatial)
-                        or not all(isinstance(p, Integral) and p > 0 and n % p == 0 for n, p in zip(spatial, patch))):
-            bad("patch_size", f"expected a tuple of {len(spatial)} positive ints that divide {spatial}")
-        for field in ("num_heads", "decoder_num_heads", "proj_dim", "mlp_ratio", "temperature"):
-            if not getattr(self, field) > 0:
-                bad(field, "must be positive")
-        for field in ("vocab_size", "depth", "decoder_depth", "inner_steps", "contrast_weight", "inner_lr"):
-            if not getattr(self, field) >= 0:
-                bad(field, "must be >= 0")
-        even = 4 if self.modality == "image" else 2  # sin-cos tables halve the width, 2-D ones halve it again
-        for field, heads in (("embed_dim", self.num_heads), ("decoder_embed_dim", self.decoder_num_heads)):
-            if getattr(self, field) <= 0 or getattr(self, field) % math.lcm(heads, even):
-                bad(field, f"must be a positive multiple of {math.lcm(heads, even)}: of the {heads} heads, and of "
-                           f"{even} for the sin-cos positions")
-        if not 0 <= self.dropout < 1:
-            bad("dropout", "must be in [0, 1)")
-        if not 0 < self.num_visible < self.num_tokens:
-            bad("mask_ratio", "must keep at least one token and mask at least one")
-        if not 0 <= self.support_ratio <= 1:
-            bad("support_ratio", "must be in [0, 1]")
-        if self.contrast_weight > 0 and self.inner_steps == 0:
-            bad("contrast_weight", "needs inner_steps > 0: without adaptation both views are the same latent")
-
 # -----------------------------------------------------------------------------
 # tokens: every modality becomes a (B, N, P) array of patch values (or (B, N) token ids) on a grid
 # with fixed sin-cos positions (MAE's layout, computed in float64)
@@ -167,20 +125,7 @@ class Tokenizer(nn.Module):
         """Input (B, *input_shape) -> reconstruction targets: (B, N, patch_dim) floats, or (B, N) token ids.
         Values in any float dtype are cast to the model's (float64 from numpy too); token ids must be ints."""
         cfg = self.cfg
-        if not torch.is_tensor(x):  # a numpy array, say
-            x = torch.as_tensor(x, device=next(self.parameters()).device)
-        if tuple(x.shape[1:]) != tuple(cfg.input_shape):
-            raise ValueError(f"MetaMAE: expected input of shape (B, {', '.join(map(str, cfg.input_shape))}) "
-                             f"from cfg.input_shape, got {tuple(x.shape)}")
-        if x.is_floating_point() == (cfg.modality == "tokens"):  # values are floats, token ids integers
-            want = "integer ids" if cfg.modality == "tokens" else "floating point (scale integer pixels first)"
-            raise ValueError(f"MetaMAE: {cfg.modality} input must be {want}, got {x.dtype}")
-        tokens_on_cpu = cfg.modality == "tokens" and x.device.type == "cpu" and len(x)
-        if tokens_on_cpu and not 0 <= x.min() <= x.max() < cfg.vocab_size:
-            # (checked on CPU only: on a GPU the read would stall the step; nn.Embedding then asserts there)
-            raise ValueError(f"MetaMAE: token ids must be in 0..{cfg.vocab_size - 1} (cfg.vocab_size = "
-                             f"{cfg.vocab_size}), got {x.min().item()}..{x.max().item()}")
-        x = x if cfg.modality == "tokens" else x.to(self.proj.weight.dtype)
+        x = checked_input(cfg, x, self.embedding.weight if cfg.modality == "tokens" else self.proj.weight)
         if cfg.modality == "image":  # MAE's patch order: (ph, pw, C)
             return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=cfg.patch_size[0], p2=cfg.patch_size[1])
         if cfg.modality == "series":
@@ -431,27 +376,22 @@ class MetaMAE(nn.Module):
         taken through the decoder. pred = decode(Z), which the caller has made for the MAE loss.
         Returns Z* (B, 1+n, D) and decode(Z*)."""
         steps = self.cfg.inner_steps if self.cfg.inner_lr else 0  # inner_lr 0: Z* = Z, no work
-        if steps and not torch.is_grad_enabled():
-            return self.adapt_without_grad(z, task)
-        for _ in range(steps):
-            support_loss = recon_loss(pred, task.target, task.support)
-            # B * the batch mean: each sample takes its own step, whatever the batch size. Second order
-            # keeps the gradient's graph, so the outer loss trains through the adaptation too.
-            grad, = torch.autograd.grad(support_loss * len(z), z, create_graph=not self.cfg.first_order)
-            z = z - self.cfg.inner_lr * grad  # (B, 1+n, D)
-            pred = self.decode(z, task.ids_restore)
-        return z, pred
-
-    def adapt_without_grad(self, z, task):
-        """adapt() for a caller under torch.no_grad (evaluation): the step is a gradient all the same, so it
-        is taken on a graph of its own, from a detached Z, and what it returns is detached."""
-        if torch.is_inference_mode_enabled():  # its tensors can never enter a graph
+        evaluating = steps > 0 and not torch.is_grad_enabled()
+        if evaluating and torch.is_inference_mode_enabled():  # its tensors can never enter a graph
             raise RuntimeError("MetaMAE's inner loop takes a gradient: call it outside torch.inference_mode "
                                "(torch.no_grad works); encode() works under either")
         with torch.enable_grad():
-            z = z.detach().requires_grad_()
-            z_star, pred_star = self.adapt(z, self.decode(z, task.ids_restore), task)
-        return z_star.detach(), pred_star.detach()
+            if evaluating:  # under no_grad the step is a gradient all the same: on a graph of its own, from a detached Z
+                z = z.detach().requires_grad_()
+                pred = self.decode(z, task.ids_restore)
+            for _ in range(steps):
+                support_loss = recon_loss(pred, task.target, task.support)
+                # B * the batch mean: each sample takes its own step, whatever the batch size. Second order
+                # keeps the gradient's graph, so the outer loss trains through the adaptation too.
+                grad, = torch.autograd.grad(support_loss * len(z), z, create_graph=not self.cfg.first_order)
+                z = z - self.cfg.inner_lr * grad  # (B, 1+n, D)
+                pred = self.decode(z, task.ids_restore)
+        return (z.detach(), pred.detach()) if evaluating else (z, pred)
 
     def contrast(self, z, z_star):
         """SimCLR's NT-Xent between the mean-pooled Z and Z* of each input, through the projector; returns
@@ -508,3 +448,69 @@ class MetaMAE(nn.Module):
         out = {k: p.argmax(-1) if self.cfg.modality == "tokens" else tok.unpatchify(p)
                for k, p in (("amortized", pred), ("adapted", pred_star))}
         return dict(mask=task.mask, **out)
+
+# -----------------------------------------------------------------------------
+# the guards, out of the method's way: what a config and an input must be, each refusal naming what to change
+
+
+def check_config(cfg):
+    """Raises ValueError naming the first invalid field of a MetaMAEConfig; later checks assume earlier ones passed."""
+    def bad(field, why):
+        raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(cfg, field)!r})")
+    for f in fields(cfg):  # by the annotations: 2.0 blocks, an inf rate or first_order='no' (truthy) fail here
+        value = getattr(cfg, f.name)
+        if f.type is bool and not isinstance(value, bool):
+            bad(f.name, "must be True or False")
+        if f.type is int and (not isinstance(value, Integral) or isinstance(value, bool)):
+            bad(f.name, "must be an int")
+        if f.type is float and (not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value)):
+            bad(f.name, "must be a finite number")
+    shape, patch = cfg.input_shape, cfg.patch_size
+    if (not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= 3
+            or not all(isinstance(s, Integral) and s > 0 for s in shape)):
+        bad("input_shape", "expected a tuple of positive ints (C, H, W), (C, T), (L,) or (F,)")
+    if cfg.vocab_size and len(shape) != 1:
+        bad("vocab_size", f"is for token inputs of shape (L,), but input_shape is {tuple(shape)}: set it to 0")
+    spatial = shape[1:] if cfg.modality in ("image", "series") else ()
+    if spatial and (not isinstance(patch, (tuple, list)) or len(patch) != len(spatial)
+                    or not all(isinstance(p, Integral) and p > 0 and n % p == 0 for n, p in zip(spatial, patch))):
+        bad("patch_size", f"expected a tuple of {len(spatial)} positive ints that divide {spatial}")
+    for field in ("num_heads", "decoder_num_heads", "proj_dim", "mlp_ratio", "temperature"):
+        if not getattr(cfg, field) > 0:
+            bad(field, "must be positive")
+    for field in ("vocab_size", "depth", "decoder_depth", "inner_steps", "contrast_weight", "inner_lr"):
+        if not getattr(cfg, field) >= 0:
+            bad(field, "must be >= 0")
+    even = 4 if cfg.modality == "image" else 2  # sin-cos tables halve the width, 2-D ones halve it again
+    for field, heads in (("embed_dim", cfg.num_heads), ("decoder_embed_dim", cfg.decoder_num_heads)):
+        if getattr(cfg, field) <= 0 or getattr(cfg, field) % math.lcm(heads, even):
+            bad(field, f"must be a positive multiple of {math.lcm(heads, even)}: of the {heads} heads, and of "
+                       f"{even} for the sin-cos positions")
+    if not 0 <= cfg.dropout < 1:
+        bad("dropout", "must be in [0, 1)")
+    if not 0 < cfg.num_visible < cfg.num_tokens:
+        bad("mask_ratio", "must keep at least one token and mask at least one")
+    if not 0 <= cfg.support_ratio <= 1:
+        bad("support_ratio", "must be in [0, 1]")
+    if cfg.contrast_weight > 0 and cfg.inner_steps == 0:
+        bad("contrast_weight", "needs inner_steps > 0: without adaptation both views are the same latent")
+
+
+def checked_input(cfg, x, weight):
+    """x as the tokenizer reads it, on weight's device: refuses another shape, values that are not floats (or
+    token ids that are not ints, or outside the vocabulary); casts values to weight's dtype."""
+    if not torch.is_tensor(x):  # a numpy array, say
+        x = torch.as_tensor(x, device=weight.device)
+    if tuple(x.shape[1:]) != tuple(cfg.input_shape):
+        raise ValueError(f"MetaMAE: expected input of shape (B, {', '.join(map(str, cfg.input_shape))}) "
+                         f"from cfg.input_shape, got {tuple(x.shape)}")
+    if x.is_floating_point() == (cfg.modality == "tokens"):  # values are floats, token ids integers
+        want = "integer ids" if cfg.modality == "tokens" else "floating point (scale integer pixels first)"
+        raise ValueError(f"MetaMAE: {cfg.modality} input must be {want}, got {x.dtype}")
+    if cfg.modality != "tokens":
+        return x.to(weight.dtype)
+    if x.device.type == "cpu" and len(x) and not 0 <= x.min() <= x.max() < cfg.vocab_size:
+        # (checked on CPU only: on a GPU the read would stall the step; nn.Embedding then asserts there)
+        raise ValueError(f"MetaMAE: token ids must be in 0..{cfg.vocab_size - 1} (cfg.vocab_size = "
+                         f"{cfg.vocab_size}), got {x.min().item()}..{x.max().item()}")
+    return x
