@@ -68,6 +68,7 @@ class MetaMAEConfig:
     # the meta-learning part
     inner_lr: float = 0.5
     inner_steps: int = 1          # 0: no adaptation (plain MAE when contrast_weight is 0 too)
+    learn_inner_lr: bool = False  # True: learn a step size per inner step (through its log), starting at inner_lr
     first_order: bool = False     # True: do not differentiate through the inner gradient
     support_ratio: float = 0.1    # chance that a masked neighbour of a visible token joins the support set
     contrast_weight: float = 0.1
@@ -342,6 +343,8 @@ class MetaMAE(nn.Module):
         self._cfg = cfg  # frozen and checked when made (MetaMAEConfig.__post_init__)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        if cfg.learn_inner_lr:  # (inner_steps,): the log keeps the step size positive; the outer loss trains it
+            self.log_inner_lr = nn.Parameter(torch.full((cfg.inner_steps,), math.log(cfg.inner_lr)))
         if cfg.contrast_weight > 0:  # PyTorch's default init, as in their code
             D = cfg.embed_dim
             self.projector = nn.Sequential(nn.Linear(D, 4 * D, bias=False), nn.BatchNorm1d(4 * D), nn.ReLU(),
@@ -373,8 +376,8 @@ class MetaMAE(nn.Module):
 
     def adapt(self, z, pred, task):
         """The inner loop: Z* = Z - inner_lr * grad_Z(B * loss_support), inner_steps times, the gradient
-        taken through the decoder. pred = decode(Z), which the caller has made for the MAE loss.
-        Returns Z* (B, 1+n, D) and decode(Z*)."""
+        taken through the decoder (inner_lr: cfg's, or the learned one of each step with cfg.learn_inner_lr).
+        pred = decode(Z), which the caller has made for the MAE loss. Returns Z* (B, 1+n, D) and decode(Z*)."""
         steps = self.cfg.inner_steps if self.cfg.inner_lr else 0  # inner_lr 0: Z* = Z, no work
         evaluating = steps > 0 and not torch.is_grad_enabled()
         if evaluating and torch.is_inference_mode_enabled():  # its tensors can never enter a graph
@@ -384,12 +387,12 @@ class MetaMAE(nn.Module):
             if evaluating:  # under no_grad the step is a gradient all the same: on a graph of its own, from a detached Z
                 z = z.detach().requires_grad_()
                 pred = self.decode(z, task.ids_restore)
-            for _ in range(steps):
+            for lr in self.log_inner_lr.exp() if self.cfg.learn_inner_lr else [self.cfg.inner_lr] * steps:
                 support_loss = recon_loss(pred, task.target, task.support)
                 # B * the batch mean: each sample takes its own step, whatever the batch size. Second order
                 # keeps the gradient's graph, so the outer loss trains through the adaptation too.
                 grad, = torch.autograd.grad(support_loss * len(z), z, create_graph=not self.cfg.first_order)
-                z = z - self.cfg.inner_lr * grad  # (B, 1+n, D)
+                z = z - lr * grad  # (B, 1+n, D)
                 pred = self.decode(z, task.ids_restore)
         return (z.detach(), pred.detach()) if evaluating else (z, pred)
 
@@ -425,6 +428,9 @@ class MetaMAE(nn.Module):
             contrast, pos_cos, neg_cos = self.contrast(z, z_star)
             logs.update(contrast=contrast.detach(), pos_cos=pos_cos, neg_cos=neg_cos)
             loss = loss + cfg.contrast_weight * contrast
+        if cfg.learn_inner_lr:  # the learned step sizes: 'inner_lr' (the first step's), then 'inner_lr_2', ...
+            lrs = self.log_inner_lr.detach().exp()  # (inner_steps,)
+            logs.update({"inner_lr" + (f"_{i + 1}" if i else ""): lr for i, lr in enumerate(lrs)})
         return loss, logs
 
     def features(self, x):
@@ -492,6 +498,8 @@ def check_config(cfg):
         bad("mask_ratio", "must keep at least one token and mask at least one")
     if not 0 <= cfg.support_ratio <= 1:
         bad("support_ratio", "must be in [0, 1]")
+    if cfg.learn_inner_lr and not (cfg.inner_steps > 0 and cfg.inner_lr > 0):
+        bad("learn_inner_lr", "needs inner_steps > 0 and an inner_lr > 0 to start from (it is learned through its log)")
     if cfg.contrast_weight > 0 and cfg.inner_steps == 0:
         bad("contrast_weight", "needs inner_steps > 0: without adaptation both views are the same latent")
 

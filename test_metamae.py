@@ -341,6 +341,56 @@ def test_first_and_second_order_differ_but_share_the_loss():
     assert (first - second).norm() < 0.1 * second.norm()  # at initialization, a small correction
 
 
+def learned_variant(model, **changes):
+    """The same weights with a learned step size, which starts at the config's inner_lr."""
+    other = MetaMAE(dataclasses.replace(model.cfg, learn_inner_lr=True, **changes)).to(next(model.parameters()).dtype)
+    assert other.load_state_dict(model.state_dict(), strict=False).missing_keys == ["log_inner_lr"]  # nothing else
+    return other
+
+
+def test_a_learned_step_size_starts_as_the_fixed_one_and_its_gradient_is_the_derivative_of_the_loss():
+    # learn_inner_lr adds one parameter, log inner_lr: at its start value the loss and every other gradient are the
+    # fixed step's. Its gradient is d loss / d log inner_lr, checked by a central difference in float64, at second
+    # order and at first order (where the step is still a function of inner_lr, of a constant gradient).
+    model, make_x = make("1d", inner_lr=0.5)
+    x, noise = make_x(4), torch.rand(4, 8)
+    learned = learned_variant(model)
+    assert learned.log_inner_lr.exp().tolist() == [0.5]
+    fixed_grad, learned_grad = _grad_vector(model, x, noise), _grad_vector(learned, x, noise)
+    assert torch.equal(fixed_grad, learned_grad[1:])  # a module's own parameters come before its submodules'
+    assert learned(x, noise)[1]["inner_lr"].item() == 0.5
+    model.double()
+    for first_order in (False, True):
+        m = learned_variant(model, first_order=first_order)
+        m.zero_grad()
+        torch.manual_seed(0)
+        m(x.double(), noise)[0].backward()
+
+        def loss_at(log_lr):
+            with torch.no_grad():
+                m.log_inner_lr.fill_(log_lr)
+                torch.manual_seed(0)
+                return m(x.double(), noise)[0].item()
+        eps, at = 1e-6, math.log(0.5)
+        fd = (loss_at(at + eps) - loss_at(at - eps)) / (2 * eps)
+        assert m.log_inner_lr.grad.item() == pytest.approx(fd, rel=1e-5) and abs(fd) > 1e-7
+
+
+def test_a_learned_step_size_moves_with_training_and_takes_a_step_per_inner_step():
+    model, make_x = make(inner_lr=0.5, inner_steps=2, learn_inner_lr=True)
+    opt = torch.optim.Adam([model.log_inner_lr], lr=0.1)
+    x = make_x(8)
+    for step in range(5):
+        torch.manual_seed(step)
+        loss, logs = model(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.log_inner_lr.shape == (2,) and set(logs) >= {"inner_lr", "inner_lr_2"}
+    assert (model.log_inner_lr - math.log(0.5)).abs().min() > 0.1  # Adam moves each by ~lr a step
+    assert logs["inner_lr"].item() == pytest.approx(model.log_inner_lr[0].exp().item(), rel=0.5)
+
+
 def test_every_parameter_gets_a_finite_nonzero_gradient():
     for kind in MODALITIES:
         model, make_x = make(kind, dropout=0.1)
@@ -472,6 +522,8 @@ def test_mae_configuration_has_no_projector():
     ("embed_dim", dict(embed_dim=True)),
     ("first_order", dict(first_order="no")),    # truthy: would silently mean first order
     ("vocab_size", dict(vocab_size=10)),        # token ids on an image config: vocab_size is the mistake
+    ("learn_inner_lr", dict(learn_inner_lr=True, inner_lr=0.0)),  # learned through its log: it needs a start
+    ("learn_inner_lr", dict(learn_inner_lr=True, inner_steps=0, contrast_weight=0)),
 ])
 def test_invalid_config_raises_naming_the_field(field, kw):
     with pytest.raises(ValueError, match=f"MetaMAEConfig.{field}:"):

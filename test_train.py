@@ -123,6 +123,29 @@ def test_no_weight_decay_on_biases_norms_and_tokens():
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() >= 2 and not name.endswith(("cls_token", "mask_token"))), name
 
+def test_a_learned_step_size_trains_in_its_own_group_undecayed_unclipped_at_the_scaled_rate():
+    # --learn-inner-lr: log inner_lr is never decayed (not even under the paper's decay of everything), steps at
+    # --learned-lr-scale x the schedule's rate, and is left out of the clipped norm, so the other parameters' steps
+    # are clipped as with a fixed step size
+    cfg = parse(["--preset", "paper", "--learn-inner-lr", "--learned-lr-scale", "7", "--grad-clip", "1e-3"])
+    model = tiny_model(learn_inner_lr=True)
+    opt = train.make_optimizer(model, cfg)
+    *others, own = opt.param_groups
+    assert own["params"] == [model.log_inner_lr] and own["weight_decay"] == 0 and own["lr_scale"] == 7
+    assert all(model.log_inner_lr is not p for g in others for p in g["params"])
+    seen = {}
+
+    def clip(params, max_norm):  # what train_step clips
+        seen["clipped"] = {id(p) for p in params}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+        train_losses(model, opt, cfg, [2e-3], torch.rand(4, 3, 16, 16))
+    assert [g["lr"] for g in opt.param_groups] == [2e-3] * len(others) + [7 * 2e-3]
+    assert seen["clipped"] == {id(p) for p in model.parameters()} - {id(model.log_inner_lr)}
+    assert model.log_inner_lr.item() == pytest.approx(math.log(0.5) + 7 * 2e-3, abs=1e-5) or \
+        model.log_inner_lr.item() == pytest.approx(math.log(0.5) - 7 * 2e-3, abs=1e-5)  # Adam's first step: +-lr
+
+
 # ----------------------------------------------------------------------------- runs
 
 
@@ -416,6 +439,8 @@ def test_a_run_never_replaces_a_checkpoint_unasked(cifar_dir, tmp_path):
     (["--cuda-graph"], "--cuda-graph needs one CUDA device"),  # the test machines have no GPU
     (["--resume", "--overwrite"], "choose one"),
     (["--ckpt", "x.pt"], "unrecognized arguments: --ckpt"),  # probe.py's option: train.py writes <out-dir>/ckpt.pt
+    (["--learn-inner-lr", "--inner-lr", "0"], "learn_inner_lr: needs inner_steps > 0 and an inner_lr > 0"),
+    (["--learned-lr-scale", "0"], "--learned-lr-scale must be a positive finite number"),
 ])
 def test_bad_options_are_refused_before_any_work_with_exit_2(cifar_dir, tmp_path, args, needle):
     out_dir = tmp_path / "run"

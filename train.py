@@ -72,6 +72,8 @@ class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_d
     mask_ratio: float = knob(None, "fraction of tokens masked (default: the domain's)")
     inner_lr: float = knob(MODEL.inner_lr, "step size of the latent's adaptation")
     inner_steps: int = knob(MODEL.inner_steps, "adaptation steps (0 with contrast_weight 0: plain MAE)")
+    learn_inner_lr: bool = knob(MODEL.learn_inner_lr, "learn the step size (one per inner step, through its log), "
+                                "starting at --inner-lr")
     first_order: bool = knob(MODEL.first_order, "drop the second-order term of the inner loop")
     support_ratio: float = knob(MODEL.support_ratio, "chance a masked neighbour of a visible token joins the support")
     contrast_weight: float = knob(MODEL.contrast_weight, "weight of the amortized/adapted contrastive loss")
@@ -88,6 +90,8 @@ class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_d
     decay_all: bool = knob(False, "decay biases, norms and the cls/mask tokens too, as the authors do")
     adam_beta2: float = knob(0.95, "AdamW's second beta (MAE's 0.95; PyTorch's and the authors' 0.999)")
     grad_clip: float = knob(1.0, "clip the gradient norm (0: off)")
+    learned_lr_scale: float = knob(10.0, "--learn-inner-lr: the log step size's learning rate, as a multiple of --lr "
+                                   "(its schedule too; never decayed nor clipped)")
     # system (device, dtype and threads are probe.Knobs')
     compile: bool = knob(False, "torch.compile the encoder (the decoder is differentiated twice: never compiled)")
     cuda_graph: bool = knob(False, "capture the whole training step in one CUDA graph and replay it (one GPU)")
@@ -104,12 +108,18 @@ class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_d
 
 
 def make_optimizer(model, cfg):
-    """AdamW; no decay on biases, norms (1-D tensors) and the cls/mask tokens, unless --decay-all."""
-    decay, no_decay = [], []
+    """AdamW; no decay on biases, norms (1-D tensors) and the cls/mask tokens, unless --decay-all. A learned inner
+    step size (--learn-inner-lr) has a group of its own: never decayed nor clipped (so the other parameters' steps
+    are those of a fixed step size), at --learned-lr-scale x the rate: Adam moves a parameter by about its rate per
+    step, so at 1.5e-3 over 1,700 steps the log could grow the step at most ~10x, short of the 100x the inner_lr
+    sweep of docs/ablation.md needed to make the step bite."""
+    decay, no_decay, step_size = [], [], []
     for name, p in model.named_parameters():
         exempt = p.dim() < 2 or name.endswith(("cls_token", "mask_token"))
-        (no_decay if exempt and not cfg.decay_all else decay).append(p)
+        (step_size if name.endswith("log_inner_lr") else no_decay if exempt and not cfg.decay_all else decay).append(p)
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    if step_size:
+        groups.append(dict(params=step_size, weight_decay=0.0, lr_scale=cfg.learned_lr_scale, clip=False))
     try:  # the fused kernel is 4x faster on CPU than the per-tensor loop; older PyTorch lacks it on CPU
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), fused=True)
     except (RuntimeError, ValueError):
@@ -134,7 +144,8 @@ def train_step(model, opt, x, cfg, autocast):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups if g.get("clip", True) for p in g["params"]],
+                                       cfg.grad_clip)
     opt.step()
     return loss.detach(), logs
 
@@ -147,7 +158,7 @@ def make_step(model, opt, cfg, autocast):
 
     def step(x, lr):
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return train_step(model, opt, x, cfg, autocast)
     return step
 
@@ -405,6 +416,10 @@ def check(cfg):
     if cfg.batch_size < 2 and cfg.contrast_weight > 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is too small for the contrastive loss (BatchNorm and "
                          "negatives need at least 2); raise it or set --contrast-weight 0 --inner-steps 0")
+    if not 0 < cfg.learned_lr_scale < float("inf"):
+        raise UsageError(f"--learned-lr-scale must be a positive finite number, got {cfg.learned_lr_scale}")
+    if cfg.cuda_graph and cfg.learn_inner_lr:  # a captured step reads one device lr, and this group has its own
+        raise UsageError("--cuda-graph does not take --learn-inner-lr yet: drop one of them")
     if cfg.cuda_graph and (cfg.device == "cpu" or not torch.cuda.is_available()):
         raise UsageError("--cuda-graph needs one CUDA device and no torchrun; drop it on CPU or with several GPUs")
     if cfg.resume and cfg.overwrite:
