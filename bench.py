@@ -7,9 +7,9 @@ Speed and memory of one training step: MAE vs MetaMAE first and second order, th
     python bench.py --bench-data --domain cifar10 --data-dir ../shared/data   # batches from the real dataset
 
 It takes every option of train.py (the model, the domain's input shape and batch, --dtype, --compile,
---cuda-graph) plus the three below, and times the very step that training runs (train.make_step). The
-three variants run interleaved, so that a noisy shared machine slows all of them alike; it prints medians
-and ratios to MAE, and minutes per 100k steps (the paper's budget).
+--cuda-graph) plus the three below, and times the very step that training runs (train.train_step, set up by
+device.prepare). The three variants run interleaved, so that a noisy shared machine slows all of them alike; it
+prints medians and ratios to MAE, and minutes per 100k steps (the paper's budget).
 """
 
 import statistics
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import cli
+import device
 import train
 from cli import UsageError, knob
 from metamae import MetaMAE
@@ -28,9 +29,9 @@ from metamae import MetaMAE
 
 @dataclass
 class BenchConfig(train.Config):
-    bench_data: bool = knob(False, "draw batches from the real dataset instead of random inputs")
-    bench_steps: int = knob(10, "timed steps per repeat")
-    bench_repeats: int = knob(3, "repeats (the median is reported)")
+    bench_data: bool = knob(False, "draw batches from the real dataset instead of random inputs", "start here")
+    bench_steps: int = knob(10, "timed steps per repeat", "start here")
+    bench_repeats: int = knob(3, "repeats (the median is reported)", "start here")
 
 
 def peak_memory_mb(device, reset=False):
@@ -52,30 +53,28 @@ def bench(cfg):
     if cfg.bench_steps <= 0 or cfg.bench_repeats <= 0:
         raise UsageError(f"--bench-steps and --bench-repeats must be positive, got {cfg.bench_steps}, "
                          f"{cfg.bench_repeats}")
-    device, autocast = cli.device_and_precision(cfg)
-    B = cfg.batch_size
+    dev = device.setup(cfg)
+    B, on = cfg.batch_size, dev.device
     if cfg.bench_data:
-        pool = domain.load(Path(cfg.data_dir), cfg.download).train_x.to(device)
-        batch = lambda: domain.to_input(pool[torch.randint(len(pool), (B,), device=device)])  # noqa: E731
+        pool = domain.load(Path(cfg.data_dir), cfg.download).train_x.to(on)
+        batch = lambda: domain.to_input(pool[torch.randint(len(pool), (B,), device=on)])  # noqa: E731
     elif mcfg.modality == "tokens":
-        batch = lambda: torch.randint(mcfg.vocab_size, (B, *mcfg.input_shape), device=device)  # noqa: E731
+        batch = lambda: torch.randint(mcfg.vocab_size, (B, *mcfg.input_shape), device=on)  # noqa: E731
     else:
-        batch = lambda: torch.rand(B, *mcfg.input_shape, device=device)  # noqa: E731
+        batch = lambda: torch.rand(B, *mcfg.input_shape, device=on)  # noqa: E731
     variants = {"MAE": dict(inner_steps=0, contrast_weight=0.0), "MetaMAE 1st-order": dict(first_order=True),
                 "MetaMAE 2nd-order": dict(first_order=False, inner_steps=max(1, mcfg.inner_steps))}
     runs = {}
     for name, change in variants.items():
         torch.manual_seed(cfg.seed)
-        model = MetaMAE(replace(mcfg, **change)).to(device)
-        if cfg.compile:
-            model.encoder.compile()
-        step = train.make_step(model, train.make_optimizer(model, cfg), cfg, autocast)
+        model = MetaMAE(replace(mcfg, **change)).to(on)
+        step = device.prepare(model, train.make_optimizer(model, cfg), cfg, dev, train.train_step)  # --compile too
         runs[name] = dict(step=step, times=[], mem=0.0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if on.type == "cuda" else (lambda: None)
     for r in range(cfg.bench_repeats + 1):  # repeat 0 warms up (allocator, compile, graph capture): not timed
         print(f"bench: {'warming up' if r == 0 else f'repeat {r} of {cfg.bench_repeats}'} ...", flush=True)
         for run in runs.values():
-            peak_memory_mb(device, reset=True)
+            peak_memory_mb(on, reset=True)
             x = batch()
             sync()
             t = time.perf_counter()
@@ -84,12 +83,13 @@ def bench(cfg):
             sync()
             if r:
                 run["times"].append((time.perf_counter() - t) / cfg.bench_steps)
-                run["mem"] = max(run["mem"], peak_memory_mb(device))
-    print(f"bench: {cfg.domain} {tuple(mcfg.input_shape)}, {mcfg.num_tokens} tokens, mask {mcfg.mask_ratio}, batch {B}, "
+                run["mem"] = max(run["mem"], peak_memory_mb(on))
+    print(f"bench: {cfg.domain} {tuple(mcfg.input_shape)}, {mcfg.num_tokens} tokens, mask {mcfg.mask_ratio}, "
+          f"batch {B}, "
           f"width {mcfg.embed_dim} depth {mcfg.depth}, decoder {mcfg.decoder_embed_dim}x{mcfg.decoder_depth}, "
-          f"{device}, {cli.precision(autocast)}, threads {torch.get_num_threads()}, compile {cfg.compile}, "
+          f"{on}, {dev.precision}, threads {torch.get_num_threads()}, compile {cfg.compile}, "
           f"cuda graph {cfg.cuda_graph}, median of {cfg.bench_repeats} x {cfg.bench_steps} steps")
-    mem_kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
+    mem_kind = "CUDA max allocated" if on.type == "cuda" else "peak RSS"
     print(f"{'model':<20}{'ms/step':>10}{'samples/s':>12}{'x MAE':>8}{'min/100k steps':>16}{mem_kind + ' MB':>24}")
     base = statistics.median(runs["MAE"]["times"])
     results = {}

@@ -1,14 +1,14 @@
 """
 What the three commands (train.py, probe.py, bench.py) share, in one place: a dataclass of knobs read as
---flags, the device and precision a command runs on, and what a user sees of an expected error: one line and
-an exit code (2: a bad option, before any work; 1: bad data, or a run that cannot go on; 130: interrupted).
-Last, train.py's run folder: held by one run at a time, its log kept whole across a kill and a resume.
+--flags and listed by --help under headings, and what a user sees of an expected error: one line and an exit
+code (2: a bad option, before any work; 1: bad data, or a run that cannot go on; 130: interrupted). Then the
+checkpoints train.py writes, as train.py --resume and probe.py --ckpt read them; last, train.py's run folder: held
+by one run at a time, its log kept whole across a kill and a resume.
 """
 
 import argparse
 import contextlib
 import fcntl
-import functools
 import json
 import os
 import signal
@@ -20,11 +20,15 @@ from pathlib import Path
 import torch
 
 import data
+from metamae import MetaMAEConfig
 
 
-def knob(default, help):
-    """A field of a config dataclass that the command line sets as --name (the help is shown by --help)."""
-    return field(default=default, metadata={"help": help})
+GROUPS = ("start here", "model", "optimizer", "probe", "system")  # --help's headings, in this order
+
+
+def knob(default, help, group="system"):
+    """A field of a config dataclass that the command line sets as --name, listed by --help under its group."""
+    return field(default=default, metadata={"help": help, "group": group})
 
 
 class UsageError(Exception):
@@ -52,26 +56,36 @@ def boolean(text):
 
 def parse_args(argv, config_class, doc, presets=None, shown=None):
     """`--key value` / `--key=value` overrides of the config's fields; `--flag` alone sets a bool. Knobs not
-    given take the preset's value (with `presets`: a --preset knob names one), then the field's default.
-    shown: the fields --help lists (None: all); the others are accepted all the same."""
+    given take the preset's value (with `presets`: a --preset knob names one), then the field's default; --help
+    shows the defaults of the preset on the command line (or of the default one). shown: the fields --help lists
+    (None: all); the others are accepted all the same."""
     def dashed(arg):  # --max_steps as --max-steps: nanoGPT's users type underscores
         key, eq, value = arg.partition("=")
         return key.replace("_", "-") + eq + value if arg.startswith("--") else arg
+    argv = [dashed(a) for a in argv]
+    defaults = {f.name: f.default for f in fields(config_class)}
+    preset = next((v for a, v in zip(argv, argv[1:] + [""]) if a == "--preset"), None) or next(
+        (a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), defaults.get("preset"))
+    by_preset = (presets or {}).get(preset, {})
     parser = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False, argument_default=argparse.SUPPRESS)
+                            allow_abbrev=False, argument_default=argparse.SUPPRESS, usage="%(prog)s [--knob value ...]")
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for f in fields(config_class):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        help += "" if "default" in help else f" (default: {f.default!r})"
+        if "default" not in help:
+            value = by_preset.get(f.name, f.default)
+            help += f" (default: {value!r}{f', from --preset {preset}' if f.name in by_preset else ''})"
         help = help if shown is None or f.name in shown else argparse.SUPPRESS
+        group = groups[f.metadata["group"]]
         if f.type is bool:
-            parser.add_argument(flag, type=boolean, nargs="?", const=True, help=help, metavar="BOOL")
+            group.add_argument(flag, type=boolean, nargs="?", const=True, help=help, metavar="BOOL")
         else:
-            parser.add_argument(flag, type=f.type, help=help, metavar=f.type.__name__.upper())
-    given = vars(parser.parse_args([dashed(a) for a in argv]))
+            group.add_argument(flag, type=f.type, help=help, metavar=f.type.__name__.upper())
+    given = vars(parser.parse_args(argv))
     for key in given:  # the shell leaves --data-dir=~/x as it is
         if key.endswith("_dir") or key == "ckpt":
             given[key] = os.path.expanduser(given[key])
-    preset = given.get("preset", "paper")
+    preset = given.get("preset", defaults.get("preset"))
     if presets is not None and preset not in presets:
         raise UsageError(f"unknown --preset {preset!r}; choose one of {', '.join(presets)}")
     return config_class(**{**(presets or {}).get(preset, {}), **given})
@@ -91,52 +105,6 @@ def writable_dir(path):
         raise UsageError(f"--out-dir {path} is not a writable folder ({e.strerror or data.one_line(e)}); "
                          "choose another") from None
     return path
-
-
-def device_and_precision(cfg):
-    """The device of cfg.device ('auto': CUDA if there is one) with cfg.threads, and autocast(): a context that
-    opens the run's precision (bf16 autocast on CUDA by default, fp32 on CPU)."""
-    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if name.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and name.startswith("cuda"))
-    return torch.device(name), functools.partial(torch.autocast, name.split(":")[0], dtype=torch.bfloat16,
-                                                 enabled=bf16)
-
-
-def setup_distributed(cfg, device):
-    """Under torchrun: (device of this rank, rank, world size), the process group joined; else (device, 0, 1)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return device, 0, 1
-    if cfg.cuda_graph:
-        raise UsageError("--cuda-graph needs one CUDA device and no torchrun; drop it with several GPUs")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-
-
-def check_ranks_in_sync(model, world, master):
-    """Every rank must hold the same weights at the end: DDP averages gradients, nothing else syncs them."""
-    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
-    spread = [flat.clone() for _ in range(world)]
-    torch.distributed.all_gather(spread, flat)
-    max_dev = max((s - flat).abs().max().item() for s in spread)
-    if master:
-        print(f"ranks in sync: max parameter difference {max_dev:.3g}")
-    torch.distributed.destroy_process_group()
-    if max_dev > 0:
-        raise RunError(f"ranks diverged (max parameter difference {max_dev}); this is a bug, please report it")
-
-
-def precision(autocast):
-    return "bfloat16" if autocast.keywords["enabled"] else "float32"
 
 
 def _interrupt(signum, frame):
@@ -185,6 +153,78 @@ def one_line_errors():
     finally:  # a caller in the same process (a test) gets its handlers back
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+# -----------------------------------------------------------------------------
+# checkpoints, as train.py writes them, read by train.py --resume and probe.py --ckpt: with weights_only, so that
+# nothing in one is executed
+
+
+def load_checkpoint(path, mcfg=None):
+    """Returns (state, its MetaMAEConfig); with mcfg, refuses a checkpoint of another model."""
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}; train first, or pass --out-dir / --ckpt of an existing run")
+    try:  # weights_only: a checkpoint is data; unpickling anything else could run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = MetaMAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
+    except Exception as e:
+        raise RunError(f"checkpoint {path} is unreadable or not a checkpoint of this project "
+                       f"({data.one_line(e, 160)}); delete it or point --ckpt elsewhere") from None
+    if mcfg is not None and saved != mcfg:
+        diff = [f for f, v in vars(mcfg).items() if getattr(saved, f) != v]
+        raise RunError(f"checkpoint {path} was trained with a different model ({', '.join(diff)}); "
+                       "use the same options, or another --out-dir")
+    return state, saved
+
+
+RUN_DEFINING = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "decay_all", "adam_beta2",
+                "grad_clip")  # what --resume must keep: the schedule and the batches follow them
+
+
+def check_resumable(state, cfg, path):
+    """What --resume refuses, each with the way out: a checkpoint of another dataset, of another schedule, or the
+    end of a finished run."""
+    trained_on = state.get("config", {}).get("domain", cfg.domain)
+    if trained_on != cfg.domain:  # the same input shape does not make the same data
+        raise RunError(f"checkpoint {path} was trained on {trained_on}, not {cfg.domain}: resume it with "
+                       f"--domain {trained_on}, or probe it on {cfg.domain} with probe.py --ckpt")
+    saved = state.get("config", {})
+    changed = [k for k in RUN_DEFINING if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:  # the schedule would restart (lr 1e-5 back to its peak), or the batches change, silently
+        raise RunError(f"checkpoint {path} was trained with " + ", ".join(
+            f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k)})" for k in changed) + ": the learning-rate"
+            " schedule and the batches follow them, so --resume takes the run's own values: give those, or start"
+            " a new run with --overwrite")
+    if state.get("step") == cfg.max_steps:
+        raise RunError(f"checkpoint {path} is the end of a finished run (step {cfg.max_steps} of {cfg.max_steps}): "
+                       f"probe it with python probe.py --domain {cfg.domain} --ckpt {path}, or train longer in a new "
+                       "run")
+
+
+def check_optimizer_state(saved, opt):
+    """AdamW's moments must have their parameters' shapes and be finite: PyTorch would load a wrong shape and
+    crash (an internal assert, then a segfault) at the first step, and a NaN moment poisons every later one."""
+    params = [p for group in opt.param_groups for p in group["params"]]  # the order of the saved state's ids
+    for i, moments in saved["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            m = moments[name]
+            if m.shape != params[int(i)].shape:
+                raise ValueError(f"the optimizer's {name} of parameter {i} has shape {tuple(m.shape)}, the "
+                                 f"parameter {tuple(params[int(i)].shape)}")
+            if not torch.isfinite(m).all():
+                raise ValueError(f"the optimizer's {name} of parameter {i} is not finite")
+
+
+def load_weights(model, state, path):
+    """The checkpoint's weights into model; a missing, mis-shaped or non-finite weight is one line."""
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise RunError(f"checkpoint {path} does not hold this model's weights ({' '.join(str(e).split())[:300]})") \
+            from None
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RunError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); it cannot be probed or "
+                       "resumed: use an earlier checkpoint")
 
 # -----------------------------------------------------------------------------
 # train.py's run folder: one run's alone, its log whole

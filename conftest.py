@@ -489,7 +489,7 @@ def write_fake(name, data_dir, monkeypatch):
 
 # -----------------------------------------------------------------------------
 # the commands as a user runs them, and a tiny model: shared by the tests of train.py, probe.py, bench.py and
-# cuda_graph.py
+# device.py
 
 HERE = Path(__file__).resolve().parent
 REAL_DATA = HERE.parent / 'shared' / 'data'  # the real samples, where this checkout has them
@@ -527,10 +527,10 @@ def tiny_model(**kw):
 
 def train_losses(model, opt, cfg, lrs, x, lr_tensor=None):
     """train.py's steps at the given lrs, set as Python floats, or by filling lr_tensor as GraphedStep does."""
-    import cli
+    import device
     import train
-    autocast = cli.device_and_precision(cfg)[1]
-    step = train.make_step(model, opt, cfg, autocast)
+    dev = device.setup(cfg)
+    step = device.prepare(model, opt, cfg, dev, train.train_step)
     out = []
     for i, lr in enumerate(lrs):
         torch.manual_seed(i)  # the same masks and dropout in every run
@@ -538,7 +538,7 @@ def train_losses(model, opt, cfg, lrs, x, lr_tensor=None):
             out.append(step(x, lr)[0].item())
         else:
             lr_tensor.fill_(lr)
-            out.append(train.train_step(model, opt, x, cfg, autocast)[0].item())
+            out.append(train.train_step(model, opt, x, cfg, dev.autocast)[0].item())
     return out
 
 

@@ -384,7 +384,7 @@ class MetaMAE(nn.Module):
             raise RuntimeError("MetaMAE's inner loop takes a gradient: call it outside torch.inference_mode "
                                "(torch.no_grad works); encode() works under either")
         with torch.enable_grad():
-            if evaluating:  # under no_grad the step is a gradient all the same: on a graph of its own, from a detached Z
+            if evaluating:  # under no_grad the step is a gradient all the same: on a graph of its own, from Z detached
                 z = z.detach().requires_grad_()
                 pred = self.decode(z, task.ids_restore)
             for lr in self.log_inner_lr.exp() if self.cfg.learn_inner_lr else [self.cfg.inner_lr] * steps:

@@ -14,24 +14,21 @@ without it); a linear classifier is trained on them with AdamW (weight decay 1e-
 each learning rate of --probe-lrs. The learning rate and the epoch are chosen on a fixed-seed validation split
 carved out of the training split (whole speakers or users where the data have them); the test split is
 scored once, at the very end. A domain whose metric is weighted F1 (the wafer maps) is selected by it.
-The file also holds what else a finished run reports about its model: the held-out logs and the pictures.
 """
 
 import dataclasses
 import json
-import struct
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import cli
 import data
+import device
 from cli import RunError, UsageError, knob
 from metamae import MetaMAE, MetaMAEConfig
 
@@ -42,24 +39,24 @@ from metamae import MetaMAE, MetaMAEConfig
 @dataclass
 class Knobs:
     # data
-    domain: str = knob("cifar10", "dataset: " + ", ".join(data.DOMAINS))
+    domain: str = knob("cifar10", "dataset: " + ", ".join(data.DOMAINS), "start here")
     probe_domains: str = knob("", "domains probed besides the run's own (which is probed when it has labels), "
                               "comma-separated, of the same input shape, e.g. cifar10 after imagenet32; default: "
-                              "the domain's DABS transfer targets; 'none': none")
-    data_dir: str = knob("./data", "where datasets are downloaded / looked for")
+                              "the domain's DABS transfer targets; 'none': none", "probe")
+    data_dir: str = knob("./data", "where datasets are downloaded / looked for", "start here")
     download: bool = knob(True, "download the dataset when it is missing")
-    out_dir: str = knob("", "run folder (default runs/<domain>)")
+    out_dir: str = knob("", "run folder (default runs/<domain>)", "start here")
     seed: int = knob(0, "random seed")
     # system
-    device: str = knob("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = knob("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...", "start here")
     dtype: str = knob("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'float32' or 'bfloat16'")
     threads: int = knob(0, "CPU threads (0: PyTorch's default)")
     # the linear probe
-    probe_epochs: int = knob(100, "linear-probe epochs")
-    probe_lrs: str = knob("1e-3,1e-4", "linear-probe learning rates, chosen on validation")
-    probe_batch_size: int = knob(64, "linear-probe batch size")
-    probe_weight_decay: float = knob(1e-4, "linear-probe weight decay")
-    val_frac: float = knob(0.1, "fraction of the training split held out (fixed seed) for probe selection")
+    probe_epochs: int = knob(100, "linear-probe epochs", "probe")
+    probe_lrs: str = knob("1e-3,1e-4", "linear-probe learning rates, chosen on validation", "probe")
+    probe_batch_size: int = knob(64, "linear-probe batch size", "probe")
+    probe_weight_decay: float = knob(1e-4, "linear-probe weight decay", "probe")
+    val_frac: float = knob(0.1, "fraction of the training split held out (fixed seed) for probe selection", "probe")
 
 
 def check_knobs(cfg):
@@ -109,53 +106,6 @@ def check_knobs(cfg):
         if d not in targets:
             targets.append(d)
     return domain, targets
-
-# -----------------------------------------------------------------------------
-# checkpoints, as train.py writes them: read with weights_only, so that nothing in one is executed
-
-
-def load_checkpoint(path, mcfg=None):
-    """Returns (state, its MetaMAEConfig); with mcfg, refuses a checkpoint of another model."""
-    if not path.is_file():
-        raise RunError(f"no checkpoint at {path}; train first, or pass --out-dir / --ckpt of an existing run")
-    try:  # weights_only: a checkpoint is data; unpickling anything else could run code
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = MetaMAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
-    except Exception as e:
-        raise RunError(f"checkpoint {path} is unreadable or not a checkpoint of this project "
-                       f"({data.one_line(e, 160)}); delete it or point --ckpt elsewhere") from None
-    if mcfg is not None and saved != mcfg:
-        diff = [f for f, v in vars(mcfg).items() if getattr(saved, f) != v]
-        raise RunError(f"checkpoint {path} was trained with a different model ({', '.join(diff)}); "
-                       "use the same options, or another --out-dir")
-    return state, saved
-
-
-def check_optimizer_state(saved, opt):
-    """AdamW's moments must have their parameters' shapes and be finite: PyTorch would load a wrong shape and
-    crash (an internal assert, then a segfault) at the first step, and a NaN moment poisons every later one."""
-    params = [p for group in opt.param_groups for p in group["params"]]  # the order of the saved state's ids
-    for i, moments in saved["state"].items():
-        for name in ("exp_avg", "exp_avg_sq"):
-            m = moments[name]
-            if m.shape != params[int(i)].shape:
-                raise ValueError(f"the optimizer's {name} of parameter {i} has shape {tuple(m.shape)}, the "
-                                 f"parameter {tuple(params[int(i)].shape)}")
-            if not torch.isfinite(m).all():
-                raise ValueError(f"the optimizer's {name} of parameter {i} is not finite")
-
-
-def load_weights(model, state, path):
-    """The checkpoint's weights into model; a missing, mis-shaped or non-finite weight is one line."""
-    try:
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise RunError(f"checkpoint {path} does not hold this model's weights ({' '.join(str(e).split())[:300]})") \
-            from None
-    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise RunError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); it cannot be probed or "
-                       "resumed: use an earlier checkpoint")
 
 # -----------------------------------------------------------------------------
 # the linear probe: frozen features, standardized, AdamW, lr and epoch chosen on validation
@@ -307,94 +257,14 @@ def evaluate(model, cfg, targets, datasets, autocast):
     return rec
 
 # -----------------------------------------------------------------------------
-# what else a finished run reports about its model: the logs on held-out inputs, and pictures
-
-
-def diagnose(model, x, to_input, batch, autocast):
-    """The model's logs (losses, shift, cosines) on held-out inputs, averaged over batches of the training
-    size: a steadier read than one training batch. Eval mode (no dropout, BatchNorm's running statistics);
-    the masks come from a fixed seed and the global RNG is left as it was."""
-    model.eval()
-    sums, starts = {}, range(0, max(len(x) - batch, 0) + 1, batch)
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
-        torch.manual_seed(0)
-        for i in starts:
-            with autocast():
-                logs = model(to_input(x[i:i + batch]))[1]
-            sums = {k: sums.get(k, 0.0) + v.float() for k, v in logs.items()}
-    return {f"val_{k}": (v / len(starts)).item() for k, v in sums.items()}
-
-
-def write_png(path, img):
-    """img: uint8 (H, W, 3). A minimal PNG (stdlib zlib), written atomically."""
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + row.tobytes() for row in img)
-
-    def chunk(tag, payload):
-        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    with data.atomic_file(path) as tmp:
-        tmp.write_bytes(png)
-
-
-GLYPHS = {c: g for c, g in zip("BEFILMNOPRSTUVZ*|- ", (  # 3x5 capitals, row by row, for the pictures' labels
-    "110101110101110", "111100110100111", "111100110100100", "111010010010111", "100100100100111", "101111101101101",
-    "110101101101101", "010101101101010", "110101110100100", "110101110101101", "011100010001110", "111010010010010",
-    "101101101101111", "101101101101010", "111001010100111", "000101010101000", "010010010010010", "000000111000000",
-    "000000000000000"))}
-
-
-def label(text, height, scale):
-    """A column of `height` pixels with `text` drawn in white in its middle: (height, width) in {0, 1}."""
-    pixels = np.zeros((5 * scale, 4 * scale * len(text)))
-    for k, c in enumerate(text):
-        glyph = np.array([int(b) for b in GLYPHS[c]]).reshape(5, 3)
-        pixels[:, 4 * scale * k:4 * scale * k + 3 * scale] = glyph.repeat(scale, 0).repeat(scale, 1)
-    top = (height - len(pixels)) // 2
-    return np.pad(pixels, ((top, height - len(pixels) - top), (2 * scale, 2 * scale)))
-
-
-@torch.no_grad()
-def reconstruction_grid(model, x, path):
-    """A labelled picture, a row each: the inputs, their visible patches (the rest masked), the reconstructions
-    from Z and from Z* with the visible patches pasted back (as MAE's demos show them: the decoder is never
-    trained on visible tokens), and |Z* reconstruction - Z reconstruction| over all patches, amplified to white.
-    Returns the largest change the adaptation made to a reconstructed value."""
-    model.eval()
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # training's RNG untouched
-        torch.manual_seed(0)  # the same masks at every call: pictures of one run compare
-        rec = model.reconstruct(x)
-    mcfg = model.cfg
-    (ph, pw), (gh, gw) = mcfg.patch_size, mcfg.grid
-    pixel_mask = rec["mask"].view(-1, 1, gh, gw).repeat_interleave(ph, 2).repeat_interleave(pw, 3)  # (B, 1, H, W)
-    visible = x * (1 - pixel_mask)
-    diff = (rec["adapted"] - rec["amortized"]).abs()
-    rows = [x, visible, visible + rec["amortized"] * pixel_mask, visible + rec["adapted"] * pixel_mask,
-            diff / diff.amax().clamp_min(1e-12)]
-    lo, hi = x.amin(), x.amax()  # one intensity scale for all rows but the difference
-    rows = [((r - lo) / (hi - lo)).clamp(0, 1) if i < 4 else r for i, r in enumerate(rows)]
-    grid = torch.cat([torch.cat(list(r.float().cpu()), dim=2) for r in rows], dim=1)  # (C, 5H, B*W)
-    grid = grid.expand(3, -1, -1) if grid.shape[0] == 1 else grid[:3]
-    scale = 3 if x.shape[-1] <= 64 else 1  # small inputs x3
-    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0).numpy()  # (5h, B*w, 3)
-    h = grid.shape[0] // 5
-    names = [label(n, h, max(1, h // 24)) for n in ("INPUT", "VISIBLE", "FROM Z", "FROM Z*", "|Z*-Z|")]
-    width = max(n.shape[1] for n in names)
-    names = np.concatenate([np.pad(n, ((0, 0), (0, width - n.shape[1]))) for n in names])  # (5h, width)
-    names = np.repeat(names[:, :, None], 3, axis=2)  # (5h, width, 3): white on black
-    write_png(path, (np.concatenate([names, grid], axis=1) * 255).round().astype(np.uint8))
-    return diff.amax().item()
-
-# -----------------------------------------------------------------------------
 # python probe.py: a checkpoint, a fresh encoder or the raw inputs, probed; the record is appended to eval.jsonl
 
 
 @dataclass
 class Config(Knobs):
-    ckpt: str = knob("", "the checkpoint to probe (train.py writes <out-dir>/ckpt.pt)")
+    ckpt: str = knob("", "the checkpoint to probe (train.py writes <out-dir>/ckpt.pt)", "start here")
     baseline: str = knob("", "instead of a trained encoder: 'random' (fresh weights, of --ckpt's architecture when "
-                         "given, else the paper's backbone) or 'raw' (the inputs themselves)")
+                         "given, else the paper's backbone) or 'raw' (the inputs themselves)", "start here")
 
 
 def check(cfg):
@@ -413,22 +283,22 @@ def check(cfg):
 def run(cfg):
     domain, targets = check(cfg)
     out_dir = cli.writable_dir(cfg.out_dir or (Path(cfg.ckpt).parent if cfg.ckpt else f"runs/{cfg.domain}"))
-    device, autocast = cli.device_and_precision(cfg)
-    datasets = {d.name: load_data(cfg, d, device) for d in targets}  # every one read before any work
+    dev = device.setup(cfg)
+    datasets = {d.name: load_data(cfg, d, dev.device) for d in targets}  # every one read before any work
     torch.manual_seed(cfg.seed)  # a fresh encoder's weights
     model, mcfg = None, MetaMAEConfig(input_shape=tuple(domain.input_shape), patch_size=tuple(domain.patch_size),
                                       vocab_size=domain.vocab_size, mask_ratio=domain.mask_ratio)
     if cfg.ckpt and cfg.baseline != "raw":  # the checkpoint's architecture, which must read this domain's inputs
-        state, mcfg = load_checkpoint(Path(cfg.ckpt))
+        state, mcfg = cli.load_checkpoint(Path(cfg.ckpt))
         if (mcfg.input_shape, mcfg.patch_size, mcfg.vocab_size) != (tuple(domain.input_shape),
                                                                      tuple(domain.patch_size), domain.vocab_size):
             raise RunError(f"checkpoint {cfg.ckpt} was trained on inputs {mcfg.input_shape}, not on "
                            f"{cfg.domain}'s {tuple(domain.input_shape)}; pass the matching --domain")
     if cfg.baseline != "raw":
-        model = MetaMAE(mcfg).to(device)
+        model = MetaMAE(mcfg).to(dev.device)
         if not cfg.baseline:
-            load_weights(model, state, Path(cfg.ckpt))
-    rec = dict(encoder=cfg.baseline or str(cfg.ckpt), **evaluate(model, cfg, targets, datasets, autocast))
+            cli.load_weights(model, state, Path(cfg.ckpt))
+    rec = dict(encoder=cfg.baseline or str(cfg.ckpt), **evaluate(model, cfg, targets, datasets, dev.autocast))
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
     with open(out_dir / "eval.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")

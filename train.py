@@ -11,25 +11,27 @@ Pretrain MetaMAE on a DABS domain, then evaluate the frozen encoder by linear pr
     python train.py --help                                 # every knob, with its default
 
 Every knob is a field of `Config` below (those that reading a domain and probing share are probe.Knobs'); the
-model's knobs take their defaults from MetaMAEConfig, so the two cannot disagree. The file reads in the order
-a run goes: the knobs, one training step, checkpoints, the loop, the end of a run, and last the checks and
-set-up that come before any work.
+model's knobs take their defaults from MetaMAEConfig, so the two cannot disagree. The file reads in the order a
+run goes: the knobs and their checks, the optimizer and one training step, checkpoints, the loop, the end of a run,
+and run() that calls them in that order. Where the run runs (device, DDP, precision, compile, CUDA graph) is set up
+in device.py.
 """
 
 import contextlib
-import functools
 import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 import cli
 import data
+import device
+import pictures
 import probe
 from cli import RunError, UsageError, knob
 from metamae import MetaMAE, MetaMAEConfig
@@ -58,343 +60,58 @@ PRESETS = {  # a preset changes the defaults of the knobs it names; an option gi
 @dataclass
 class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_dir, seed, device, probe_lrs, ...
     # model: the DABS backbone of the paper; 'cpu' swaps in a small one that learns in minutes on 2 cores
-    preset: str = knob("paper", "'paper': the authors' recipe (" + ", ".join(
-        f"{k} {v}" for k, v in PRESETS["paper"].items()) + "); 'mae': the knobs' defaults, MAE's recipe; 'cpu': MAE's "
-        "recipe, and " + ", ".join(f"{k} {v}" for k, v in PRESETS["cpu"].items()) + "; options given win")
-    embed_dim: int = knob(MODEL.embed_dim, "encoder width")
-    depth: int = knob(MODEL.depth, "encoder blocks")
-    num_heads: int = knob(MODEL.num_heads, "encoder heads")
-    decoder_embed_dim: int = knob(MODEL.decoder_embed_dim, "decoder width")
-    decoder_depth: int = knob(MODEL.decoder_depth, "decoder blocks")
-    decoder_num_heads: int = knob(MODEL.decoder_num_heads, "decoder heads")
-    mlp_ratio: float = knob(MODEL.mlp_ratio, "MLP hidden width / width")
-    dropout: float = knob(MODEL.dropout, "encoder dropout")
-    mask_ratio: float = knob(None, "fraction of tokens masked (default: the domain's)")
-    inner_lr: float = knob(MODEL.inner_lr, "step size of the latent's adaptation")
-    inner_steps: int = knob(MODEL.inner_steps, "adaptation steps (0 with contrast_weight 0: plain MAE)")
+    preset: str = knob("paper", "'paper' (the default): the authors' recipe (" + ", ".join(
+        f"{k} {v}" for k, v in PRESETS["paper"].items()) + "); 'mae': MAE's recipe, the knobs' own values; 'cpu': "
+        "MAE's recipe, and " + ", ".join(f"{k} {v}" for k, v in PRESETS["cpu"].items()) + "; options given win (--help "
+        "with --preset shows its values)", "start here")
+    embed_dim: int = knob(MODEL.embed_dim, "encoder width", "model")
+    depth: int = knob(MODEL.depth, "encoder blocks", "model")
+    num_heads: int = knob(MODEL.num_heads, "encoder heads", "model")
+    decoder_embed_dim: int = knob(MODEL.decoder_embed_dim, "decoder width", "model")
+    decoder_depth: int = knob(MODEL.decoder_depth, "decoder blocks", "model")
+    decoder_num_heads: int = knob(MODEL.decoder_num_heads, "decoder heads", "model")
+    mlp_ratio: float = knob(MODEL.mlp_ratio, "MLP hidden width / width", "model")
+    dropout: float = knob(MODEL.dropout, "encoder dropout", "model")
+    mask_ratio: float = knob(None, "fraction of tokens masked (default: the domain's)", "model")
+    inner_lr: float = knob(MODEL.inner_lr, "step size of the latent's adaptation", "model")
+    inner_steps: int = knob(MODEL.inner_steps, "adaptation steps (0 with contrast_weight 0: plain MAE)", "model")
     learn_inner_lr: bool = knob(MODEL.learn_inner_lr, "learn the step size (one per inner step, through its log), "
-                                "starting at --inner-lr")
-    first_order: bool = knob(MODEL.first_order, "drop the second-order term of the inner loop")
-    support_ratio: float = knob(MODEL.support_ratio, "chance a masked neighbour of a visible token joins the support")
-    contrast_weight: float = knob(MODEL.contrast_weight, "weight of the amortized/adapted contrastive loss")
-    temperature: float = knob(MODEL.temperature, "NT-Xent temperature")
-    proj_dim: int = knob(MODEL.proj_dim, "projector output width")
+                                "starting at --inner-lr", "model")
+    first_order: bool = knob(MODEL.first_order, "drop the second-order term of the inner loop", "model")
+    support_ratio: float = knob(MODEL.support_ratio, "chance a masked neighbour of a visible token joins the support",
+                                "model")
+    contrast_weight: float = knob(MODEL.contrast_weight, "weight of the amortized/adapted contrastive loss", "model")
+    temperature: float = knob(MODEL.temperature, "NT-Xent temperature", "model")
+    proj_dim: int = knob(MODEL.proj_dim, "projector output width", "model")
     # optimization
-    max_steps: int = knob(100_000, "pretraining steps (the paper's budget); the lr schedule spans them")
-    stop_step: int = knob(0, "stop early at this step with a checkpoint (0: run to max_steps); --resume continues")
-    batch_size: int = knob(None, "pretraining batch per process (default: the domain's)")
-    lr: float = knob(5e-4, "peak AdamW learning rate")
-    min_lr: float = knob(1e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = knob(2_000, "linear warm-up steps")
-    weight_decay: float = knob(0.05, "AdamW decay on weight matrices (none on biases, norms, cls/mask tokens)")
-    decay_all: bool = knob(False, "decay biases, norms and the cls/mask tokens too, as the authors do")
-    adam_beta2: float = knob(0.95, "AdamW's second beta (MAE's 0.95; PyTorch's and the authors' 0.999)")
-    grad_clip: float = knob(1.0, "clip the gradient norm (0: off)")
+    max_steps: int = knob(100_000, "pretraining steps (the paper's budget); the lr schedule spans them", "start here")
+    stop_step: int = knob(0, "stop early at this step with a checkpoint (0: run to max_steps); --resume continues",
+                          "start here")
+    batch_size: int = knob(None, "pretraining batch per process (default: the domain's)", "optimizer")
+    lr: float = knob(5e-4, "peak AdamW learning rate", "optimizer")
+    min_lr: float = knob(1e-5, "learning rate at the end of the cosine decay", "optimizer")
+    warmup_steps: int = knob(2_000, "linear warm-up steps", "optimizer")
+    weight_decay: float = knob(0.05, "AdamW decay on weight matrices (none on biases, norms, cls/mask tokens)",
+                               "optimizer")
+    decay_all: bool = knob(False, "decay biases, norms and the cls/mask tokens too, as the authors do", "optimizer")
+    adam_beta2: float = knob(0.95, "AdamW's second beta (MAE's 0.95; PyTorch's and the authors' 0.999)", "optimizer")
+    grad_clip: float = knob(1.0, "clip the gradient norm (0: off)", "optimizer")
     learned_lr_scale: float = knob(10.0, "--learn-inner-lr: the log step size's learning rate, as a multiple of --lr "
-                                   "(its schedule too; never decayed nor clipped)")
+                                   "(its schedule too; never decayed nor clipped)", "optimizer")
     # system (device, dtype and threads are probe.Knobs')
     compile: bool = knob(False, "torch.compile the encoder (the decoder is differentiated twice: never compiled)")
     cuda_graph: bool = knob(False, "capture the whole training step in one CUDA graph and replay it (one GPU)")
     # logging, checkpoints
     log_interval: int = knob(100, "steps between log lines")
     ckpt_interval: int = knob(5_000, "steps between checkpoints (one is always written at the end)")
-    eval_interval: int = knob(20_000, "steps between validation probes during pretraining (0: only at the end)")
-    resume: bool = knob(False, "continue from <out_dir>/ckpt.pt")
+    eval_interval: int = knob(20_000, "steps between validation probes during pretraining (0: only at the end)",
+                              "probe")
+    resume: bool = knob(False, "continue from <out_dir>/ckpt.pt", "start here")
     overwrite: bool = knob(False, "start a new run in an --out-dir whose ckpt.pt is then replaced")
 
 
 # -----------------------------------------------------------------------------
-# optimizer, schedule, and one training step
-
-
-def make_optimizer(model, cfg):
-    """AdamW; no decay on biases, norms (1-D tensors) and the cls/mask tokens, unless --decay-all. A learned inner
-    step size (--learn-inner-lr) has a group of its own: never decayed nor clipped (so the other parameters' steps
-    are those of a fixed step size), at --learned-lr-scale x the rate: Adam moves a parameter by about its rate per
-    step, so at 1.5e-3 over 1,700 steps the log could grow the step at most ~10x, short of the 100x the inner_lr
-    sweep of docs/ablation.md needed to make the step bite."""
-    decay, no_decay, step_size = [], [], []
-    for name, p in model.named_parameters():
-        exempt = p.dim() < 2 or name.endswith(("cls_token", "mask_token"))
-        (step_size if name.endswith("log_inner_lr") else no_decay if exempt and not cfg.decay_all else decay).append(p)
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    if step_size:
-        groups.append(dict(params=step_size, weight_decay=0.0, lr_scale=cfg.learned_lr_scale, clip=False))
-    try:  # the fused kernel is 4x faster on CPU than the per-tensor loop; older PyTorch lacks it on CPU
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
-
-
-def lr_at(step, cfg):
-    """Linear warm-up, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-def train_step(model, opt, x, cfg, autocast):
-    """One optimization step at the learning rate set in opt; returns the detached loss and the model's logs.
-    No host sync and no host-to-device copy (test_metamae checks the model's part on the meta device), so
-    a CUDA graph can capture it."""
-    model.train()
-    with autocast():
-        loss, logs = model(x)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups if g.get("clip", True) for p in g["params"]],
-                                       cfg.grad_clip)
-    opt.step()
-    return loss.detach(), logs
-
-
-def make_step(model, opt, cfg, autocast):
-    """step(x, lr) -> (loss, logs): eager, or captured once in a CUDA graph and replayed (--cuda-graph)."""
-    if cfg.cuda_graph:
-        from cuda_graph import GraphedStep  # only then: the eager path does not need to read it
-        return GraphedStep(functools.partial(train_step, model, opt, cfg=cfg), model, opt, autocast)
-
-    def step(x, lr):
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        return train_step(model, opt, x, cfg, autocast)
-    return step
-
-# -----------------------------------------------------------------------------
-# checkpoints: atomic, uncompiled/unwrapped keys, RNG states included, tensors and plain types only
-
-
-def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
-    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg), model_config=asdict(mcfg),
-                 step=step, rng_cpu=torch.get_rng_state(), rng_data=data_gen.get_state(),
-                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    try:
-        with data.atomic_file(path) as tmp:  # a crash while saving leaves the previous checkpoint intact
-            torch.save(state, tmp)
-    except (OSError, RuntimeError) as e:  # a full disk: PyTorch says "unexpected pos ..." or "No space left"
-        kept = "the one on disk is intact: --resume continues from it" if path.exists() else "none was written yet"
-        raise RunError(f"could not write the checkpoint of step {step} to {path} ({data.one_line(e, 160)}); "
-                       f"free space there; {kept}") from None
-
-
-RUN_DEFINING = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "decay_all", "adam_beta2",
-                "grad_clip")  # what --resume must keep: the schedule and the batches follow them
-
-
-def build(cfg, mcfg, device, rank, ckpt_path):
-    """The model, its optimizer, the batch generator and the first step: fresh, or resumed exactly from the
-    checkpoint (weights, optimizer moments, step, and every random state)."""
-    torch.manual_seed(cfg.seed)
-    model = MetaMAE(mcfg).to(device)
-    opt = make_optimizer(model, cfg)
-    # batches are drawn from their own generator, so resuming restores the data order exactly
-    data_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    step = 0
-    if cfg.resume:
-        state, _ = probe.load_checkpoint(ckpt_path, mcfg)
-        trained_on = state.get("config", {}).get("domain", cfg.domain)
-        if trained_on != cfg.domain:  # the same input shape does not make the same data
-            raise RunError(f"checkpoint {ckpt_path} was trained on {trained_on}, not {cfg.domain}: resume it with "
-                           f"--domain {trained_on}, or probe it on {cfg.domain} with probe.py --ckpt")
-        probe.load_weights(model, state, ckpt_path)
-        try:
-            probe.check_optimizer_state(state["optimizer"], opt)
-            opt.load_state_dict(state["optimizer"])
-            step = int(state["step"])
-            torch.set_rng_state(state["rng_cpu"])
-            data_gen.set_state(state["rng_data"])
-            if state.get("rng_cuda") is not None and device.type == "cuda":
-                torch.cuda.set_rng_state_all(state["rng_cuda"])
-        except (KeyError, RuntimeError, TypeError, ValueError) as e:
-            raise RunError(f"checkpoint {ckpt_path} cannot be resumed ({data.one_line(e, 160)}); probe it with "
-                           "probe.py --ckpt, or start over with --overwrite") from None
-        saved = state.get("config", {})
-        changed = [k for k in RUN_DEFINING if k in saved and saved[k] != getattr(cfg, k)]
-        if changed:  # the schedule would restart (lr 1e-5 back to its peak), or the batches change, silently
-            raise RunError(f"checkpoint {ckpt_path} was trained with " + ", ".join(
-                f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k)})" for k in changed) + ": the learning-rate"
-                " schedule and the batches follow them, so --resume takes the run's own values: give those, or start"
-                " a new run with --overwrite")
-        if step == cfg.max_steps:
-            raise RunError(f"checkpoint {ckpt_path} is the end of a finished run (step {step} of {cfg.max_steps}): "
-                           f"probe it with python probe.py --domain {cfg.domain} --ckpt {ckpt_path}, or train longer "
-                           "in a new run")
-        if rank == 0:
-            print(f"resumed from {ckpt_path} at step {step}")
-    elif rank:
-        torch.manual_seed(cfg.seed + rank)  # each rank draws its own masks
-    return model, opt, data_gen, step
-
-# -----------------------------------------------------------------------------
-# the training loop
-
-
-class Run(NamedTuple):
-    """What the checks and the set-up decided before any work (see run() at the bottom)."""
-    cfg: Config
-    domain: data.Domain
-    targets: list             # the domains probed at the end: the run's own when it has labels, then transfer
-    mcfg: MetaMAEConfig
-    device: torch.device
-    rank: int
-    world: int                # processes under torchrun, else 1
-    autocast: Callable        # autocast() opens the run's precision
-    out_dir: Path
-
-
-def pretrain(r, d):
-    """Steps until --stop-step or --max-steps, logging, probing and saving on the way; returns the model (its
-    compile/DDP wrappers left behind) and the last step. r: the Run; d: its domain's probe.Data."""
-    cfg, domain, device, autocast, out_dir = r.cfg, r.domain, r.device, r.autocast, r.out_dir
-    master, ckpt_path, x = r.rank == 0, out_dir / "ckpt.pt", d.splits.train_x
-    model, opt, data_gen, step = build(cfg, r.mcfg, device, r.rank, ckpt_path)
-    saved_step = step if cfg.resume else None  # the step of the checkpoint on disk that this run can continue
-    raw_model, model = wrap(model, cfg, device, r.world)  # raw_model is what is saved and probed
-    train = make_step(model, opt, cfg, autocast)
-    stop, start = min(cfg.stop_step or cfg.max_steps, cfg.max_steps), step
-    log_file = open_log(r, raw_model, len(x), step, stop) if master else None
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    t0, step_at_t0 = time.time(), step
-    try:
-        while step < stop:
-            lr = lr_at(step, cfg)
-            idx = torch.randint(len(x), (cfg.batch_size,), generator=data_gen, device=device)
-            loss, logs = train(domain.to_input(x[idx]), lr)
-            # a NaN is remembered on the device and read only when the loop reads anyway: a read per step would
-            # stall the GPU queue (and break CUDA-graph replay), and checkpoints must never save a NaN model
-            nonfinite |= ~torch.isfinite(loss)
-            step += 1
-            last, log_now, ckpt_now = step == stop, step % cfg.log_interval == 0, step % cfg.ckpt_interval == 0
-            if (log_now or last or ckpt_now) and nonfinite.item():
-                raise RunError(f"non-finite loss before step {step}; {nonfinite_cause(x)}; "
-                               f"{checkpoint_status(ckpt_path, saved_step)}")
-            if master and step == start + 10 and device.type == "cpu" and not last:  # what the whole run costs
-                print(cli.cost_hint(cfg.preset, (time.time() - t0) / 10, stop - step), flush=True)
-            if master and (log_now or last):
-                ms = 1000 * (time.time() - t0) / (step - step_at_t0)
-                rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
-                           ms_per_step=ms, samples_per_s=cfg.batch_size * r.world * 1000 / ms)
-                log_line(rec, f" | {100 * step / stop:.0f}% eta {(stop - step) * ms / 60_000:.1f} min")
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
-                t0, step_at_t0 = time.time(), step
-            if master and cfg.eval_interval and step % cfg.eval_interval == 0 and not last and domain.num_classes:
-                probe_during_training(r, raw_model, d, step, log_file)
-                t0, step_at_t0 = time.time(), step  # the probe's time is not the training's
-            if master and (ckpt_now or last):
-                save_checkpoint(ckpt_path, raw_model, opt, cfg, r.mcfg, step, data_gen)
-                saved_step = step
-    except KeyboardInterrupt as e:
-        hint = f" ({cli.PRESET_HINT})" if cfg.preset == "paper" and device.type == "cpu" else ""
-        raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) at step {step}; "
-                              f"{checkpoint_status(ckpt_path, saved_step)}{hint}") from None
-    if master:
-        log_file.close()
-    return raw_model, step
-
-
-def wrap(model, cfg, device, world):
-    """(the model itself, what the loop calls): --compile compiles the encoder in place (the state_dict keeps its
-    names), torchrun wraps it in DDP, with one BatchNorm statistic over all GPUs as the authors do."""
-    if world > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (gloo has none: per-rank statistics on CPU)
-    if cfg.compile:
-        model.encoder.compile()
-    if world > 1:
-        return model, torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model, model
-
-
-def open_log(r, model, n, step, stop):
-    """log.jsonl, opened for the run (a new run's first record holds its options), and the run's first line."""
-    path = r.out_dir / "log.jsonl"
-    if r.cfg.resume:
-        cli.log_until(path, step)
-    log_file = open(path, "a" if r.cfg.resume else "w")
-    if not r.cfg.resume:
-        log_file.write(json.dumps(dict(config=asdict(r.cfg), model_config=asdict(r.mcfg))) + "\n")
-    print(f"{r.domain.name}: {n} training inputs of shape {tuple(r.domain.input_shape)}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, batch {r.cfg.batch_size} x "
-          f"{r.world}, steps {step}..{stop}, device {r.device}, {cli.precision(r.autocast)}", flush=True)
-    return log_file
-
-
-def log_line(rec, suffix=""):
-    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()]
-    print(" | ".join(parts) + suffix, flush=True)
-
-
-def nonfinite_cause(x):
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        return ("the training data hold NaN or infinite values: check the dataset files, and delete its caches "
-                "(*.npy beside them) to rebuild them")
-    return "lower --lr or --inner-lr"
-
-
-def checkpoint_status(ckpt_path, saved_step):
-    if saved_step is None:
-        return "no checkpoint of this run was written yet"
-    return f"the checkpoint of step {saved_step} ({ckpt_path}) is intact: --resume continues from it"
-
-
-def probe_during_training(r, model, d, step, log_file):
-    """--eval-interval: the held-out logs, pictures and a validation probe (never the test split) while
-    pretraining goes on."""
-    cfg, domain, autocast = r.cfg, r.domain, r.autocast
-    held_out = d.splits.train_x[d.val_idx]
-    rec = dict(step=step, **probe.diagnose(model, held_out, domain.to_input, cfg.batch_size, autocast))
-    if len(domain.input_shape) == 3:
-        probe.reconstruction_grid(model, domain.to_input(held_out[:8]), r.out_dir / f"reconstructions_{step}.png")
-    featurize = lambda x: probe.features(model, x, domain.to_input, autocast)  # noqa: E731
-    res = probe.probe(featurize, d, domain, cfg, with_test=False)
-    rec.update(probe_val_acc=res["val_acc"], probe_lr=res["probe_lr"], probe_epoch=res["probe_epoch"])
-    log_line(rec)
-    log_file.write(json.dumps(rec) + "\n")
-
-
-# -----------------------------------------------------------------------------
-# the end of a run: held-out logs, pictures, and the probes (the test splits are scored here, once)
-
-
-def finish(r, model, datasets, step, t_start):
-    """The last record of a run; a finished run (step == max_steps) is probed with the test splits, once."""
-    cfg, domain, autocast = r.cfg, r.domain, r.autocast
-    rec = dict(step=step, train_minutes=(time.time() - t_start) / 60)
-    if step == cfg.max_steps:
-        held_out = datasets[domain.name].splits.train_x[datasets[domain.name].val_idx]
-        rec.update(probe.diagnose(model, held_out, domain.to_input, cfg.batch_size, autocast))
-        if len(domain.input_shape) == 3:
-            rec["adapt_max_pixel_change"] = probe.reconstruction_grid(model, domain.to_input(held_out[:8]),
-                                                                      r.out_dir / f"reconstructions_{step}.png")
-        if r.targets:
-            print(f"probing the frozen encoder on {', '.join(d.name for d in r.targets)}: a linear probe at each "
-                  f"lr of {cfg.probe_lrs}, {cfg.probe_epochs} epochs, chosen on validation ...", flush=True)
-        rec.update(probe.evaluate(model, cfg, r.targets, datasets, autocast))
-        rec["total_minutes"] = (time.time() - t_start) / 60
-    with open(r.out_dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    print(summary(r, rec), flush=True)
-    return rec
-
-
-def summary(r, rec):
-    """The end of a run, at a glance: where its files are, and the probes' results in percent."""
-    picture = r.out_dir / f"reconstructions_{rec['step']}.png"
-    lines = [f"step {rec['step']} of {r.cfg.max_steps} after {rec['train_minutes']:.1f} min: {r.out_dir / 'ckpt.pt'}, "
-             f"{r.out_dir / 'log.jsonl'}" + (f", {picture}" if "adapt_max_pixel_change" in rec else "")]
-    for d in r.targets if "total_minutes" in rec else []:
-        key, (metric, score) = "" if d.name == r.cfg.domain else f"{d.name}_", (
-            ("weighted F1", "f1") if d.metric == "weighted_f1" else ("accuracy", "acc"))
-        lines.append(f"{d.name}: test {metric} {100 * rec[key + 'test_' + score]:.1f}% (validation "
-                     f"{100 * rec[key + 'val_' + score]:.1f}%; probe lr {rec[key + 'probe_lr']}, epoch "
-                     f"{rec[key + 'probe_epoch']})")
-    return "\n".join(lines + ([] if "total_minutes" in rec else ["stopped early: --resume continues the run"]))
-
-# -----------------------------------------------------------------------------
-# before any work: every option checked, the run folder, the devices
+# every option checked, once, before any work
 
 
 def check(cfg):
@@ -432,24 +149,282 @@ def check(cfg):
         raise UsageError(str(e)) from None
     return cfg, domain, targets, mcfg
 
+# -----------------------------------------------------------------------------
+# optimizer, schedule, and one training step
+
+
+def make_optimizer(model, cfg):
+    """AdamW; no decay on biases, norms (1-D tensors) and the cls/mask tokens, unless --decay-all. A learned inner step
+    size has a group of its own, never decayed nor clipped (the others clip as with a fixed step), at --learned-lr-scale
+    x the rate: Adam moves a parameter ~its rate a step, too slow for the 100x the inner_lr sweep needed to bite."""
+    decay, no_decay, step_size = [], [], []
+    for name, p in model.named_parameters():
+        exempt = p.dim() < 2 or name.endswith(("cls_token", "mask_token"))
+        (step_size if name.endswith("log_inner_lr") else no_decay if exempt and not cfg.decay_all else decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    if step_size:
+        groups.append(dict(params=step_size, weight_decay=0.0, lr_scale=cfg.learned_lr_scale, clip=False))
+    try:  # the fused kernel is 4x faster on CPU than the per-tensor loop; older PyTorch lacks it on CPU
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
+
+
+def lr_at(step, cfg):
+    """Linear warm-up, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def train_step(model, opt, x, cfg, autocast):
+    """One optimization step at the learning rate set in opt; returns the detached loss and the model's logs.
+    No host sync and no host-to-device copy (test_metamae checks the model's part on the meta device), so
+    a CUDA graph can capture it."""
+    model.train()
+    with autocast():
+        loss, logs = model(x)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups if g.get("clip", True) for p in g["params"]],
+                                       cfg.grad_clip)
+    opt.step()
+    return loss.detach(), logs
+
+# -----------------------------------------------------------------------------
+# checkpoints: atomic, uncompiled/unwrapped keys, RNG states included, tensors and plain types only
+
+
+def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
+    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg), model_config=asdict(mcfg),
+                 step=step, rng_cpu=torch.get_rng_state(), rng_data=data_gen.get_state(),
+                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        with data.atomic_file(path) as tmp:  # a crash while saving leaves the previous checkpoint intact
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk: PyTorch says "unexpected pos ..." or "No space left"
+        kept = "the one on disk is intact: --resume continues from it" if path.exists() else "none was written yet"
+        raise RunError(f"could not write the checkpoint of step {step} to {path} ({data.one_line(e, 160)}); "
+                       f"free space there; {kept}") from None
+
+
+def build(cfg, mcfg, dev, ckpt_path):
+    """The model, its optimizer, the batch generator and the first step: fresh, or resumed exactly from the
+    checkpoint (weights, optimizer moments, step, and every random state)."""
+    torch.manual_seed(cfg.seed)
+    model = MetaMAE(mcfg).to(dev.device)
+    opt = make_optimizer(model, cfg)
+    # batches are drawn from their own generator, so resuming restores the data order exactly
+    data_gen = torch.Generator(device=dev.device).manual_seed(cfg.seed * 1000 + dev.rank)
+    step = 0
+    if cfg.resume:
+        state, _ = cli.load_checkpoint(ckpt_path, mcfg)
+        cli.check_resumable(state, cfg, ckpt_path)  # its dataset, schedule and step, each refusal with the way out
+        cli.load_weights(model, state, ckpt_path)
+        try:
+            cli.check_optimizer_state(state["optimizer"], opt)
+            opt.load_state_dict(state["optimizer"])
+            step = int(state["step"])
+            torch.set_rng_state(state["rng_cpu"])
+            data_gen.set_state(state["rng_data"])
+            if state.get("rng_cuda") is not None and dev.device.type == "cuda":
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise RunError(f"checkpoint {ckpt_path} cannot be resumed ({data.one_line(e, 160)}); probe it with "
+                           "probe.py --ckpt, or start over with --overwrite") from None
+        if dev.rank == 0:
+            print(f"resumed from {ckpt_path} at step {step}")
+    elif dev.rank:
+        torch.manual_seed(cfg.seed + dev.rank)  # each rank draws its own masks
+    return model, opt, data_gen, step
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+
+class Run(NamedTuple):
+    """What the checks and the set-up decided before any work (see run() at the bottom)."""
+    cfg: Config
+    domain: data.Domain
+    targets: list             # the domains probed at the end: the run's own when it has labels, then transfer
+    mcfg: MetaMAEConfig
+    dev: device.Device        # where it runs: device, precision, rank and world size under torchrun
+    out_dir: Path
+
+
+def pretrain(r, d):
+    """Steps until --stop-step or --max-steps, logging, probing and saving on the way; returns the model (its
+    compile/DDP wrappers left behind) and the last step. r: the Run; d: its domain's probe.Data."""
+    cfg, domain, dev, out_dir = r.cfg, r.domain, r.dev, r.out_dir
+    master, ckpt_path, x = dev.rank == 0, out_dir / "ckpt.pt", d.splits.train_x
+    model, opt, data_gen, step = build(cfg, r.mcfg, dev, ckpt_path)
+    saved_step = step if cfg.resume else None  # the step of the checkpoint on disk that this run can continue
+    train = device.prepare(model, opt, cfg, dev, train_step)  # compiled, wrapped, graphed: model is what is saved
+    stop, start = min(cfg.stop_step or cfg.max_steps, cfg.max_steps), step
+    log_file = open_log(r, model, len(x), step, stop) if master else None
+    nonfinite = torch.zeros((), dtype=torch.bool, device=dev.device)
+    t0, step_at_t0 = time.time(), step
+    try:
+        while step < stop:
+            lr = lr_at(step, cfg)
+            idx = torch.randint(len(x), (cfg.batch_size,), generator=data_gen, device=dev.device)
+            loss, logs = train(domain.to_input(x[idx]), lr)
+            # a NaN is remembered on the device and read only when the loop reads anyway: a read per step would
+            # stall the GPU queue (and break CUDA-graph replay), and checkpoints must never save a NaN model
+            nonfinite |= ~torch.isfinite(loss)
+            step += 1
+            last, log_now, ckpt_now = step == stop, step % cfg.log_interval == 0, step % cfg.ckpt_interval == 0
+            if (log_now or last or ckpt_now) and nonfinite.item():
+                raise RunError(f"non-finite loss before step {step}; {nonfinite_cause(x)}; "
+                               f"{checkpoint_status(ckpt_path, saved_step)}")
+            if master and step == start + 10 and dev.device.type == "cpu" and not last:  # what the whole run costs
+                print(cli.cost_hint(cfg.preset, (time.time() - t0) / 10, stop - step), flush=True)
+            if master and (log_now or last):
+                ms = 1000 * (time.time() - t0) / (step - step_at_t0)
+                rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
+                           ms_per_step=ms, samples_per_s=cfg.batch_size * dev.world * 1000 / ms)
+                log_line(rec, f" | {100 * step / stop:.0f}% eta {(stop - step) * ms / 60_000:.1f} min")
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+                t0, step_at_t0 = time.time(), step
+            if master and cfg.eval_interval and step % cfg.eval_interval == 0 and not last and domain.num_classes:
+                probe_during_training(r, model, d, step, log_file)
+                t0, step_at_t0 = time.time(), step  # the probe's time is not the training's
+            if master and (ckpt_now or last):
+                save_checkpoint(ckpt_path, model, opt, cfg, r.mcfg, step, data_gen)
+                saved_step = step
+    except KeyboardInterrupt as e:
+        hint = f" ({cli.PRESET_HINT})" if cfg.preset == "paper" and dev.device.type == "cpu" else ""
+        raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) at step {step}; "
+                              f"{checkpoint_status(ckpt_path, saved_step)}{hint}") from None
+    if master:
+        log_file.close()
+    return model, step
+
+
+def open_log(r, model, n, step, stop):
+    """log.jsonl, opened for the run (a new run's first record holds its options), and the run's first line."""
+    path = r.out_dir / "log.jsonl"
+    if r.cfg.resume:
+        cli.log_until(path, step)
+    log_file = open(path, "a" if r.cfg.resume else "w")
+    if not r.cfg.resume:
+        log_file.write(json.dumps(dict(config=asdict(r.cfg), model_config=asdict(r.mcfg))) + "\n")
+    print(f"{r.domain.name}: {n} training inputs of shape {tuple(r.domain.input_shape)}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, batch {r.cfg.batch_size} x "
+          f"{r.dev.world}, steps {step}..{stop}, device {r.dev.device}, {r.dev.precision}", flush=True)
+    return log_file
+
+
+def log_line(rec, suffix=""):
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()]
+    print(" | ".join(parts) + suffix, flush=True)
+
+
+def nonfinite_cause(x):
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        return ("the training data hold NaN or infinite values: check the dataset files, and delete its caches "
+                "(*.npy beside them) to rebuild them")
+    return "lower --lr or --inner-lr"
+
+
+def checkpoint_status(ckpt_path, saved_step):
+    if saved_step is None:
+        return "no checkpoint of this run was written yet"
+    return f"the checkpoint of step {saved_step} ({ckpt_path}) is intact: --resume continues from it"
+
+
+def diagnose(model, x, to_input, batch, autocast):
+    """The model's logs (losses, shift, cosines) on held-out inputs, averaged over batches of the training
+    size: a steadier read than one training batch. Eval mode (no dropout, BatchNorm's running statistics);
+    the masks come from a fixed seed and the global RNG is left as it was."""
+    model.eval()
+    sums, starts = {}, range(0, max(len(x) - batch, 0) + 1, batch)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(0)
+        for i in starts:
+            with autocast():
+                logs = model(to_input(x[i:i + batch]))[1]
+            sums = {k: sums.get(k, 0.0) + v.float() for k, v in logs.items()}
+    return {f"val_{k}": (v / len(starts)).item() for k, v in sums.items()}
+
+
+def probe_during_training(r, model, d, step, log_file):
+    """--eval-interval: the held-out logs, pictures and a validation probe (never the test split) while
+    pretraining goes on."""
+    cfg, domain, autocast = r.cfg, r.domain, r.dev.autocast
+    held_out = d.splits.train_x[d.val_idx]
+    rec = dict(step=step, **diagnose(model, held_out, domain.to_input, cfg.batch_size, autocast))
+    if len(domain.input_shape) == 3:
+        pictures.reconstruction_grid(model, domain.to_input(held_out[:8]), r.out_dir / f"reconstructions_{step}.png")
+    featurize = lambda x: probe.features(model, x, domain.to_input, autocast)  # noqa: E731
+    res = probe.probe(featurize, d, domain, cfg, with_test=False)
+    rec.update(probe_val_acc=res["val_acc"], probe_lr=res["probe_lr"], probe_epoch=res["probe_epoch"])
+    log_line(rec)
+    log_file.write(json.dumps(rec) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# the end of a run: held-out logs, pictures, and the probes (the test splits are scored here, once)
+
+
+def finish(r, model, datasets, step, t_start):
+    """The last record of a run; a finished run (step == max_steps) is probed with the test splits, once."""
+    cfg, domain, autocast = r.cfg, r.domain, r.dev.autocast
+    rec = dict(step=step, train_minutes=(time.time() - t_start) / 60)
+    if step == cfg.max_steps:
+        held_out = datasets[domain.name].splits.train_x[datasets[domain.name].val_idx]
+        rec.update(diagnose(model, held_out, domain.to_input, cfg.batch_size, autocast))
+        if len(domain.input_shape) == 3:
+            rec["adapt_max_pixel_change"] = pictures.reconstruction_grid(model, domain.to_input(held_out[:8]),
+                                                                      r.out_dir / f"reconstructions_{step}.png")
+        if r.targets:
+            print(f"probing the frozen encoder on {', '.join(d.name for d in r.targets)}: a linear probe at each "
+                  f"lr of {cfg.probe_lrs}, {cfg.probe_epochs} epochs, chosen on validation ...", flush=True)
+        rec.update(probe.evaluate(model, cfg, r.targets, datasets, autocast))
+        rec["total_minutes"] = (time.time() - t_start) / 60
+    with open(r.out_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(summary(r, rec), flush=True)
+    return rec
+
+
+def summary(r, rec):
+    """The end of a run, at a glance: where its files are, and the probes' results in percent."""
+    picture = r.out_dir / f"reconstructions_{rec['step']}.png"
+    lines = [f"step {rec['step']} of {r.cfg.max_steps} after {rec['train_minutes']:.1f} min: {r.out_dir / 'ckpt.pt'}, "
+             f"{r.out_dir / 'log.jsonl'}" + (f", {picture}" if "adapt_max_pixel_change" in rec else "")]
+    for d in r.targets if "total_minutes" in rec else []:
+        key, (metric, score) = "" if d.name == r.cfg.domain else f"{d.name}_", (
+            ("weighted F1", "f1") if d.metric == "weighted_f1" else ("accuracy", "acc"))
+        lines.append(f"{d.name}: test {metric} {100 * rec[key + 'test_' + score]:.1f}% (validation "
+                     f"{100 * rec[key + 'val_' + score]:.1f}%; probe lr {rec[key + 'probe_lr']}, epoch "
+                     f"{rec[key + 'probe_epoch']})")
+    return "\n".join(lines + ([] if "total_minutes" in rec else ["stopped early: --resume continues the run"]))
+
+# -----------------------------------------------------------------------------
+# a run, in order: options, device, run folder, data, pretraining, the end
+
 
 def run(cfg):
     cfg, domain, targets, mcfg = check(cfg)
-    device, autocast = cli.device_and_precision(cfg)
-    device, rank, world = cli.setup_distributed(cfg, device)
-    out_dir, lock = cli.claim_out_dir(cfg, rank)
+    dev = device.setup(cfg, distributed=True)
+    out_dir, lock = cli.claim_out_dir(cfg, dev.rank)
     with lock or contextlib.nullcontext():  # the run folder is this run's until it ends, however it ends
-        r = Run(cfg, domain, targets, mcfg, device, rank, world, autocast, out_dir)
+        r = Run(cfg, domain, targets, mcfg, dev, out_dir)
         try:  # the run's data, then every probe domain's: a missing or broken one stops the run now, not at its end
-            datasets = {d.name: probe.load_data(cfg, d, device) for d in [domain, *(t for t in targets if t != domain)]}
+            datasets = {d.name: probe.load_data(cfg, d, dev.device)
+                        for d in [domain, *(t for t in targets if t != domain)]}
         except KeyboardInterrupt as e:
             raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) while reading the data, before the first step") \
                 from None
         t_start = time.time()
         model, step = pretrain(r, datasets[domain.name])
-        if world > 1:
-            cli.check_ranks_in_sync(model, world, rank == 0)
-        if rank == 0:
+        if dev.world > 1:
+            device.check_ranks_in_sync(model, dev)
+        if dev.rank == 0:
             try:
                 return finish(r, model, datasets, step, t_start)
             except KeyboardInterrupt as e:

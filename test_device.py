@@ -1,5 +1,5 @@
-"""Tests of cuda_graph.py on CPU: the graph path's optimizer steps like the eager one, and a recording stand-in
-for a CUDA graph replays training bit for bit (test_metamae checks what capture itself forbids)."""
+"""Tests of device.py on CPU: the graph path's optimizer steps like the eager one, and a recording stand-in for a
+CUDA graph replays training bit for bit (test_metamae checks what capture itself forbids)."""
 
 import contextlib
 import copy
@@ -10,8 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import cli
-import cuda_graph
+import device
 import train
 from conftest import tiny_model, train_losses
 
@@ -25,7 +24,7 @@ def test_graph_mode_optimizer_steps_like_the_eager_one():
     eager_opt = train.make_optimizer(eager, cfg)
     graph = tiny_model()
     graph_opt = train.make_optimizer(graph, cfg)
-    lr_tensor = cuda_graph.device_lr(graph_opt, torch.device("cpu"))  # a captured step holds this very tensor
+    lr_tensor = device.device_lr(graph_opt, torch.device("cpu"))  # a captured step holds this very tensor
     assert all(g["lr"] is lr_tensor and g["capturable"] for g in graph_opt.param_groups)
     # not bit for bit: the tensor lr is float32, the Python one float64
     assert train_losses(eager, eager_opt, cfg, lrs[:2], x) == pytest.approx(
@@ -39,7 +38,7 @@ def test_graph_mode_optimizer_steps_like_the_eager_one():
     resumed.load_state_dict(eager.state_dict())
     resumed_opt = train.make_optimizer(resumed, cfg)
     resumed_opt.load_state_dict(copy.deepcopy(eager_opt.state_dict()))  # as if from disk
-    resumed_lr = cuda_graph.device_lr(resumed_opt, torch.device("cpu"))
+    resumed_lr = device.device_lr(resumed_opt, torch.device("cpu"))
     assert all(g["lr"] is resumed_lr and g["capturable"] for g in resumed_opt.param_groups)
     train_losses(eager, eager_opt, cfg, lrs[2:], x)
     train_losses(resumed, resumed_opt, cfg, lrs[2:], x, resumed_lr)
@@ -88,18 +87,18 @@ def test_cuda_graph_step_replays_like_eager_training(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     cfg = train.Config(device="cpu", cuda_graph=True)
-    autocast = cli.device_and_precision(train.Config(device="cpu"))[1]
+    autocast = device.setup(train.Config(device="cpu")).autocast
     batches = torch.rand(8, 4, 3, 16, 16)
     lrs = [1e-3, 8e-4, 6e-4, 4e-4, 3e-4, 2e-4, 1e-4, 5e-5]
     graphed = tiny_model()
-    step = train.make_step(graphed, train.make_optimizer(graphed, cfg), cfg, autocast)
-    assert isinstance(step, cuda_graph.GraphedStep)
+    step = device.prepare(graphed, train.make_optimizer(graphed, cfg), cfg, device.setup(cfg), train.train_step)
+    assert isinstance(step, device.GraphedStep)
     torch.manual_seed(0)
     got = [step(x, lr)[0].item() for x, lr in zip(batches, lrs)]
     assert len(step.graph.ops) > 100
     eager = tiny_model()
     opt = train.make_optimizer(eager, cfg)
-    lr_tensor = cuda_graph.device_lr(opt, torch.device("cpu"))
+    lr_tensor = device.device_lr(opt, torch.device("cpu"))
     no_cache = functools.partial(autocast, cache_enabled=False)
     torch.manual_seed(0)
     want = []

@@ -1,0 +1,144 @@
+"""
+Where a run runs, set up in one place and in the order a run needs it: the device and its CPU threads, TF32 and the
+precision (bf16 autocast on CUDA, fp32 on CPU), and under torchrun the process group; then, once the model and its
+optimizer exist, SyncBatchNorm, torch.compile of the encoder, the DDP wrapper, and the training step itself, eager
+or captured in one CUDA graph. train.py calls setup() before any work and prepare() once it has built the model;
+probe.py and bench.py need setup() alone. Last, the end of a run under torchrun.
+"""
+
+import functools
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+from cli import RunError, UsageError
+
+# -----------------------------------------------------------------------------
+# before any work: the device, the precision, the process group
+
+
+class Device(NamedTuple):
+    """Where this process runs."""
+    device: torch.device
+    autocast: Callable  # autocast() opens the run's precision
+    rank: int = 0
+    world: int = 1      # processes under torchrun, else 1
+
+    @property
+    def precision(self):
+        return "bfloat16" if self.autocast.keywords["enabled"] else "float32"
+
+
+def setup(cfg, distributed=False):
+    """The device of cfg.device ('auto': CUDA if there is one) with cfg.threads, and the run's precision; with
+    distributed and under torchrun, this rank's GPU (LOCAL_RANK) and the process group joined."""
+    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, rank, world = torch.device(name), 0, 1
+    if distributed and "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
+        if cfg.cuda_graph:
+            raise UsageError("--cuda-graph needs one CUDA device and no torchrun; drop it with several GPUs")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":  # TF32 for what runs in fp32 (the probe, --dtype float32): ~8x the fp32 matmul rate
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return Device(device, functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16), rank,
+                  world)
+
+# -----------------------------------------------------------------------------
+# once the model exists: SyncBatchNorm, compile, DDP, and the step (eager, or one CUDA graph)
+
+
+def prepare(model, opt, cfg, dev, train_step):
+    """The step the loop calls, step(x, lr) -> (loss, logs), of train_step(model, opt, x, cfg, autocast) once the
+    model is set up for dev: under DDP on GPUs one BatchNorm statistic over all of them (as the authors); --compile
+    compiles the encoder in place (the state_dict keeps its names; the decoder, differentiated twice, never is);
+    torchrun wraps the model in DDP; --cuda-graph captures the whole step once and replays it. model stays what is
+    saved and probed."""
+    if dev.world > 1 and dev.device.type == "cuda":
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the top module (gloo has none: per-rank)
+    if cfg.compile:
+        model.encoder.compile()
+    if dev.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.device.index] if dev.device.type == "cuda" else None)
+    step = functools.partial(train_step, model, opt, cfg=cfg)
+    if cfg.cuda_graph:
+        return GraphedStep(step, model, opt, dev.autocast)
+
+    def eager(x, lr):
+        for group in opt.param_groups:  # a learned inner step size has its own multiple of the rate (lr_scale)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return step(x=x, autocast=dev.autocast)
+    return eager
+
+
+def device_lr(opt, device):
+    """Makes opt read its learning rate (and step count: capturable) from the device, where a replayed step
+    can see them change; Python floats would be frozen into the graph at capture. Returns the lr tensor."""
+    lr = torch.tensor(opt.param_groups[0]["lr"], device=device)
+    for group in opt.param_groups:
+        group.update(lr=lr, capturable=True)
+    return lr
+
+
+class GraphedStep:
+    """A training step captured once in a CUDA graph and then replayed: one launch per step instead of the
+    thousands of small kernels of a second-order step, which at batch 64 leave the GPU waiting on Python.
+    PyTorch's whole-network recipe: the first steps run eagerly on a side stream (cuBLAS, the allocator and
+    --compile must be warm before capture), then the step is captured on a static input buffer. Random
+    draws (mask, support set, dropout) stay random across replays: CUDA's generator is graph-aware. Every
+    call, warm-up included, is a real training step. Build it after loading any optimizer state.
+
+    step(x=..., autocast=...) -> (loss, logs) is one eager step of `model` with `opt` (train.train_step with
+    the model, optimizer and config bound); a GraphedStep is called as step(x, lr)."""
+
+    def __init__(self, step, model, opt, autocast, warmup=3):
+        # no autocast weight cache in a graph: it would be filled at capture and never again
+        self.step = functools.partial(step, autocast=functools.partial(autocast, cache_enabled=False))
+        self.lr = device_lr(opt, next(model.parameters()).device)
+        self.warmup, self.graph, self.side = warmup, torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        self.x = self.out = None
+
+    def __call__(self, x, lr):
+        self.lr.fill_(lr)  # in place: the captured optimizer reads this tensor; no host sync
+        if self.warmup:
+            self.warmup -= 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                out = self.step(x=x)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return out
+        if self.x is None:
+            self.x = x.clone()  # the static input every replay reads
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(x=self.x)
+        else:
+            self.x.copy_(x)
+        self.graph.replay()  # capturing records without running: the capturing call replays too
+        return self.out  # static tensors, overwritten by the next replay
+
+# -----------------------------------------------------------------------------
+# the end of a run under torchrun
+
+
+def check_ranks_in_sync(model, dev):
+    """Every rank must hold the same weights at the end: DDP averages gradients, nothing else syncs them."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    spread = [flat.clone() for _ in range(dev.world)]
+    torch.distributed.all_gather(spread, flat)
+    max_dev = max((s - flat).abs().max().item() for s in spread)
+    if dev.rank == 0:
+        print(f"ranks in sync: max parameter difference {max_dev:.3g}")
+    torch.distributed.destroy_process_group()
+    if max_dev > 0:
+        raise RunError(f"ranks diverged (max parameter difference {max_dev}); this is a bug, please report it")
