@@ -165,7 +165,7 @@ def load_checkpoint(path, mcfg=None):
         raise RunError(f"no checkpoint at {path}; train first, or pass --out-dir / --ckpt of an existing run")
     try:  # weights_only: a checkpoint is data; unpickling anything else could run code
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = MetaMAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
+        saved = MetaMAEConfig(**state["model_config"])  # its lists become the config's tuples
     except Exception as e:
         raise RunError(f"checkpoint {path} is unreadable or not a checkpoint of this project "
                        f"({data.one_line(e, 160)}); delete it or point --ckpt elsewhere") from None

@@ -4,31 +4,33 @@ MetaMAE: a masked auto-encoder read as meta-learning, in one file.
 Jang et al., "Modality-Agnostic Self-Supervised Learning with Meta-Learned Masked Auto-Encoder",
 NeurIPS 2023, https://arxiv.org/abs/2310.16318. Authors' code: github.com/alinlab/MetaMAE.
 
-Masking splits each input into a task: the visible tokens are its *support* set, the masked tokens
-its *query* set. The encoder maps the support set to the *amortized latent* Z. MetaMAE then adapts Z
-with a gradient step on the support reconstruction loss taken through the decoder,
-Z* = Z - inner_lr * grad_Z(B * loss_support(Z)), reconstructs the query set from the *adapted latent* Z*,
-and adds a contrastive loss that pulls Z and Z* of the same input together (SimCLR's NT-Xent). The
-gradient step adapts an activation, not parameters: torch.autograd.grad on Z is the whole mechanism.
-With inner_steps=0 and contrast_weight=0 the same network is a plain MAE.
+Masking splits each input into a task: the visible tokens are its *support* set, the masked tokens its *query*
+set. The encoder maps the support set to the *amortized latent* Z. MetaMAE then adapts Z with a gradient step on
+the support reconstruction loss taken through the decoder, Z* = Z - inner_lr * grad_Z(B * loss_support(Z)),
+reconstructs the query set from the *adapted latent* Z*, and adds a contrastive loss that pulls Z and Z* of the
+same input together (SimCLR's NT-Xent). The step adapts an activation, not parameters: torch.autograd.grad on Z
+is the whole mechanism. With inner_steps=0 and contrast_weight=0 the same network is a plain MAE.
 
     cfg = MetaMAEConfig(input_shape=(3, 32, 32), patch_size=(4, 4))
     model = MetaMAE(cfg)
     x = torch.rand(64, 3, 32, 32)
-    loss, logs = model(x)      # logs: amortized / support / adapted / contrast losses (detached)
+    loss, logs = model(x)         # logs: amortized / support / adapted / contrast losses (detached)
     loss.backward()
-    features = model.encode(x) # (64, embed_dim = 256): what a linear probe reads (model.features(x): with a graph)
+    features = model.encode(x)    # (64, embed_dim = 256), frozen: what a linear probe reads
+    features = model.features(x)  # with a graph, and dropout in train mode: what fine-tuning trains through
+    torch.save(dict(cfg=dataclasses.asdict(cfg), model=model.state_dict()), "m.pt")  # with its config
+    state = torch.load("m.pt"); MetaMAE(MetaMAEConfig(**state["cfg"])).load_state_dict(state["model"])
+    torch.save(model.encoder.state_dict(), "encoder.pt")  # the encoder alone
+    mae = MetaMAE(dataclasses.replace(cfg, inner_steps=0, contrast_weight=0))  # its MAE: all but the projector
+    mae.load_state_dict(model.state_dict(), strict=False)
 
-The training recipe around it (AdamW without decay on biases, norms and tokens, warm-up and cosine, gradient
-clipping; the probe's standardized features) is in train.py and probe.py. torch.compile(model) fails at its
-first forward: the inner loop's gradient of a gradient cannot be compiled. model.encoder.compile() works (the
-encoder is differentiated once), and is what train.py's --compile does.
+torch.compile(model) compiles all but the decoder and the inner loop, which are differentiated twice and compiled
+code cannot be; model.encoder.compile(), the bulk of the work, is what train.py's --compile does.
 
 Deliberate differences from the authors' models.py (the default configuration computes the same loss
 and gradients for the same weights and random state):
-- The patch embedding is a Linear on patchified tokens instead of a Conv with stride = patch: the same
-  function (weight.permute maps one onto the other).
-- 2-D position tables work for non-square grids; theirs assume a square one.
+- The patch embedding is a Linear on patchified tokens instead of a Conv with stride = patch: the same function
+  (weight.permute maps one onto the other). 2-D position tables work for non-square grids; theirs assume a square one.
 - `encode` never applies dropout, so features are deterministic whatever the module's mode.
 - The support set is drawn right after the mask noise (theirs: after the encoder pass); the two agree
   whenever the encoder draws no random numbers (dropout 0), and ours is reproducible from `noise` + seed.
@@ -75,8 +77,10 @@ class MetaMAEConfig:
     temperature: float = 0.5
     proj_dim: int = 128
 
-    def __post_init__(self):  # checked once, when made (dataclasses.replace makes and checks a new one); the checks
-        check_config(self)    # sit at the end of the file, out of the method's way
+    def __post_init__(self):  # checked once, when made (dataclasses.replace makes and checks a new one)
+        for name in ("input_shape", "patch_size"):  # a list (from JSON, say) becomes the tuple it stands for
+            object.__setattr__(self, name, tuple(v) if isinstance(v := getattr(self, name), list) else v)
+        check_config(self)  # at the end of the file, out of the method's way
 
     @property
     def modality(self):
@@ -104,8 +108,7 @@ class MetaMAEConfig:
         return int(self.num_tokens * (1 - self.mask_ratio))
 
 # -----------------------------------------------------------------------------
-# tokens: every modality becomes a (B, N, P) array of patch values (or (B, N) token ids) on a grid
-# with fixed sin-cos positions (MAE's layout, computed in float64)
+# tokens: every modality becomes (B, N, P) patch values (or (B, N) ids) on a grid with MAE's fixed sin-cos positions
 
 
 class Tokenizer(nn.Module):
@@ -142,8 +145,7 @@ class Tokenizer(nn.Module):
             return rearrange(t, "b n (p c) -> b c (n p)", p=self.cfg.patch_size[0])
         return t.squeeze(-1) if self.cfg.modality == "tabular" else t
 
-    def embed(self, tokens):
-        """(B, n, patch_dim) patches or (B, n) ids -> (B, n, D)."""
+    def embed(self, tokens):  # (B, n, patch_dim) patches or (B, n) ids -> (B, n, D)
         return self.embedding(tokens) if self.cfg.modality == "tokens" else self.proj(tokens)
 
 
@@ -155,15 +157,15 @@ def sincos_1d(dim, pos):
 
 
 def sincos_table(dim, grid):
-    """(N, dim) table for a 1-D grid (n,) or a 2-D grid (gh, gw) read row-major. In 2-D the first half
-    of the channels encodes the column index and the second half the row index, as MAE does."""
+    """(N, dim) table for a 1-D grid (n,) or a 2-D grid (gh, gw) read row-major; in 2-D (as MAE) the first half of
+    the channels encodes the column and the second half the row."""
     if len(grid) == 1:
         return sincos_1d(dim, torch.arange(grid[0])).float()
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
     return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1).float()
 
 # -----------------------------------------------------------------------------
-# the Transformer block (timm's Block: pre-norm, qkv without bias, GELU MLP)
+# the Transformer (timm's Block: pre-norm, qkv without bias, GELU MLP), the encoder and the decoder
 
 
 class Attention(nn.Module):
@@ -176,9 +178,8 @@ class Attention(nn.Module):
     def forward(self, x):  # (B, L, D) -> (B, L, D)
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
         if self.twice_differentiable:
-            # The decoder is differentiated twice (the inner-loop gradient is itself differentiated by
-            # the outer loss), and the fused kernels behind SDPA (flash, memory-efficient; on CPU too)
-            # have no double backward: spell attention out in plain ops.
+            # The decoder is differentiated twice (the inner-loop gradient is itself differentiated by the outer
+            # loss), and the fused kernels behind SDPA (on CPU too) have no double backward: plain ops.
             attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, L, L); scaling q is cheaper
             out = attn.softmax(dim=-1) @ v  # (B, h, L, d)
         else:
@@ -210,9 +211,6 @@ def init_linears(module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-# -----------------------------------------------------------------------------
-# encoder and decoder
-
 
 class Encoder(nn.Module):
     """Visible tokens -> the amortized latent Z = LayerNorm(blocks([cls; embed(tokens) + pos]))."""
@@ -229,6 +227,7 @@ class Encoder(nn.Module):
 
     def forward(self, tokens, ids_keep=None, p=0.0):
         """tokens: (B, N, P) or (B, N) from patchify; ids_keep: (B, n) visible positions (None: all) -> (B, 1+n, D)"""
+        check_tokens(self.tokenizer.cfg, tokens)  # an input that skipped patchify says so
         x = self.tokenizer.embed(tokens) + self.pos  # (B, N, D)
         if ids_keep is not None:  # the encoder sees the visible tokens only
             x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, D)
@@ -365,15 +364,20 @@ class MetaMAE(nn.Module):
         elif noise.shape != (B, N):
             raise ValueError(f"MetaMAE: noise must have shape (B, N) = {(B, N)}, got {tuple(noise.shape)}")
         ids_keep, ids_restore, mask = random_masking(noise, cfg.num_visible)
+        mask = mask.to(self.encoder.cls_token.dtype)  # the model's: a bf16 model's losses stay bf16
         support = 1 - mask
         if cfg.inner_steps > 0 and cfg.support_ratio > 0:  # drawn right after the noise (see the docstring)
             support = support_set(mask, cfg.grid, cfg.support_ratio, torch.rand(B, N, device=x.device))
         return Task(target, ids_keep, ids_restore, mask, support)
 
+    # The decoder and the inner loop are differentiated twice, and compiled code cannot be: torch.compile(model) runs
+    # them as they are (and compiles what forward calls around them; forward's own lines stay eager).
+    @torch.compiler.disable
     def decode(self, z, ids_restore):  # (B, 1+n, D) -> (B, N, P), or (B, N, vocab) logits
         emb = self.encoder.tokenizer.embedding.weight if self.cfg.modality == "tokens" else None
         return self.decoder(z, ids_restore, emb)
 
+    @torch.compiler.disable
     def adapt(self, z, pred, task):
         """The inner loop: Z* = Z - inner_lr * grad_Z(B * loss_support), inner_steps times, the gradient
         taken through the decoder (inner_lr: cfg's, or the learned one of each step with cfg.learn_inner_lr).
@@ -397,8 +401,7 @@ class MetaMAE(nn.Module):
         return (z.detach(), pred.detach()) if evaluating else (z, pred)
 
     def contrast(self, z, z_star):
-        """SimCLR's NT-Xent between the mean-pooled Z and Z* of each input, through the projector; returns
-        (loss, mean positive cosine, mean negative cosine)."""
+        """NT-Xent between the mean-pooled Z and Z* of each input, through the projector: (loss, pos_cos, neg_cos)."""
         if self.training and len(z) < 2:  # BatchNorm in train mode, and a negative, need two inputs
             raise ValueError("MetaMAE: the contrastive loss needs at least 2 inputs per batch in train mode "
                              f"(negatives, and the projector's BatchNorm statistics); got {len(z)}")
@@ -407,11 +410,12 @@ class MetaMAE(nn.Module):
         b = F.normalize(self.projector(z_star[:, 1:].mean(dim=1)), dim=-1)  # (B, proj_dim)
         return (nt_xent(a, b, self.cfg.temperature), *contrast_cosines(a.detach(), b.detach()))
 
+    @torch.compiler.disable(recursive=False)
     def forward(self, x, noise=None):
-        """x: a batch in the input layout; noise: (B, N) to fix the mask. Returns (loss, logs), detached: the
-        query loss from Z ('amortized'); with adaptation the support loss before it, the query loss from Z*
-        ('adapted'), 'shift' = mean ||Z* - Z|| / ||Z||; with the contrastive loss its value and the mean
-        cosines of positive and negative pairs ('pos_cos', 'neg_cos': alignment vs uniformity)."""
+        """x: a batch in the input layout; noise: (B, N) to fix the mask. Returns (loss, logs), detached: the query
+        loss from Z ('amortized'); with adaptation the support loss before it, the query loss from Z* ('adapted'),
+        'shift' = mean ||Z* - Z|| / ||Z||; with the contrastive loss its value and the mean cosines of positive and
+        negative pairs ('pos_cos', 'neg_cos': alignment vs uniformity)."""
         cfg = self.cfg
         task = self.make_task(x, noise)
         z = self.encoder(task.target, task.ids_keep, cfg.dropout if self.training else 0.0)  # amortized latent
@@ -434,26 +438,15 @@ class MetaMAE(nn.Module):
         return loss, logs
 
     def features(self, x):
-        """All tokens through the encoder, no masking, no dropout, mean of the patch tokens: (B, embed_dim).
-        Differentiable, for fine-tuning the encoder on a task (put a head on it)."""
-        return self.encoder(self.encoder.tokenizer.patchify(x))[:, 1:].mean(dim=1)
+        """All tokens through the encoder, no masking, mean of the patch tokens: (B, embed_dim). Differentiable, with
+        cfg.dropout in train mode: what fine-tuning trains through (put a head on it)."""
+        p = self.cfg.dropout if self.training else 0.0
+        return self.encoder(self.encoder.tokenizer.patchify(x), p=p)[:, 1:].mean(dim=1)
 
     @torch.no_grad()
     def encode(self, x):
-        """features(x) without a graph: what a linear probe of the frozen encoder reads. (B, embed_dim)"""
-        return self.features(x)
-
-    @torch.no_grad()
-    def reconstruct(self, x, noise=None):
-        """Predictions from Z ('amortized') and Z* ('adapted') in the input's layout, and the mask (B, N)."""
-        task = self.make_task(x, noise)
-        z = self.encoder(task.target, task.ids_keep)
-        pred = self.decode(z, task.ids_restore)
-        pred_star = self.adapt(z, pred, task)[1]  # pred itself without inner steps
-        tok = self.encoder.tokenizer
-        out = {k: p.argmax(-1) if self.cfg.modality == "tokens" else tok.unpatchify(p)
-               for k, p in (("amortized", pred), ("adapted", pred_star))}
-        return dict(mask=task.mask, **out)
+        """features(x) without a graph, and never dropout: what a linear probe of the frozen encoder reads."""
+        return self.encoder(self.encoder.tokenizer.patchify(x))[:, 1:].mean(dim=1)
 
 # -----------------------------------------------------------------------------
 # the guards, out of the method's way: what a config and an input must be, each refusal naming what to change
@@ -461,64 +454,62 @@ class MetaMAE(nn.Module):
 
 def check_config(cfg):
     """Raises ValueError naming the first invalid field of a MetaMAEConfig; later checks assume earlier ones passed."""
-    def bad(field, why):
-        raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(cfg, field)!r})")
+    def need(ok, field, why):
+        if not ok:
+            raise ValueError(f"MetaMAEConfig.{field}: {why} (got {getattr(cfg, field)!r})")
     for f in fields(cfg):  # by the annotations: 2.0 blocks, an inf rate or first_order='no' (truthy) fail here
-        value = getattr(cfg, f.name)
-        if f.type is bool and not isinstance(value, bool):
-            bad(f.name, "must be True or False")
-        if f.type is int and (not isinstance(value, Integral) or isinstance(value, bool)):
-            bad(f.name, "must be an int")
-        if f.type is float and (not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value)):
-            bad(f.name, "must be a finite number")
+        v = getattr(cfg, f.name)
+        need(f.type is not bool or isinstance(v, bool), f.name, "must be True or False")
+        need(f.type is not int or isinstance(v, Integral) and not isinstance(v, bool), f.name, "must be an int")
+        need(f.type is not float or isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v), f.name,
+             "must be a finite number")
     shape, patch = cfg.input_shape, cfg.patch_size
-    if (not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= 3
-            or not all(isinstance(s, Integral) and s > 0 for s in shape)):
-        bad("input_shape", "expected a tuple of positive ints (C, H, W), (C, T), (L,) or (F,)")
-    if cfg.vocab_size and len(shape) != 1:
-        bad("vocab_size", f"is for token inputs of shape (L,), but input_shape is {tuple(shape)}: set it to 0")
+    need(isinstance(shape, tuple) and 1 <= len(shape) <= 3 and all(isinstance(s, Integral) and s > 0 for s in shape),
+         "input_shape", "expected a tuple of positive ints (C, H, W), (C, T), (L,) or (F,)")
+    need(not cfg.vocab_size or len(shape) == 1, "vocab_size",
+         f"is for token inputs of shape (L,), but input_shape is {shape}: set it to 0")
     spatial = shape[1:] if cfg.modality in ("image", "series") else ()
-    if spatial and (not isinstance(patch, (tuple, list)) or len(patch) != len(spatial)
-                    or not all(isinstance(p, Integral) and p > 0 and n % p == 0 for n, p in zip(spatial, patch))):
-        bad("patch_size", f"expected a tuple of {len(spatial)} positive ints that divide {spatial}")
+    need(not spatial or isinstance(patch, tuple) and len(patch) == len(spatial) and all(
+        isinstance(p, Integral) and p > 0 and n % p == 0 for n, p in zip(spatial, patch)), "patch_size",
+        f"expected a tuple of {len(spatial)} positive ints that divide {spatial}")
     for field in ("num_heads", "decoder_num_heads", "proj_dim", "mlp_ratio", "temperature"):
-        if not getattr(cfg, field) > 0:
-            bad(field, "must be positive")
+        need(getattr(cfg, field) > 0, field, "must be positive")
     for field in ("vocab_size", "depth", "decoder_depth", "inner_steps", "contrast_weight", "inner_lr"):
-        if not getattr(cfg, field) >= 0:
-            bad(field, "must be >= 0")
+        need(getattr(cfg, field) >= 0, field, "must be >= 0")
     even = 4 if cfg.modality == "image" else 2  # sin-cos tables halve the width, 2-D ones halve it again
     for field, heads in (("embed_dim", cfg.num_heads), ("decoder_embed_dim", cfg.decoder_num_heads)):
-        if getattr(cfg, field) <= 0 or getattr(cfg, field) % math.lcm(heads, even):
-            bad(field, f"must be a positive multiple of {math.lcm(heads, even)}: of the {heads} heads, and of "
-                       f"{even} for the sin-cos positions")
-    if not 0 <= cfg.dropout < 1:
-        bad("dropout", "must be in [0, 1)")
-    if not 0 < cfg.num_visible < cfg.num_tokens:
-        bad("mask_ratio", "must keep at least one token and mask at least one")
-    if not 0 <= cfg.support_ratio <= 1:
-        bad("support_ratio", "must be in [0, 1]")
-    if cfg.learn_inner_lr and not (cfg.inner_steps > 0 and cfg.inner_lr > 0):
-        bad("learn_inner_lr", "needs inner_steps > 0 and an inner_lr > 0 to start from (it is learned through its log)")
-    if cfg.contrast_weight > 0 and cfg.inner_steps == 0:
-        bad("contrast_weight", "needs inner_steps > 0: without adaptation both views are the same latent")
+        need(getattr(cfg, field) > 0 and getattr(cfg, field) % math.lcm(heads, even) == 0, field,
+             f"must be a positive multiple of {math.lcm(heads, even)}: of the {heads} heads, and of {even} for the "
+             "sin-cos positions")
+    need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
+    need(0 < cfg.num_visible < cfg.num_tokens, "mask_ratio", "must keep at least one token and mask at least one")
+    need(0 <= cfg.support_ratio <= 1, "support_ratio", "must be in [0, 1]")
+    need(not cfg.learn_inner_lr or cfg.inner_steps > 0 and cfg.inner_lr > 0, "learn_inner_lr",
+         "needs inner_steps > 0 and an inner_lr > 0 to start from (it is learned through its log)")
+    need(cfg.contrast_weight == 0 or cfg.inner_steps > 0, "contrast_weight",
+         "needs inner_steps > 0: without adaptation both views are the same latent")
 
 
 def checked_input(cfg, x, weight):
-    """x as the tokenizer reads it, on weight's device: refuses another shape, values that are not floats (or
-    token ids that are not ints, or outside the vocabulary); casts values to weight's dtype."""
-    if not torch.is_tensor(x):  # a numpy array, say
-        x = torch.as_tensor(x, device=weight.device)
+    """x as the tokenizer reads it, on weight's device: refuses another shape, values that are not floats (or token
+    ids that are not ints, or outside the vocabulary); casts values to weight's dtype."""
+    x = x if torch.is_tensor(x) else torch.as_tensor(x, device=weight.device)  # a numpy array, say
     if tuple(x.shape[1:]) != tuple(cfg.input_shape):
         raise ValueError(f"MetaMAE: expected input of shape (B, {', '.join(map(str, cfg.input_shape))}) "
                          f"from cfg.input_shape, got {tuple(x.shape)}")
     if x.is_floating_point() == (cfg.modality == "tokens"):  # values are floats, token ids integers
         want = "integer ids" if cfg.modality == "tokens" else "floating point (scale integer pixels first)"
         raise ValueError(f"MetaMAE: {cfg.modality} input must be {want}, got {x.dtype}")
-    if cfg.modality != "tokens":
-        return x.to(weight.dtype)
-    if x.device.type == "cpu" and len(x) and not 0 <= x.min() <= x.max() < cfg.vocab_size:
-        # (checked on CPU only: on a GPU the read would stall the step; nn.Embedding then asserts there)
+    # token ids checked on CPU only: on a GPU the read would stall the step (nn.Embedding then asserts there)
+    if cfg.modality == "tokens" and x.device.type == "cpu" and len(x) and not 0 <= x.min() <= x.max() < cfg.vocab_size:
         raise ValueError(f"MetaMAE: token ids must be in 0..{cfg.vocab_size - 1} (cfg.vocab_size = "
                          f"{cfg.vocab_size}), got {x.min().item()}..{x.max().item()}")
-    return x
+    return x if cfg.modality == "tokens" else x.to(weight.dtype)
+
+
+def check_tokens(cfg, tokens):  # the encoder reads patchify's (B, N, P) patches or (B, N) ids, not raw inputs
+    want = (cfg.num_tokens,) if cfg.modality == "tokens" else (cfg.num_tokens, cfg.patch_dim)
+    if tuple(tokens.shape[1:]) != want:
+        raise ValueError(f"MetaMAE: the encoder reads tokens of shape (B, {', '.join(map(str, want))}) from "
+                         f"encoder.tokenizer.patchify(x), got {tuple(tokens.shape)}: for inputs x use "
+                         "model.features(x) (with a graph) or model.encode(x) (frozen features)")

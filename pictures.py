@@ -1,7 +1,7 @@
 """
 A run's pictures, written without a plotting library: the reconstruction grid of an image run (a PNG: the inputs,
-their visible patches, the reconstructions from Z and from Z*, and their difference). train.py writes them at the
-end of a run and at each validation probe.
+their visible patches, the reconstructions from Z and from Z*, and their difference), made by reconstruct(), which
+reads any MetaMAE. train.py writes them at the end of a run and at each validation probe.
 """
 
 import struct
@@ -43,6 +43,18 @@ def label(text, height, scale):
 
 
 @torch.no_grad()
+def reconstruct(model, x, noise=None):
+    """A MetaMAE's predictions from Z ('amortized') and Z* ('adapted') in the input's layout (token ids for token
+    inputs), and the mask (B, N), 1 = masked: what the pictures show. noise (B, N) fixes the mask."""
+    task = model.make_task(x, noise)
+    z = model.encoder(task.target, task.ids_keep)
+    pred = model.decode(z, task.ids_restore)
+    pred_star = model.adapt(z, pred, task)[1]  # pred itself without inner steps
+    layout = (lambda p: p.argmax(-1)) if model.cfg.modality == "tokens" else model.encoder.tokenizer.unpatchify
+    return dict(mask=task.mask, amortized=layout(pred), adapted=layout(pred_star))
+
+
+@torch.no_grad()
 def reconstruction_grid(model, x, path):
     """A labelled picture, a row each: the inputs, their visible patches (the rest masked), the reconstructions
     from Z and from Z* with the visible patches pasted back (as MAE's demos show them: the decoder is never
@@ -51,7 +63,7 @@ def reconstruction_grid(model, x, path):
     model.eval()
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # training's RNG untouched
         torch.manual_seed(0)  # the same masks at every call: pictures of one run compare
-        rec = model.reconstruct(x)
+        rec = reconstruct(model, x)
     mcfg = model.cfg
     (ph, pw), (gh, gw) = mcfg.patch_size, mcfg.grid
     pixel_mask = rec["mask"].view(-1, 1, gh, gw).repeat_interleave(ph, 2).repeat_interleave(pw, 3)  # (B, 1, H, W)

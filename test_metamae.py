@@ -14,6 +14,7 @@ import numpy as np
 
 from metamae import (MetaMAE, MetaMAEConfig, Task, contrast_cosines, nt_xent, random_masking, recon_loss, sincos_1d,
                      sincos_table, support_set)
+from pictures import reconstruct  # the pictures' reading of a model: its reconstructions from Z and Z*
 
 TINY = dict(embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
             mlp_ratio=2.0, dropout=0.0)
@@ -43,7 +44,7 @@ def test_shapes_every_modality(kind):
     assert set(logs) == {"amortized", "support", "adapted", "shift", "contrast", "pos_cos", "neg_cos"}
     assert all(v.shape == () and not v.requires_grad for v in logs.values())
     assert model.encode(x).shape == (6, 32)
-    rec = model.reconstruct(x)
+    rec = reconstruct(model, x)
     assert rec["mask"].shape == (6, N) and rec["mask"].sum(1).eq(N - model.cfg.num_visible).all()
     assert rec["amortized"].shape == x.shape and rec["adapted"].shape == x.shape
     if kind == "tokens":
@@ -171,7 +172,7 @@ def test_mae_loss_is_masked_mse():
     model, make_x = make(inner_steps=0, contrast_weight=0)
     x, noise = make_x(3), torch.rand(3, 12)
     loss, _ = model(x, noise)
-    rec = model.reconstruct(x, noise)
+    rec = reconstruct(model, x, noise)
     # mask per pixel: (B, 4, 3) grid of 2 x 4 patches -> (B, 8, 12)
     pixel_mask = rec["mask"].view(3, 4, 3).repeat_interleave(2, 1).repeat_interleave(4, 2)[:, None]
     se = ((rec["amortized"] - x) ** 2 * pixel_mask).sum()
@@ -249,7 +250,7 @@ def test_adaptation_works_under_no_grad_and_says_why_not_under_inference_mode():
     with torch.no_grad():
         torch.manual_seed(0)
         without = model(x, noise)[0]
-        rec = model.reconstruct(x, noise)
+        rec = reconstruct(model, x, noise)
     assert not without.requires_grad
     assert without.item() == pytest.approx(with_grad.item(), rel=1e-6)
     assert not torch.allclose(rec["adapted"], rec["amortized"])
@@ -557,7 +558,7 @@ def test_float_inputs_of_any_dtype_are_cast_and_integer_values_refused():
 @pytest.mark.parametrize("shape", [(4, 3, 12, 8), (3, 8, 12), (4, 1, 8, 12)])
 def test_wrong_input_shape_names_the_expected_one(shape):
     model = make("2d")[0]
-    for call in (model, model.encode, model.reconstruct):
+    for call in (model, model.encode, model.features):
         with pytest.raises(ValueError, match=r"expected input of shape \(B, 3, 8, 12\).*got"):
             call(torch.rand(shape))
 
@@ -605,7 +606,7 @@ def test_batch_of_one_names_the_contrastive_loss_and_works_in_eval():
 def test_reconstruct_under_inference_mode_says_why():
     model, make_x = make("2d")
     with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
-        model.reconstruct(make_x(2))
+        reconstruct(model, make_x(2))
     with torch.inference_mode():
         assert model.encode(make_x(2)).shape == (2, 32)
 
@@ -623,17 +624,81 @@ def test_numpy_inputs_work_and_token_ids_outside_the_vocabulary_are_named():
         tokens(torch.tensor([[0] * 19 + [7]] * 2))
 
 
-def test_features_is_encode_with_a_graph_for_fine_tuning():
-    model, make_x = make("2d", dropout=0.1)
+def test_features_follow_the_module_s_mode_and_dropout_and_encode_never_drops_out():
+    model, make_x = make("2d", dropout=0.3)
     x = make_x(3)
-    f = model.features(x)
-    assert torch.equal(f.detach(), model.encode(x)) and model.encode(x).grad_fn is None
+    f = model.features(x)  # train mode: cfg.dropout, as fine-tuning through it expects
+    assert not torch.allclose(f, model.features(x)) and not torch.allclose(f.detach(), model.encode(x))
+    assert torch.equal(model.encode(x), model.encode(x)) and model.encode(x).grad_fn is None  # never dropout
     f.pow(2).sum().backward()  # a task's loss on the features trains the encoder
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.blocks.parameters())
+    model.eval()
+    assert torch.equal(model.features(x).detach(), model.encode(x))
+
+
+def test_torch_compile_of_the_whole_model_trains_like_eager():
+    # the decoder and the inner loop (differentiated twice) stay eager, the rest compiles: aot_eager traces as
+    # inductor does, without generating code, so a mistake shows in seconds (before: PyTorch's "differentiated
+    # Tensor ... not used in the graph" at the first forward)
+    model, make_x = make("1d")
+    x, noise = make_x(4), torch.rand(4, 8)
+    eager = _grad_vector(model, x, noise)
+    torch.manual_seed(0)
+    loss = model(x, noise)[0].item()
+    compiled = torch.compile(model, backend="aot_eager")
+    model.zero_grad()
+    torch.manual_seed(0)
+    out, logs = compiled(x, noise)
+    out.backward()
+    assert out.item() == pytest.approx(loss, rel=1e-6) and set(logs) >= {"adapted", "shift", "contrast"}
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in model.parameters()]), eager, rtol=1e-5, atol=1e-7)
+    model.compile(backend="aot_eager")  # nn.Module's own, in place: the same
+    torch.manual_seed(0)
+    assert model(x, noise)[0].item() == pytest.approx(loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_computes_its_masks_and_losses_in_its_dtype(dtype):
+    for kind in MODALITIES:
+        model, make_x = make(kind)
+        model.to(dtype)
+        loss, logs = model(make_x(4))
+        assert loss.dtype == dtype and all(v.dtype == dtype for v in logs.values()), (kind, loss.dtype, logs)
+        assert torch.isfinite(loss)
+
+
+def test_a_config_round_trips_through_json_and_the_docstring_s_save_and_load_lines_run(tmp_path, monkeypatch):
+    import json
+    import metamae
+    cfg = MetaMAEConfig(**{**TINY, "input_shape": (5, 24), "patch_size": (3,)})
+    back = MetaMAEConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert back == cfg and hash(back) == hash(cfg) and back.input_shape == (5, 24)
+    # the usage lines of metamae's docstring, run as written (in a temporary folder): save and load with the
+    # config, the encoder alone, and MetaMAE's weights into its MAE variant
+    lines = [line[4:] for line in metamae.__doc__.splitlines() if line.startswith("    ")]
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    scope = dict(torch=torch, dataclasses=dataclasses, MetaMAE=MetaMAE, MetaMAEConfig=MetaMAEConfig)
+    exec("\n".join(lines).replace("MetaMAEConfig(input_shape", "MetaMAEConfig(**TINY, input_shape"),
+         {**scope, "TINY": TINY}, scope)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.pt", "m.pt"]
+    model, mae = scope["model"], scope["mae"]
+    assert not hasattr(mae, "projector") and torch.equal(mae.encoder.blocks[0].fc1.weight,
+                                                          model.encoder.blocks[0].fc1.weight)
+    loaded = MetaMAE(MetaMAEConfig(**scope["state"]["cfg"]))
+    loaded.load_state_dict(scope["state"]["model"])
+    assert loaded.cfg == model.cfg and torch.equal(loaded.encode(scope["x"]), model.encode(scope["x"]))
+
+
+@pytest.mark.parametrize("kind", ["2d", "1d", "tabular"])  # token ids are their own tokens: the encoder reads them
+def test_the_encoder_called_on_raw_inputs_names_features_and_encode(kind):
+    model, make_x = make(kind)
+    with pytest.raises(ValueError, match=r"the encoder reads tokens of shape .*model\.features\(x\).*model\.encode"):
+        model.encoder(make_x(2))
 
 
 def test_a_batch_without_its_batch_dimension_is_named_as_such_not_as_a_batch_of_one():
-    model = make("2d")[0]  # (3, 8, 12) inputs: one image without its batch dimension has 3 "rows"
+    # (3, 8, 12) inputs: one image without its batch dimension has 3 "rows"
     one = MetaMAE(MetaMAEConfig(**{**TINY, "input_shape": (1, 8, 12), "patch_size": (2, 4)}))
     with pytest.raises(ValueError, match=r"expected input of shape \(B, 1, 8, 12\).*got \(1, 8, 12\)"):
         one(torch.rand(1, 8, 12))  # was blamed on the contrastive loss's batch of 1
