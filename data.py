@@ -1618,13 +1618,18 @@ def _check(path: Path, size, digest):
     if digest is None:
         return None
     algo = 'md5' if len(digest) == 32 else 'sha256'
+    got = _hexdigest(path, algo)
+    if got != digest:
+        return f"{algo} {got}, expected {digest}"
+    return None
+
+
+def _hexdigest(path: Path, algo: str) -> str:
     h = hashlib.new(algo, usedforsecurity=False)  # an integrity check, so allowed on FIPS systems too
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
-    if h.hexdigest() != digest:
-        return f"{algo} {h.hexdigest()}, expected {digest}"
-    return None
+    return h.hexdigest()
 
 
 def fetch_archive(url: str, path: Path, size, digest, download: bool, folder: str) -> Path:
@@ -1642,17 +1647,24 @@ def fetch_archive(url: str, path: Path, size, digest, download: bool, folder: st
         raise DataError(f"{f'{folder}/' if folder else path.name} not found in {path.parent} and downloading is off: "
                         f"{place}")
     with building(path), atomic_file(path) as tmp:  # `path` only ever appears complete and verified
-        print(f"downloading {url} ({f'{size / 1e6:.0f} MB' if size else 'size not published'}) to {path}")
-        try:
-            with open(tmp, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
-                shutil.copyfileobj(r, f, 1 << 20)
-        except OSError as e:  # URLError, HTTPError, timeouts, resets, disk full: all OSErrors
-            raise DataError(f"could not download {url} ({one_line(e)}): {place}") from e
-        problem = _check(tmp, size, digest)
-        if problem:
-            raise DataError(f"downloaded {path.name} failed verification ({problem}) and was deleted: "
-                            f"run again, or {place}")
+        _download(url, tmp, path, size, digest, place)
     return path
+
+
+def _download(url: str, tmp: Path, path: Path, size, digest, place: str):
+    """Download `url` into the temporary file `tmp`, which its caller renames to `path` or deletes, and verify
+    it: a failure is a DataError that ends with `place`, what the user can do instead."""
+    shown = 'size not published' if size is None else f'{size / 1e6:.0f} MB' if size >= 1e6 else f'{size:,} bytes'
+    print(f"downloading {url} ({shown}) to {path}")
+    try:
+        with open(tmp, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except OSError as e:  # URLError, HTTPError, timeouts, resets, disk full: all OSErrors
+        raise DataError(f"could not download {url} ({one_line(e)}): {place}") from e
+    problem = _check(tmp, size, digest)
+    if problem:
+        raise DataError(f"downloaded {path.name} failed verification ({problem}) and was deleted: "
+                        f"run again, or {place}")
 
 
 def _escapes(name: str) -> bool:
@@ -1705,14 +1717,18 @@ def fetch_and_extract(url: str, archive_name: str, size, digest, download: bool,
     """The dataset's folder: used as it is when there (no network, no hashing), else its archive is
     fetched (or found in place), verified and extracted safely into it."""
     if not folder.is_dir():
-        if folder.parent.name == folder.name:  # --data-dir names the dataset's folder, not the one that holds it
-            raise DataError(f"{folder.parent} is the dataset's own folder: pass the folder that holds it, "
-                            f"--data-dir {folder.parent.parent}")
+        _refuse_own_folder(folder)
         archive = fetch_archive(url, folder.parent / archive_name, size, digest, download, folder.name)
         with building(folder):
             if not folder.is_dir():  # another process may have extracted it while this one waited
                 extract_archive(archive, folder)
     return folder
+
+
+def _refuse_own_folder(folder: Path):
+    if folder.parent.name == folder.name:  # --data-dir names the dataset's folder, not the one that holds it
+        raise DataError(f"{folder.parent} is the dataset's own folder: pass the folder that holds it, "
+                        f"--data-dir {folder.parent.parent}")
 
 
 def _npy_header(dtype, shape: tuple) -> bytes:
