@@ -914,6 +914,19 @@ def snapshot(folder):
     return sorted((p.as_posix(), p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob('*'))
 
 
+def sample_fix(folder):
+    """What a damaged file of a sample says to do: both, as the folder may be the project's copy or a download."""
+    return [f"restore {folder.name}/ from the project's copy if it is the one in shared/data",
+            f"else delete {folder}/ and run again to download it again"]
+
+
+def missing_sample(load, tmp_path, folder, url):
+    """With downloading off, a missing sample says where it downloads from and where else it is; nothing is made."""
+    data_error(lambda: load(tmp_path, download=False), folder, 'downloading is off', url, '--data-dir',
+               "the project's shared/data")
+    assert listing(tmp_path) == []
+
+
 def test_speech_subset_speaker_split_labels_and_rows(tmp_path):
     expected = write_fake_speech_subset(tmp_path)
     root = tmp_path / 'speech_commands_v0.02_subset'
@@ -944,12 +957,9 @@ def test_speech_subset_speaker_split_labels_and_rows(tmp_path):
 def test_bad_speech_subset_is_a_data_error(tmp_path, case):
     root = tmp_path / 'speech_commands_v0.02_subset'
     if case == 'missing':
-        msg = data_error(lambda: data.load_google_speech_subset(tmp_path, download=False), root,
-                         'ships with the project in shared/data', '--data-dir')
-        assert 'download' not in msg
-        return
+        return missing_sample(data.load_google_speech_subset, tmp_path, root, data.SPEECH_SUBSET_URL)
     expected = write_fake_speech_subset(tmp_path)
-    needles = ['restore speech_commands_v0.02_subset/']  # shipped, not downloaded: restore it
+    needles = sample_fix(root)
     if case == 'truncated wav':
         f = root / expected['train'][3]
         f.write_bytes(f.read_bytes()[:-1000])
@@ -968,8 +978,7 @@ def test_bad_speech_subset_is_a_data_error(tmp_path, case):
         for f in expected['test']:
             (root / f).unlink()
         needles += ['no clip of a test speaker', '31 wav files, 3 speakers']
-    msg = data_error(lambda: data.load_google_speech_subset(tmp_path, download=False), *needles)
-    assert 'download' not in msg
+    data_error(lambda: data.load_google_speech_subset(tmp_path, download=False), *needles)
 
 
 def test_hapt_windows_labels_and_user_split(tmp_path):
@@ -999,14 +1008,11 @@ def test_hapt_windows_labels_and_user_split(tmp_path):
 def test_bad_hapt_is_a_data_error(tmp_path, case):
     root = tmp_path / 'hapt_sample'
     if case == 'missing':
-        msg = data_error(lambda: data.load_hapt_sample(tmp_path, download=False), root,
-                         'ships with the project in shared/data', '--data-dir')
-        assert 'download' not in msg
-        return
+        return missing_sample(data.load_hapt_sample, tmp_path, root, data.HAPT_URL)
     write_fake_hapt(tmp_path)
     acc, labels = root / 'RawData' / 'acc_exp03_user02.txt', root / 'RawData' / 'labels.txt'
     lines = acc.read_text().splitlines()
-    needles = ['restore hapt_sample/']
+    needles = sample_fix(root)
     if case == 'short row':
         lines[40] = lines[40].rsplit(' ', 1)[0]
         needles += [acc, 'not a HAPT table of 3 numbers a row']
@@ -1053,8 +1059,7 @@ def test_bad_hapt_is_a_data_error(tmp_path, case):
         needles += [labels, 'holds no rows']
     if case in ('short row', 'not a number', 'nan', 'past the end'):
         acc.write_text(''.join(line + '\n' for line in lines))
-    msg = data_error(lambda: data.load_hapt_sample(tmp_path, download=False), *needles)
-    assert 'download' not in msg
+    data_error(lambda: data.load_hapt_sample(tmp_path, download=False), *needles)
 
 
 def test_higgs_sample_rows_and_split(tmp_path):
@@ -1074,13 +1079,11 @@ def test_higgs_sample_rows_and_split(tmp_path):
 def test_bad_higgs_sample_is_a_data_error(tmp_path, case):
     folder = tmp_path / 'higgs_lightgbm'
     if case == 'missing':
-        data_error(lambda: data.load_higgs_sample(tmp_path, download=False), folder,
-                   'ships with the project in shared/data', '--data-dir')
-        return
+        return missing_sample(data.load_higgs_sample, tmp_path, folder, data.HIGGS_SAMPLE_URL)
     write_fake_higgs_sample(tmp_path)
     f = folder / 'binary.test'
     rows = [line.split('\t') for line in f.read_text().splitlines()]
-    needles = ['restore higgs_lightgbm/']
+    needles = sample_fix(folder)
     if case == 'missing file':
         f.unlink()
         needles += [f, 'is missing']
@@ -1131,13 +1134,11 @@ def test_splice_tokens_labels_and_split(tmp_path):
 def test_bad_splice_is_a_data_error(tmp_path, case):
     folder = tmp_path / 'splice'
     if case == 'missing':
-        data_error(lambda: data.load_splice(tmp_path, download=False), folder,
-                   'ships with the project in shared/data', '--data-dir')
-        return
+        return missing_sample(data.load_splice, tmp_path, folder, data.SPLICE_URL)
     write_fake_splice(tmp_path)
     f = folder / 'splice.data'
     lines = f.read_text().splitlines()
-    needles = ['restore splice/']
+    needles = sample_fix(folder)
     if case == 'missing file':
         f.unlink()
         needles += [f, 'is missing']
@@ -1159,8 +1160,7 @@ def test_bad_splice_is_a_data_error(tmp_path, case):
         needles += [f, '9 sequences leave none for the test split']
     if case != 'missing file':
         f.write_text(''.join(line + '\n' for line in lines))
-    msg = data_error(lambda: data.load_splice(tmp_path, download=False), *needles)
-    assert 'download' not in msg
+    data_error(lambda: data.load_splice(tmp_path, download=False), *needles)
 
 
 # the real folders (skipped where shared/data does not have them)
