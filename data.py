@@ -28,7 +28,9 @@ Notable choices:
   resized to 32x32: same images, box-filter downsampled, so close but not bit-identical.
 - Every failure the user can fix is a DataError with one line: what is wrong, and what to do.
 - Sources that publish no checksum (PAMAP2, genomics, TAPE's proteins) are not verified: their
-  parsers check every record instead.
+  parsers check every record instead. The real samples of the project's shared/data are the exception: their
+  sources publish none either, but the project holds copies, so what they download is checked against the
+  sha256 of those copies.
 - What takes minutes to parse (speech spectrograms, HIGGS, Pfam, wafer maps) is parsed once into .npy files
   beside the data (`cached_arrays`) and memory-mapped from then on.
 - LibriSpeech (FLAC) and WM-811K (a pandas pickle) need a one-time conversion outside the project (docs/domains.md);
@@ -1212,28 +1214,22 @@ WAFER_TRANSFER = dataclasses.replace(WAFER, name='wafer_transfer', num_classes=l
                                      load=load_wafer_transfer, metric='weighted_f1', transfer=())
 
 # -----------------------------------------------------------------------------
-# The real samples shipped in shared/data (its README.md): for each modality beyond images, a small real dataset
-# in its published file format, the nearest to a DABS domain that fits on a machine without internet. They have
-# no download: they ship with the project (--data-dir ../shared/data). They are read where they are and nothing
-# is written beside them (that folder is read-only), so nothing is cached: each parses in seconds. A missing
-# folder says where it ships; a damaged file says to restore the shipped copy, as google_speech_sample does.
-
-def sample_folder(data_dir: Path, name: str) -> Path:
-    """The shipped sample folder `name` in data_dir, or a DataError saying where it ships."""
-    folder = data_dir / name
-    if not folder.is_dir():
-        raise DataError(f"{folder}/ not found: it ships with the project in shared/data; "
-                        f"pass --data-dir with the folder that holds it (e.g. --data-dir ../shared/data)")
-    return folder
-
+# The real samples of shared/data (its README.md): for each modality beyond images, a small real dataset in its
+# published file format, the nearest to a DABS domain that fits on a machine without internet. Every file is a
+# byte copy of a public file: a missing folder is downloaded from those files' sources (fetch_files: whole files;
+# fetch_selection: some files of an archive) and checked against their sha256, computed from the project's copies.
+# The project's shared/data holds the same folders (--data-dir ../shared/data). A folder that is there is read
+# where it is and nothing is written beside it (shared/data is read-only), so nothing is cached: each parses in
+# seconds.
 
 def sample_fix(folder: Path) -> str:
-    """What to do about a damaged file of a shipped sample: there is no download to fetch it again from."""
-    return f"the sample shipped in shared/data is damaged: restore {folder.name}/ from the project's copy"
+    """What to do about a damaged file of a sample, whichever copy it is: the project's, or a download."""
+    return (f"restore {folder.name}/ from the project's copy if it is the one in shared/data, else delete {folder}/ "
+            f"and run again to download it again")
 
 
 def read_table(path: Path, columns: int, dtype, fix: str, what: str, delimiter: str = None) -> np.ndarray:
-    """A text table of a shipped sample, `columns` numbers a row -> (N, columns) array of dtype; every value
+    """A text table of a sample, `columns` numbers a row -> (N, columns) array of dtype; every value
     finite. what: the table's name in messages ('a HAPT table', 'the tab-separated HIGGS rows')."""
     try:
         text = path.read_text(encoding='ascii')
@@ -1258,8 +1254,10 @@ def read_table(path: Path, columns: int, dtype, fix: str, what: str, delimiter: 
 # -----------------------------------------------------------------------------
 # Speech Commands v0.02 subset (speech, as google_speech): 1,008 one-second clips (16 kHz) of 10 keywords by 61
 # speakers, whole speakers of the official v0.02 test set.
-# Source: http://download.tensorflow.org/data/speech_commands_test_set_v0.02.tar.gz, the companion archive of
-# speech_commands_v0.02.tar.gz; CC BY 4.0 (its LICENSE). Shipped in shared/data as speech_commands_v0.02_subset/.
+# Source: http://download.tensorflow.org/data/speech_commands_test_set_v0.02.tar.gz (about 113 MB, no published
+# checksum), the companion archive of speech_commands_v0.02.tar.gz; CC BY 4.0 (its LICENSE). Downloaded into a
+# temporary folder, which keeps only the 10 keywords' clips of the 61 speakers below and the archive's README.md
+# and LICENSE, checked against SPEECH_SUBSET_SHA256, then renamed to speech_commands_v0.02_subset/ (32 MB).
 # Format: <word>/<speaker>_nohash_<n>.wav, with the archive's README.md and LICENSE; no list files. Log-mels
 # exactly as google_speech (DABS's recipe and its Speech Commands mean and std), then only their first 32 frames
 # kept: (1, 224, 32), patches 16x16, 28 tokens. Where it differs from DABS, and why: DABS pads every clip to
@@ -1278,6 +1276,17 @@ def read_table(path: Path, columns: int, dtype, fix: str, what: str, delimiter: 
 
 SPEECH_SUBSET_URL = 'http://download.tensorflow.org/data/speech_commands_test_set_v0.02.tar.gz'
 SPEECH_SUBSET_WORDS = ['right', 'yes', 'up', 'no', 'stop', 'on', 'down', 'go', 'left', 'off']  # label = index
+SPEECH_SUBSET_SPEAKERS = {  # the speakers taken whole, those of the project's copy
+    '0487ba9b', '0bac8a71', '0ea0e2f4', '0fa1e7a9', '1538beb7', '189cbabe', '1cb788bc', '28497c5b', '37dca74f',
+    '3cbd76a3', '412c675c', '42beb5eb', '43fc47a7', '475b61f1', '4c6167ca', '4c841771', '50033893', '5170b77f',
+    '553f1a79', '5744b6a7', '5eb5fc74', '5f449e17', '5f814c23', '5ff3f9a1', '7192fddc', '7bae88ed', '7e1054e7',
+    '8494fba8', '85d2ac4b', '8625475c', '8c0e5970', '8c7f81df', '8db999cf', '8fe52b97', '97f4c236', '9a356ab9',
+    '9d4bab4f', 'a6f2fd71', 'a7216980', 'aa233654', 'aa48c94a', 'b11a05d2', 'b49caed3', 'b737ee80', 'c9b5ff26',
+    'ca48dc76', 'ca4d5368', 'caf9fceb', 'cd85758f', 'd056d4d8', 'd1a4fb3f', 'd5ca80c6', 'd7467392', 'daf230ac',
+    'db24628d', 'e0c782d5', 'e49428d9', 'e71b4ce6', 'f292725f', 'fce96bac', 'fe1916ba'}
+# the folder's files (1,008 clips, README.md, LICENSE) and their sample_digest
+SPEECH_SUBSET_FILES = 1_010
+SPEECH_SUBSET_SHA256 = 'ad923e8bdac0208e897ce463da5a7858523fe5450586e9096bf3352ccc185cb6'
 SPEECH_SUBSET_TEST_EVERY = 5  # a speaker is test when the SHA-1 of its id is divisible by this: ~20%
 SPEECH_SUBSET_FRAMES = 32  # the frames kept: a 1-second clip reaches 26 (see the header)
 
@@ -1288,9 +1297,18 @@ def speech_subset_is_test(speaker: str) -> bool:
     return int(digest, 16) % SPEECH_SUBSET_TEST_EVERY == 0
 
 
+def speech_subset_member(name: str) -> bool:
+    """Whether the test-set archive's file `name` belongs to the subset: a keyword's clip by one of its speakers,
+    or the archive's README.md or LICENSE."""
+    m = re.fullmatch(r'(\w+)/(\w+)_nohash_\d+\.wav', name)
+    return name in ('README.md', 'LICENSE') or bool(m and m[1] in SPEECH_SUBSET_WORDS and
+                                                    m[2] in SPEECH_SUBSET_SPEAKERS)
+
+
 def load_google_speech_subset(data_dir: Path, download: bool) -> Splits:
-    # `download` is unused: the sample ships with the project
-    folder = sample_folder(data_dir, 'speech_commands_v0.02_subset')
+    folder = fetch_selection(SPEECH_SUBSET_URL, 'speech_commands_test_set_v0.02.tar.gz', speech_subset_member,
+                             SPEECH_SUBSET_FILES, SPEECH_SUBSET_SHA256, download,
+                             data_dir / 'speech_commands_v0.02_subset')
     fix = sample_fix(folder)
     files = sorted(folder.glob('*/*.wav'))
     speaker = {}
@@ -1326,9 +1344,11 @@ GOOGLE_SPEECH_SUBSET = Domain(name='google_speech_subset', input_shape=(1, N_MEL
 # v2.1, the raw signals behind UCI HAR: a smartphone on the waist, 3-axis accelerometer (g) and gyroscope (rad/s)
 # at 50 Hz; 30 users doing six activities and the postural transitions between them. The sample: 7 users (1, 2,
 # 3, 4, 5, 7, 8), their whole recordings.
-# Source: UCI #341, https://archive.ics.uci.edu/ml/machine-learning-databases/00341/HAPT%20Data%20Set.zip. Licence
-# (its README.txt): cite Reyes-Ortiz et al., Neurocomputing 2015; any commercial use is prohibited. Shipped in
-# shared/data as hapt_sample/.
+# Source: UCI #341, https://archive.ics.uci.edu/ml/machine-learning-databases/00341/HAPT%20Data%20Set.zip (no
+# published checksum). Licence (its README.txt): cite Reyes-Ortiz et al., Neurocomputing 2015; any commercial use
+# is prohibited. Downloaded into a temporary folder, which keeps only the 7 users' raw recordings and the files
+# below that hold all users (labels.txt, the split files, activity_labels.txt, README.txt), checked against
+# HAPT_SAMPLE_SHA256, then renamed to hapt_sample/ (29 MB).
 # Format: RawData/acc_expXX_userYY.txt and gyro_expXX_userYY.txt, one row per sample, 3 space-separated numbers;
 # RawData/labels.txt, a row per labelled segment of every user of the full set: experiment, user, activity 1-12,
 # first and last sample (1-based, inclusive). Samples outside every segment are unlabelled.
@@ -1351,6 +1371,19 @@ GOOGLE_SPEECH_SUBSET = Domain(name='google_speech_subset', input_shape=(1, N_MEL
 HAPT_URL = 'https://archive.ics.uci.edu/ml/machine-learning-databases/00341/HAPT%20Data%20Set.zip'
 HAPT_ACTIVITIES = ['walking', 'walking upstairs', 'walking downstairs', 'sitting', 'standing', 'laying']  # 1-6
 HAPT_WINDOW, HAPT_STRIDE = 128, 64
+HAPT_SAMPLE_USERS = (1, 2, 3, 4, 5, 7, 8)
+HAPT_SAMPLE_SHARED = ('README.txt', 'activity_labels.txt', 'RawData/labels.txt', 'Train/subject_id_train.txt',
+                      'Train/y_train.txt', 'Test/subject_id_test.txt', 'Test/y_test.txt')  # of all 30 users
+# the folder's files (28 recordings, and HAPT_SAMPLE_SHARED) and their sample_digest
+HAPT_SAMPLE_FILES = 35
+HAPT_SAMPLE_SHA256 = 'fa8e431086f6a40607b174b34fcdf4a18a01e8c47e354fb7cda09986d9eafa04'
+
+
+def hapt_sample_member(name: str) -> bool:
+    """Whether the HAPT archive's file `name` belongs to the sample: a raw recording of one of its users, or one of
+    HAPT_SAMPLE_SHARED."""
+    m = re.fullmatch(r'RawData/(acc|gyro)_exp\d+_user(\d+)\.txt', name)
+    return name in HAPT_SAMPLE_SHARED or bool(m and int(m[2]) in HAPT_SAMPLE_USERS)
 
 
 def read_hapt(folder: Path):
@@ -1411,8 +1444,8 @@ def hapt_split_users(folder: Path) -> tuple[set, set]:
 
 
 def load_hapt_sample(data_dir: Path, download: bool) -> Splits:
-    # `download` is unused: the sample ships with the project
-    folder = sample_folder(data_dir, 'hapt_sample')
+    folder = fetch_selection(HAPT_URL, 'HAPT Data Set.zip', hapt_sample_member, HAPT_SAMPLE_FILES, HAPT_SAMPLE_SHA256,
+                             download, data_dir / 'hapt_sample')
     fix = sample_fix(folder)
     train_users, test_users = hapt_split_users(folder)
     x, y, users = read_hapt(folder)
@@ -1439,14 +1472,24 @@ HAPT_SAMPLE = Domain(name='hapt_sample', input_shape=(6, HAPT_WINDOW), patch_siz
 # HIGGS sample (tabular, as higgs): 7,500 rows of UCI HIGGS (Monte-Carlo collisions: 1 = signal, 0 = background)
 # rounded to 3 decimals, from LightGBM's binary-classification example.
 # Source: binary.train and binary.test in https://github.com/microsoft/LightGBM/tree/master/examples/
-# binary_classification; MIT (LICENSE.LightGBM beside them); HIGGS itself is CC BY 4.0. Shipped in shared/data
-# as higgs_lightgbm/.
+# binary_classification; MIT (the repository's LICENSE, saved as LICENSE.LightGBM beside them); HIGGS itself is
+# CC BY 4.0. Downloaded (1.3 MB) into higgs_lightgbm/ from a fixed commit, not master, so that the files cannot
+# change under their sha256: the last commit to change any of the three (2019; the data files date from 2016).
 # Format: tab-separated text, no header: the label, then HIGGS's 28 features in HIGGS.csv's column order. As
 # higgs: input (28,), one token per feature, raw values, labels 0/1. A label other than 0 or 1 is an error, not
 # cast: 0.5 is no class.
 # Split: the example's own: train = binary.train (7,000 rows), test = binary.test (500).
 
-HIGGS_SAMPLE_URL = 'https://github.com/microsoft/LightGBM/tree/master/examples/binary_classification'
+LIGHTGBM_COMMIT = '023749239ebf390b5d56e08f227a013cbd972eb0'
+HIGGS_SAMPLE_URL = f'https://github.com/microsoft/LightGBM/tree/{LIGHTGBM_COMMIT}/examples/binary_classification'
+LIGHTGBM_RAW = f'https://raw.githubusercontent.com/microsoft/LightGBM/{LIGHTGBM_COMMIT}/'
+HIGGS_SAMPLE_FILES = {  # name in higgs_lightgbm/: (url, size, sha256)
+    'binary.train': (LIGHTGBM_RAW + 'examples/binary_classification/binary.train', 1_228_616,
+                     '41c42dc14f86960256bf872fc8ae6286c688b44f43b4057b29428787fc1e0444'),
+    'binary.test': (LIGHTGBM_RAW + 'examples/binary_classification/binary.test', 87_767,
+                    'd99ebec91acd99638f00c727c251c947a1d17ddfcbea27bfef6b0dc5e5fb1db3'),
+    'LICENSE.LightGBM': (LIGHTGBM_RAW + 'LICENSE', 1_083,
+                         'b5cb7ff7859e7d282d98fc43ab081b0dda5dc659dc3385cf65740c759a7e6a6c')}
 
 
 def read_higgs_sample(path: Path, fix: str) -> np.ndarray:
@@ -1459,8 +1502,7 @@ def read_higgs_sample(path: Path, fix: str) -> np.ndarray:
 
 
 def load_higgs_sample(data_dir: Path, download: bool) -> Splits:
-    # `download` is unused: the sample ships with the project
-    folder = sample_folder(data_dir, 'higgs_lightgbm')
+    folder = fetch_files(HIGGS_SAMPLE_FILES, HIGGS_SAMPLE_URL, download, data_dir / 'higgs_lightgbm')
     train, test = (torch.from_numpy(read_higgs_sample(folder / name, sample_fix(folder)))
                    for name in ('binary.train', 'binary.test'))
     return Splits(train[:, 1:], train[:, 0].long(), test[:, 1:], test[:, 0].long())
@@ -1474,7 +1516,7 @@ HIGGS_SAMPLE = Domain(name='higgs_sample', input_shape=(28,), patch_size=(), voc
 # Splice junctions (DNA tokens, as genomics): UCI "Molecular Biology (Splice-junction Gene Sequences)", 3,190
 # primate DNA sequences of 60 nucleotides (positions -30 to +30 around a possible splice site) from GenBank 64.1.
 # Source: UCI #69, splice.data in https://archive.ics.uci.edu/ml/machine-learning-databases/molecular-biology/
-# splice-junction-gene-sequences/; CC BY 4.0. Shipped in shared/data as splice/ (splice.data and splice.names).
+# splice-junction-gene-sequences/; CC BY 4.0. Downloaded, with splice.names, into splice/ (324 KB).
 # Format: a line per sequence: class, instance name, the 60 letters; comma-separated, padded with spaces.
 # Labels: EI = 0 (exon-intron, donor), IE = 1 (intron-exon, acceptor), N = 2 (neither): 767 / 768 / 1,655.
 # Tokens as genomics, A C G T = 0 1 2 3. 15 sequences also hold splice.names' ambiguity codes (D = A|G|T, N = any,
@@ -1487,7 +1529,12 @@ HIGGS_SAMPLE = Domain(name='higgs_sample', input_shape=(28,), patch_size=(), voc
 # file everyone uses: 26 test sequences also occur in train.
 
 SPLICE_URL = ('https://archive.ics.uci.edu/ml/machine-learning-databases/molecular-biology/'
-              'splice-junction-gene-sequences/splice.data')
+              'splice-junction-gene-sequences/')
+SPLICE_FILES = {  # name in splice/: (url, size, sha256)
+    'splice.data': (SPLICE_URL + 'splice.data', 319_000,
+                    'ebbae10c85d3c285e2a2489a37e42bc2ee8d91d15005e391a9962fa3389a114f'),
+    'splice.names': (SPLICE_URL + 'splice.names', 5_351,
+                     'dd67d612a9c57a1230fbeed1e6e0a2130559f419b01765799627236bc7f6fff1')}
 SPLICE_CLASSES = ['EI', 'IE', 'N']  # label = index
 SPLICE_LETTERS = 'ACGTDNSR'  # token = index: the bases as genomics, then the ambiguity codes
 SPLICE_LENGTH = 60
@@ -1527,12 +1574,11 @@ def read_splice(path: Path, fix: str):
 
 
 def load_splice(data_dir: Path, download: bool) -> Splits:
-    # `download` is unused: the sample ships with the project
-    folder = sample_folder(data_dir, 'splice')
+    folder = fetch_files(SPLICE_FILES, SPLICE_URL, download, data_dir / 'splice')
     path = folder / 'splice.data'
     x, y = read_splice(path, sample_fix(folder))
     if len(x) - math.ceil(0.9 * len(x)) < 1:  # seeded_split's own message would say to download it
-        raise DataError(f"{path}: {len(x)} sequences leave none for the test split (the shipped file has 3,190): "
+        raise DataError(f"{path}: {len(x)} sequences leave none for the test split (the published file has 3,190): "
                         f"{sample_fix(folder)}")
     train, test = seeded_split(len(x), path)
     return Splits(*(torch.from_numpy(a) for a in (x[train], y[train], x[test], y[test])))
@@ -1618,13 +1664,18 @@ def _check(path: Path, size, digest):
     if digest is None:
         return None
     algo = 'md5' if len(digest) == 32 else 'sha256'
+    got = _hexdigest(path, algo)
+    if got != digest:
+        return f"{algo} {got}, expected {digest}"
+    return None
+
+
+def _hexdigest(path: Path, algo: str) -> str:
     h = hashlib.new(algo, usedforsecurity=False)  # an integrity check, so allowed on FIPS systems too
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
-    if h.hexdigest() != digest:
-        return f"{algo} {h.hexdigest()}, expected {digest}"
-    return None
+    return h.hexdigest()
 
 
 def fetch_archive(url: str, path: Path, size, digest, download: bool, folder: str) -> Path:
@@ -1642,17 +1693,24 @@ def fetch_archive(url: str, path: Path, size, digest, download: bool, folder: st
         raise DataError(f"{f'{folder}/' if folder else path.name} not found in {path.parent} and downloading is off: "
                         f"{place}")
     with building(path), atomic_file(path) as tmp:  # `path` only ever appears complete and verified
-        print(f"downloading {url} ({f'{size / 1e6:.0f} MB' if size else 'size not published'}) to {path}")
-        try:
-            with open(tmp, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
-                shutil.copyfileobj(r, f, 1 << 20)
-        except OSError as e:  # URLError, HTTPError, timeouts, resets, disk full: all OSErrors
-            raise DataError(f"could not download {url} ({one_line(e)}): {place}") from e
-        problem = _check(tmp, size, digest)
-        if problem:
-            raise DataError(f"downloaded {path.name} failed verification ({problem}) and was deleted: "
-                            f"run again, or {place}")
+        _download(url, tmp, path, size, digest, place)
     return path
+
+
+def _download(url: str, tmp: Path, path: Path, size, digest, place: str):
+    """Download `url` into the temporary file `tmp`, which its caller renames to `path` or deletes, and verify
+    it: a failure is a DataError that ends with `place`, what the user can do instead."""
+    shown = 'size not published' if size is None else f'{size / 1e6:.0f} MB' if size >= 1e6 else f'{size:,} bytes'
+    print(f"downloading {url} ({shown}) to {path}")
+    try:
+        with open(tmp, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except OSError as e:  # URLError, HTTPError, timeouts, resets, disk full: all OSErrors
+        raise DataError(f"could not download {url} ({one_line(e)}): {place}") from e
+    problem = _check(tmp, size, digest)
+    if problem:
+        raise DataError(f"downloaded {path.name} failed verification ({problem}) and was deleted: "
+                        f"run again, or {place}")
 
 
 def _escapes(name: str) -> bool:
@@ -1705,14 +1763,115 @@ def fetch_and_extract(url: str, archive_name: str, size, digest, download: bool,
     """The dataset's folder: used as it is when there (no network, no hashing), else its archive is
     fetched (or found in place), verified and extracted safely into it."""
     if not folder.is_dir():
-        if folder.parent.name == folder.name:  # --data-dir names the dataset's folder, not the one that holds it
-            raise DataError(f"{folder.parent} is the dataset's own folder: pass the folder that holds it, "
-                            f"--data-dir {folder.parent.parent}")
+        _refuse_own_folder(folder)
         archive = fetch_archive(url, folder.parent / archive_name, size, digest, download, folder.name)
         with building(folder):
             if not folder.is_dir():  # another process may have extracted it while this one waited
                 extract_archive(archive, folder)
     return folder
+
+
+def _refuse_own_folder(folder: Path):
+    if folder.parent.name == folder.name:  # --data-dir names the dataset's folder, not the one that holds it
+        raise DataError(f"{folder.parent} is the dataset's own folder: pass the folder that holds it, "
+                        f"--data-dir {folder.parent.parent}")
+
+
+def sample_digest(folder: Path) -> tuple[int, str]:
+    """(number of files, digest) of every file in `folder`, a sample: one digest for many files, the sha256 of
+    their `sha256sum` lines in sorted order, which a shell gives too:
+    cd <folder> && find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs sha256sum | sha256sum"""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file())
+    lines = ''.join(f"{_hexdigest(folder / name, 'sha256')}  {name}\n" for name in names)
+    return len(names), hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _make_sample(folder: Path, download: bool, source: str, place: str, fill: Callable) -> Path:
+    """A sample's folder: used as it is when there (an earlier download, or the project's read-only shared/data,
+    beside which nothing is written), else made by fill(tmp) in a temporary folder beside it, which is renamed
+    into place once complete and verified, and removed on any failure. place: what the user can do instead."""
+    if folder.is_dir():
+        return folder
+    _refuse_own_folder(folder)
+    if not download:
+        raise DataError(f"{folder}/ not found and downloading is off: let it download from {source} "
+                        f"(--download true), or {place}")
+    with building(folder):
+        if not folder.is_dir():  # another process may have made it while this one waited
+            tmp = _temp_beside(folder, folder=True)
+            try:
+                fill(tmp)
+                os.replace(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone after os.replace; otherwise leave nothing behind
+    return folder
+
+
+def fetch_files(files: dict, source: str, download: bool, folder: Path) -> Path:
+    """A sample of whole published files, {name in folder: (url, size, sha256)}: `folder` used as it is when
+    there, else each file downloaded and verified. source: where a user finds them."""
+    place = f"pass --data-dir with a folder that holds {folder.name}/ (e.g. the project's shared/data)"
+
+    def fill(tmp: Path):
+        for name, (url, size, sha256) in files.items():
+            _download(url, tmp / name, folder / name, size, sha256, place)
+    return _make_sample(folder, download, source, place, fill)
+
+
+def fetch_selection(url: str, archive_name: str, wanted: Callable, files: int, sha256: str, download: bool,
+                    folder: Path) -> Path:
+    """A sample of some of an archive's files: `folder` used as it is when there, else the archive's files whose
+    names pass wanted() are copied out, and must be `files` files of sample_digest `sha256`. The archive is the
+    one a user placed beside the folder (kept), else it is downloaded into the temporary folder (and deleted with
+    it). Its source publishes no checksum: it is verified through the files taken out of it."""
+    placed = folder.parent / archive_name
+    place = (f"place {archive_name} in {folder.parent}, or pass --data-dir with a folder that holds {folder.name}/ "
+             f"(e.g. the project's shared/data)")  # its URL is in every message that says this
+
+    def fill(tmp: Path):
+        if placed.exists():
+            archive, what = placed, placed
+            fix = f"delete it and run again to re-download it, or place a good copy from {url}"
+        else:
+            archive, what = tmp / archive_name, f"{archive_name} from {url}"
+            fix = f"it was deleted: run again, or {place}"
+            _download(url, archive, archive, None, None, place)
+        extract_selected(archive, tmp, wanted, what, fix)
+        if archive != placed:
+            archive.unlink()  # only the sample stays
+        got, digest = sample_digest(tmp)
+        if (got, digest) != (files, sha256):
+            raise DataError(f"{what} is not the expected archive: the sample's {got:,} files in it have the digest "
+                            f"{digest}, expected {files:,} files with {sha256}: {fix}")
+    return _make_sample(folder, download or placed.exists(), url, place, fill)
+
+
+def extract_selected(archive: Path, folder: Path, wanted: Callable, what, fix: str):
+    """Copy the regular files of a .tar(.gz) or .zip whose names (less a leading './') pass wanted() into
+    `folder`, under those names. wanted() admits only a sample's own names, so none can land outside `folder`.
+    what, fix: the archive and what to do about it, for the message of one that cannot be read."""
+    print(f"extracting the sample's files from {what}")
+
+    def copy(name: str, src):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        with open(folder / name, 'wb') as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+    try:
+        if archive.suffix == '.zip':
+            with zipfile.ZipFile(archive) as z:
+                for m in z.infolist():
+                    name = m.filename.removeprefix('./')
+                    if not m.is_dir() and wanted(name):
+                        with z.open(m) as src:  # checks the member's CRC as it is read
+                            copy(name, src)
+        else:
+            with tarfile.open(archive) as t:
+                for m in t:  # a truncated archive stops here with an error, or lacks files: the digest tells
+                    name = m.name.removeprefix('./')
+                    if m.isfile() and wanted(name):
+                        copy(name, t.extractfile(m))
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+        raise DataError(f"cannot extract {what} ({one_line(e)}): {fix}") from None
 
 
 def _npy_header(dtype, shape: tuple) -> bytes:

@@ -8,13 +8,17 @@ here in numpy. Nothing here touches the network or writes into shared/data.
 """
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
 import shutil
 import struct
+import subprocess
 import tarfile
+import urllib.error
 import urllib.request
 import wave
 import zipfile
@@ -914,6 +918,19 @@ def snapshot(folder):
     return sorted((p.as_posix(), p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob('*'))
 
 
+def sample_fix(folder):
+    """What a damaged file of a sample says to do: both, as the folder may be the project's copy or a download."""
+    return [f"restore {folder.name}/ from the project's copy if it is the one in shared/data",
+            f"else delete {folder}/ and run again to download it again"]
+
+
+def missing_sample(load, tmp_path, folder, url):
+    """With downloading off, a missing sample says where it downloads from and where else it is; nothing is made."""
+    data_error(lambda: load(tmp_path, download=False), folder, 'downloading is off', url, '--data-dir',
+               "the project's shared/data")
+    assert listing(tmp_path) == []
+
+
 def test_speech_subset_speaker_split_labels_and_rows(tmp_path):
     expected = write_fake_speech_subset(tmp_path)
     root = tmp_path / 'speech_commands_v0.02_subset'
@@ -944,12 +961,9 @@ def test_speech_subset_speaker_split_labels_and_rows(tmp_path):
 def test_bad_speech_subset_is_a_data_error(tmp_path, case):
     root = tmp_path / 'speech_commands_v0.02_subset'
     if case == 'missing':
-        msg = data_error(lambda: data.load_google_speech_subset(tmp_path, download=False), root,
-                         'ships with the project in shared/data', '--data-dir')
-        assert 'download' not in msg
-        return
+        return missing_sample(data.load_google_speech_subset, tmp_path, root, data.SPEECH_SUBSET_URL)
     expected = write_fake_speech_subset(tmp_path)
-    needles = ['restore speech_commands_v0.02_subset/']  # shipped, not downloaded: restore it
+    needles = sample_fix(root)
     if case == 'truncated wav':
         f = root / expected['train'][3]
         f.write_bytes(f.read_bytes()[:-1000])
@@ -968,8 +982,7 @@ def test_bad_speech_subset_is_a_data_error(tmp_path, case):
         for f in expected['test']:
             (root / f).unlink()
         needles += ['no clip of a test speaker', '31 wav files, 3 speakers']
-    msg = data_error(lambda: data.load_google_speech_subset(tmp_path, download=False), *needles)
-    assert 'download' not in msg
+    data_error(lambda: data.load_google_speech_subset(tmp_path, download=False), *needles)
 
 
 def test_hapt_windows_labels_and_user_split(tmp_path):
@@ -999,14 +1012,11 @@ def test_hapt_windows_labels_and_user_split(tmp_path):
 def test_bad_hapt_is_a_data_error(tmp_path, case):
     root = tmp_path / 'hapt_sample'
     if case == 'missing':
-        msg = data_error(lambda: data.load_hapt_sample(tmp_path, download=False), root,
-                         'ships with the project in shared/data', '--data-dir')
-        assert 'download' not in msg
-        return
+        return missing_sample(data.load_hapt_sample, tmp_path, root, data.HAPT_URL)
     write_fake_hapt(tmp_path)
     acc, labels = root / 'RawData' / 'acc_exp03_user02.txt', root / 'RawData' / 'labels.txt'
     lines = acc.read_text().splitlines()
-    needles = ['restore hapt_sample/']
+    needles = sample_fix(root)
     if case == 'short row':
         lines[40] = lines[40].rsplit(' ', 1)[0]
         needles += [acc, 'not a HAPT table of 3 numbers a row']
@@ -1053,8 +1063,7 @@ def test_bad_hapt_is_a_data_error(tmp_path, case):
         needles += [labels, 'holds no rows']
     if case in ('short row', 'not a number', 'nan', 'past the end'):
         acc.write_text(''.join(line + '\n' for line in lines))
-    msg = data_error(lambda: data.load_hapt_sample(tmp_path, download=False), *needles)
-    assert 'download' not in msg
+    data_error(lambda: data.load_hapt_sample(tmp_path, download=False), *needles)
 
 
 def test_higgs_sample_rows_and_split(tmp_path):
@@ -1074,13 +1083,11 @@ def test_higgs_sample_rows_and_split(tmp_path):
 def test_bad_higgs_sample_is_a_data_error(tmp_path, case):
     folder = tmp_path / 'higgs_lightgbm'
     if case == 'missing':
-        data_error(lambda: data.load_higgs_sample(tmp_path, download=False), folder,
-                   'ships with the project in shared/data', '--data-dir')
-        return
+        return missing_sample(data.load_higgs_sample, tmp_path, folder, data.HIGGS_SAMPLE_URL)
     write_fake_higgs_sample(tmp_path)
     f = folder / 'binary.test'
     rows = [line.split('\t') for line in f.read_text().splitlines()]
-    needles = ['restore higgs_lightgbm/']
+    needles = sample_fix(folder)
     if case == 'missing file':
         f.unlink()
         needles += [f, 'is missing']
@@ -1131,13 +1138,11 @@ def test_splice_tokens_labels_and_split(tmp_path):
 def test_bad_splice_is_a_data_error(tmp_path, case):
     folder = tmp_path / 'splice'
     if case == 'missing':
-        data_error(lambda: data.load_splice(tmp_path, download=False), folder,
-                   'ships with the project in shared/data', '--data-dir')
-        return
+        return missing_sample(data.load_splice, tmp_path, folder, data.SPLICE_URL)
     write_fake_splice(tmp_path)
     f = folder / 'splice.data'
     lines = f.read_text().splitlines()
-    needles = ['restore splice/']
+    needles = sample_fix(folder)
     if case == 'missing file':
         f.unlink()
         needles += [f, 'is missing']
@@ -1159,8 +1164,7 @@ def test_bad_splice_is_a_data_error(tmp_path, case):
         needles += [f, '9 sequences leave none for the test split']
     if case != 'missing file':
         f.write_text(''.join(line + '\n' for line in lines))
-    msg = data_error(lambda: data.load_splice(tmp_path, download=False), *needles)
-    assert 'download' not in msg
+    data_error(lambda: data.load_splice(tmp_path, download=False), *needles)
 
 
 # the real folders (skipped where shared/data does not have them)
@@ -1271,6 +1275,221 @@ def test_real_splice():
     where = int(np.flatnonzero(perm == i)[0])
     x, y = (s.train_x[where], s.train_y[where]) if where < 2871 else (s.test_x[where - 2871], s.test_y[where - 2871])
     assert x.tolist() == splice_tokens_by_hand(seq) and x[0] == 4 and y == 1
+
+
+# -----------------------------------------------------------------------------
+# the samples' downloads, from archives and files built here out of the project's copies (out of the fakes above
+# where this checkout has no shared/data), served through a fake urlopen
+
+SAMPLE_ARCHIVES = {'google_speech_subset': 'speech_commands_test_set_v0.02.tar.gz', 'hapt_sample': 'HAPT Data Set.zip'}
+
+
+def files_of(folder):
+    """{name relative to folder: bytes} of every file in it."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob('*') if p.is_file()}
+
+
+def write_files(folder, files):
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def digest_by_hand(files):
+    """data.sample_digest written out: (count, the sha256 of the files' `sha256sum` lines in sorted order)."""
+    lines = ''.join(f"{hashlib.sha256(content).hexdigest()}  {name}\n" for name, content in sorted(files.items()))
+    return len(files), hashlib.sha256(lines.encode()).hexdigest()
+
+
+def flipped(content):
+    return content[:-1] + bytes([content[-1] ^ 1])  # same size, another sha256
+
+
+def serve_bytes(monkeypatch, served):
+    """urlopen gives {url: bytes}; any other URL fails as an unreachable network does."""
+    def urlopen(url, timeout=None):
+        if url not in served:
+            raise urllib.error.URLError(OSError(101, 'Network is unreachable'))
+        return io.BytesIO(served[url])
+    monkeypatch.setattr(urllib.request, 'urlopen', urlopen)
+
+
+def source_folder(tmp_path, name, write_fake):
+    """The project's copy of the sample folder `name`, or where this checkout has none, a fake written here."""
+    if (SHARED / name).is_dir():
+        return SHARED / name
+    write_fake(tmp_path / 'src')
+    return tmp_path / 'src' / name
+
+
+def speech_source(tmp_path, monkeypatch, corrupt=False):
+    """The test-set archive as the original (a .tar.gz with no top folder, './' before each name) with two of the
+    copy's speakers, one test and one train, whose clips the subset takes with README.md and LICENSE, and what it
+    must leave: a third speaker, a word outside the ten. The constants are pointed at the two speakers.
+    Returns (folder name, {url: bytes served}, {name: bytes} the folder must hold)."""
+    files = files_of(source_folder(tmp_path, 'speech_commands_v0.02_subset', write_fake_speech_subset))
+    speakers = sorted({speaker_of(n) for n in files if n.endswith('.wav')})
+    test = next(s for s in speakers if sha1_is_test(s))
+    train, other = [s for s in speakers if not sha1_is_test(s)][:2]
+    taken = {n: b for n, b in files.items() if not n.endswith('.wav') or speaker_of(n) in (test, train)}
+    members = {**{n: b for n, b in files.items() if not n.endswith('.wav') or speaker_of(n) in (test, train, other)},
+               f'bed/{test}_nohash_0.wav': next(b for n, b in taken.items() if n.endswith('.wav'))}
+    if corrupt:
+        clip = min(n for n in taken if n.endswith('.wav'))
+        members[clip] = flipped(members[clip])
+    monkeypatch.setattr(data, 'SPEECH_SUBSET_SPEAKERS', {test, train})
+    monkeypatch.setattr(data, 'SPEECH_SUBSET_FILES', digest_by_hand(taken)[0])
+    monkeypatch.setattr(data, 'SPEECH_SUBSET_SHA256', digest_by_hand(taken)[1])
+    archive = tar_gz(tmp_path / 'test_set.tar.gz', write_files(tmp_path / 'members', members), '.')
+    return 'speech_commands_v0.02_subset', {data.SPEECH_SUBSET_URL: archive.read_bytes()}, taken
+
+
+def hapt_source(tmp_path, monkeypatch, corrupt=False):
+    """The HAPT zip with users 1 and 2 of the copy, whose recordings the sample takes with the files of all users,
+    and what it must leave: user 3's recordings, the feature files. Returns as speech_source."""
+    files = files_of(source_folder(tmp_path, 'hapt_sample', write_fake_hapt))
+    user = {n: int(n[-6:-4]) for n in files if re.fullmatch(r'RawData/(acc|gyro)_exp\d+_user\d+\.txt', n)}
+    taken = {n: b for n, b in files.items() if user.get(n, 1) in (1, 2)}
+    members = {**{n: b for n, b in files.items() if user.get(n, 1) in (1, 2, 3)},
+               'features.txt': b'1 tBodyAcc-Mean-1\n', 'Train/X_train.txt': b'0.04 -0.01 -0.04\n'}
+    if corrupt:
+        members['RawData/labels.txt'] = flipped(members['RawData/labels.txt'])
+    monkeypatch.setattr(data, 'HAPT_SAMPLE_USERS', (1, 2))
+    monkeypatch.setattr(data, 'HAPT_SAMPLE_FILES', digest_by_hand(taken)[0])
+    monkeypatch.setattr(data, 'HAPT_SAMPLE_SHA256', digest_by_hand(taken)[1])
+    archive = zip_folder(tmp_path / 'hapt.zip', write_files(tmp_path / 'members', members), '')
+    return 'hapt_sample', {data.HAPT_URL: archive.read_bytes()}, taken
+
+
+def whole_files_source(tmp_path, monkeypatch, corrupt, table, name, write_fake):
+    """The files of the sample `name` served at the URLs of data.<table>, which is pointed at their sizes and
+    sha256 (those of the copy where it is here). Returns as speech_source."""
+    files = files_of(source_folder(tmp_path, name, write_fake))
+    urls = {n: url for n, (url, _, _) in getattr(data, table).items()}
+    monkeypatch.setattr(data, table, {n: (url, len(files[n]), hashlib.sha256(files[n]).hexdigest())
+                                      for n, url in urls.items()})
+    served = {url: files[n] for n, url in urls.items()}
+    if corrupt:
+        first = next(iter(served))
+        served[first] = flipped(served[first])
+    return name, served, files
+
+
+SAMPLE_SOURCES = {
+    'google_speech_subset': speech_source,
+    'hapt_sample': hapt_source,
+    'higgs_sample': lambda tmp_path, monkeypatch, corrupt=False: whole_files_source(
+        tmp_path, monkeypatch, corrupt, 'HIGGS_SAMPLE_FILES', 'higgs_lightgbm', write_fake_higgs_sample),
+    'splice': lambda tmp_path, monkeypatch, corrupt=False: whole_files_source(
+        tmp_path, monkeypatch, corrupt, 'SPLICE_FILES', 'splice', write_fake_splice)}
+
+
+def assert_same_splits(a, b):
+    for key in ('train_x', 'train_y', 'test_x', 'test_y', 'train_groups'):
+        x, y = getattr(a, key), getattr(b, key)
+        assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), key
+
+
+@pytest.mark.parametrize('name', SAMPLE_SOURCES)
+def test_a_missing_sample_is_downloaded_verified_and_only_its_files_kept(tmp_path, monkeypatch, name):
+    folder, served, taken = SAMPLE_SOURCES[name](tmp_path, monkeypatch)
+    serve_bytes(monkeypatch, served)
+    data_dir = tmp_path / 'data'  # does not exist yet
+    s = data.get_domain(name).load(data_dir, download=True)
+    assert listing(data_dir) == [folder]  # no archive, no temporary file or folder
+    assert files_of(data_dir / folder) == taken  # the sample's files, byte for byte, and nothing else
+    assert len(s.train_y) and len(s.test_y)
+    # from then on the folder is read as it is, as the project's copy is: no network, no hashing
+    monkeypatch.setattr(urllib.request, 'urlopen', fails)
+    monkeypatch.setattr(data, '_hexdigest', fails)
+    assert_same_splits(data.get_domain(name).load(data_dir, download=True), s)
+
+
+@pytest.mark.parametrize('case', ['corrupted', 'truncated', 'offline'])
+@pytest.mark.parametrize('name', SAMPLE_SOURCES)
+def test_a_failed_sample_download_leaves_nothing(tmp_path, monkeypatch, name, case):
+    folder, served, _ = SAMPLE_SOURCES[name](tmp_path, monkeypatch, corrupt=case == 'corrupted')
+    url = next(iter(served))  # the archive, or the first file (the one corrupted)
+    if case == 'truncated':
+        served[url] = served[url][:len(served[url]) // 2]
+    serve_bytes(monkeypatch, {} if case == 'offline' else served)
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    (data_dir / 'notes.txt').write_text("the user's\n")
+    if case == 'offline':
+        needles = [url, 'could not download', 'Network is unreachable',
+                   f'--data-dir with a folder that holds {folder}/']
+    elif name in SAMPLE_ARCHIVES:  # the archive has no checksum: the files taken out of it do
+        constant = {'google_speech_subset': 'SPEECH_SUBSET_SHA256', 'hapt_sample': 'HAPT_SAMPLE_SHA256'}[name]
+        needles = [url, 'it was deleted'] + (['is not the expected archive', getattr(data, constant)]
+                                             if case == 'corrupted' else ['cannot extract'])
+    else:
+        needles = [f'downloaded {url.rsplit("/", 1)[1]} failed verification', 'was deleted',
+                   'sha256' if case == 'corrupted' else 'size']
+    msg = data_error(lambda: data.get_domain(name).load(data_dir, download=True), *needles)
+    if case == 'truncated' and name in SAMPLE_ARCHIVES:  # the reason is shown, not swallowed
+        assert any(e in msg for e in ('EOFError', 'ReadError', 'BadZipFile')), msg
+    assert listing(data_dir) == ['notes.txt']  # no folder, no archive, no temporary file or folder
+
+
+@pytest.mark.parametrize('good', [True, False], ids=['good', 'corrupted'])
+@pytest.mark.parametrize('name', SAMPLE_ARCHIVES)
+def test_a_placed_archive_gives_the_sample_without_network_and_is_kept(tmp_path, monkeypatch, name, good):
+    folder, served, taken = SAMPLE_SOURCES[name](tmp_path, monkeypatch, corrupt=not good)
+    monkeypatch.setattr(urllib.request, 'urlopen', fails)
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    archive = data_dir / SAMPLE_ARCHIVES[name]
+    archive.write_bytes(*served.values())
+    if good:
+        data.get_domain(name).load(data_dir, download=False)
+        assert listing(data_dir) == sorted([archive.name, folder]) and files_of(data_dir / folder) == taken
+    else:  # the user's file: named, kept, not replaced
+        data_error(lambda: data.get_domain(name).load(data_dir, download=True), archive, 'is not the expected archive',
+                   'delete it')
+        assert listing(data_dir) == [archive.name]
+
+
+def test_data_dir_naming_the_sample_itself_is_refused_before_any_download(tmp_path, monkeypatch):
+    write_fake_splice(tmp_path)
+    monkeypatch.setattr(urllib.request, 'urlopen', fails)
+    data_error(lambda: data.load_splice(tmp_path / 'splice', download=True), "is the dataset's own folder",
+               f'--data-dir {tmp_path}')
+    assert listing(tmp_path / 'splice') == ['splice.data', 'splice.names']
+
+
+@pytest.mark.skipif(not (shutil.which('find') and shutil.which('sha256sum')), reason="needs GNU find and sha256sum")
+def test_sample_digest_is_what_the_shell_command_of_its_docstring_gives(tmp_path):
+    write_fake_hapt(tmp_path)  # files in nested folders
+    folder = tmp_path / 'hapt_sample'
+    command = data.sample_digest.__doc__.strip().splitlines()[-1].strip().replace('<folder>', str(folder))
+    out = subprocess.run(['bash', '-c', command], capture_output=True, text=True, check=True).stdout
+    assert data.sample_digest(folder) == (len(files_of(folder)), out.split()[0]) == digest_by_hand(files_of(folder))
+
+
+@pytest.mark.skipif(not all((SHARED / f).is_dir() for f in ('speech_commands_v0.02_subset', 'hapt_sample',
+                                                             'higgs_lightgbm', 'splice')),
+                    reason="the real samples are not in shared/data")
+def test_the_samples_constants_are_those_of_the_projects_copies(tmp_path, monkeypatch):
+    # archives: the count and digest of the copy's files, every one of them taken by the selection
+    speech, hapt = files_of(SPEECH_SUBSET), files_of(HAPT)
+    for files, member, count, digest in ((speech, data.speech_subset_member, 1010, data.SPEECH_SUBSET_SHA256),
+                                         (hapt, data.hapt_sample_member, 35, data.HAPT_SAMPLE_SHA256)):
+        assert digest_by_hand(files) == (count, digest) and all(member(n) for n in files)
+    assert (data.SPEECH_SUBSET_FILES, data.HAPT_SAMPLE_FILES) == (1010, 35)
+    assert data.SPEECH_SUBSET_SPEAKERS == {speaker_of(n) for n in speech if n.endswith('.wav')}
+    assert data.HAPT_SAMPLE_USERS == tuple(sorted({int(n[-6:-4]) for n in hapt if n.startswith('RawData/acc_')}))
+    # whole files: served at their URLs as they are, they pass the download's size and sha256 checks
+    tables = {'higgs_sample': ('higgs_lightgbm', data.HIGGS_SAMPLE_FILES), 'splice': ('splice', data.SPLICE_FILES)}
+    served = {}
+    for folder, table in tables.values():
+        assert sorted(table) == sorted(files_of(SHARED / folder))
+        served.update({url: (SHARED / folder / n).read_bytes() for n, (url, _, _) in table.items()})
+    serve_bytes(monkeypatch, served)
+    for name in tables:
+        assert_same_splits(data.get_domain(name).load(tmp_path, download=True),
+                           data.get_domain(name).load(SHARED, download=False))
 
 
 # -----------------------------------------------------------------------------
