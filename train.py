@@ -163,7 +163,7 @@ def make_optimizer(model, cfg):
         (step_size if name.endswith("log_inner_lr") else no_decay if exempt and not cfg.decay_all else decay).append(p)
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     if step_size:
-        groups.append(dict(params=step_size, weight_decay=0.0, lr_scale=cfg.learned_lr_scale, clip=False))
+        groups.append(dict(params=step_size, weight_decay=0.0, lr_scale=cfg.learned_lr_scale))
     try:  # the fused kernel is 4x faster on CPU than the per-tensor loop; older PyTorch lacks it on CPU
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), fused=True)
     except (RuntimeError, ValueError):
@@ -187,8 +187,8 @@ def train_step(model, opt, x, cfg, autocast):
         loss, logs = model(x)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups if g.get("clip", True) for p in g["params"]],
+    if cfg.grad_clip:  # in the model's order (the norm's sum is rounded in it); a learned step size is not clipped
+        torch.nn.utils.clip_grad_norm_([p for n, p in model.named_parameters() if not n.endswith("log_inner_lr")],
                                        cfg.grad_clip)
     opt.step()
     return loss.detach(), logs
