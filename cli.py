@@ -54,9 +54,10 @@ def boolean(text):
     return text.lower() in ("true", "1", "yes")
 
 
-def parse_args(argv, config_class, doc, presets=None, shown=None):
+def parse_args(argv, config_class, doc, presets=None, shown=None, inherit=None):
     """`--key value` / `--key=value` overrides of the config's fields; `--flag` alone sets a bool. Knobs not
-    given take the preset's value (with `presets`: a --preset knob names one), then the field's default; --help
+    given take the values inherit(given) returns (a checkpoint's: the run that --resume continues or probe.py
+    --ckpt reads), then the preset's (with `presets`: a --preset knob names one), then the field's default; --help
     shows the defaults of the preset on the command line (or of the default one). shown: the fields --help lists
     (None: all); the others are accepted all the same."""
     def dashed(arg):  # --max_steps as --max-steps: nanoGPT's users type underscores
@@ -85,10 +86,11 @@ def parse_args(argv, config_class, doc, presets=None, shown=None):
     for key in given:  # the shell leaves --data-dir=~/x as it is
         if key.endswith("_dir") or key == "ckpt":
             given[key] = os.path.expanduser(given[key])
-    preset = given.get("preset", defaults.get("preset"))
+    base = inherit(given, defaults) if inherit else {}
+    preset = given.get("preset", base.get("preset", defaults.get("preset")))
     if presets is not None and preset not in presets:
         raise UsageError(f"unknown --preset {preset!r}; choose one of {', '.join(presets)}")
-    return config_class(**{**(presets or {}).get(preset, {}), **given})
+    return config_class(**{**(presets or {}).get(preset, {}), **base, **given})
 
 
 def writable_dir(path):
@@ -122,6 +124,21 @@ def cost_hint(preset, seconds_per_step, steps_left):
     hint = f"; {PRESET_HINT}" if preset == "paper" else ""
     return (f"{1000 * seconds_per_step:.0f} ms per step on this CPU: the {steps_left:,} steps left take about "
             f"{when}{hint}")
+
+
+INERT_SHIFT, INERT_GAP = 1e-3, 1e-3  # below both, the inner step does nothing measurable (docs/ablation.md)
+
+
+def inert_note(rec):
+    """A line when a logged step's inner step moves Z by less than INERT_SHIFT of its norm and changes the query
+    loss by less than INERT_GAP of it: at the paper's inner_lr it did so on every modality measured."""
+    if "shift" not in rec or not rec["amortized"]:
+        return None
+    gap = (rec["amortized"] - rec["adapted"]) / rec["amortized"]  # the share of the query loss the step removes
+    if rec["shift"] < INERT_SHIFT and abs(gap) < INERT_GAP:
+        return (f"the inner step moves Z by {rec['shift']:.1e} of its norm and changes the query loss by "
+                f"{100 * gap:.3f}%: at this inner_lr it does nothing measurable (docs/ablation.md)")
+    return None
 
 
 @contextlib.contextmanager
@@ -198,6 +215,44 @@ def check_resumable(state, cfg, path):
         raise RunError(f"checkpoint {path} is the end of a finished run (step {cfg.max_steps} of {cfg.max_steps}): "
                        f"probe it with python probe.py --domain {cfg.domain} --ckpt {path}, or train longer in a new "
                        "run")
+
+
+def saved_options(path):
+    """The options a checkpoint was trained with, {} when there is none to read (train.py and probe.py say why)."""
+    try:
+        return dict(torch.load(path, map_location="cpu", weights_only=True)["config"])
+    except Exception:  # any unreadable or foreign file: load_checkpoint will name what is wrong
+        return {}
+
+
+NOT_INHERITED = ("resume", "overwrite", "stop_step", "out_dir", "device", "threads", "compile", "cuda_graph")
+
+
+def resumed_options(given, defaults):
+    """train.py --resume continues the run as it was started: the options its checkpoint holds are the defaults
+    (all but where and how fast it runs, NOT_INHERITED), and one given that would change its numbers (its preset,
+    model, schedule, batches, data, seed or precision) is refused, naming the run's value."""
+    if not given.get("resume"):
+        return {}
+    path = Path(given.get("out_dir") or f"runs/{given.get('domain', defaults['domain'])}") / "ckpt.pt"
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved_options(path).items()
+             if k in defaults and k not in NOT_INHERITED}
+    free = ("data_dir", "download", "log_interval", "ckpt_interval", "eval_interval", "probe_domains", "probe_epochs",
+            "probe_lrs", "probe_batch_size", "probe_weight_decay", "val_frac")  # a run may change these on the way
+    changed = [k for k in given if k in saved and k not in free and given[k] != saved[k]]
+    if changed:
+        raise UsageError(f"{path} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]} (given: "
+                         f"{given[k]})" for k in changed) + ": --resume continues the run with its own options; drop "
+                         f"{'them' if len(changed) > 1 else 'it'}, or start a new run with --overwrite" + (
+                         f" (or probe it on {given['domain']} with probe.py --ckpt)" if "domain" in changed else ""))
+    return saved
+
+
+def probed_options(given, defaults):
+    """probe.py --ckpt reads the domain and the data folder of the checkpoint's run unless they are given."""
+    if not given.get("ckpt") or given.get("baseline") == "raw":
+        return {}
+    return {k: v for k, v in saved_options(Path(given["ckpt"])).items() if k in ("domain", "data_dir")}
 
 
 def check_optimizer_state(saved, opt):

@@ -3,11 +3,15 @@ Where a run runs, set up in one place and in the order a run needs it: the devic
 precision (bf16 autocast on CUDA, fp32 on CPU), and under torchrun the process group; then, once the model and its
 optimizer exist, SyncBatchNorm, torch.compile of the encoder, the DDP wrapper, and the training step itself, eager
 or captured in one CUDA graph. train.py calls setup() before any work and prepare() once it has built the model;
-probe.py and bench.py need setup() alone. Last, the end of a run under torchrun.
+probe.py and bench.py need setup() alone. Then what a run records of where it ran; last, the end of a run under
+torchrun.
 """
 
 import functools
 import os
+import platform
+import subprocess
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
@@ -126,6 +130,27 @@ class GraphedStep:
             self.x.copy_(x)
         self.graph.replay()  # capturing records without running: the capturing call replays too
         return self.out  # static tensors, overwritten by the next replay
+
+def describe(dev):
+    """Where this run runs, as log.jsonl's first record and the checkpoint keep it: runs reproduce bit for bit on
+    one machine and torch build, not across them (docs/performance.md)."""
+    if dev.device.type == "cuda":
+        name = torch.cuda.get_device_name(dev.device)
+    else:  # the CPU model, as Linux names it
+        try:
+            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                        if line.startswith("model name"))
+        except (OSError, StopIteration):
+            name = platform.processor() or platform.machine()
+    here = dict(cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+    try:  # the commit of the checkout this code runs from, '+dirty' when its tracked files were changed
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **here).stdout.strip()
+        commit += "+dirty" if subprocess.run(["git", "status", "--porcelain", "-uno"], **here).stdout.strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = None  # not a git checkout, or no git
+    return dict(torch=str(torch.__version__), build=f"cuda {torch.version.cuda}" if torch.version.cuda else "cpu",
+                device=str(dev.device), device_name=name, dtype=dev.precision, threads=torch.get_num_threads(),
+                world_size=dev.world, python=platform.python_version(), commit=commit)
 
 # -----------------------------------------------------------------------------
 # the end of a run under torchrun

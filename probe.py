@@ -262,7 +262,8 @@ def evaluate(model, cfg, targets, datasets, autocast):
 
 @dataclass
 class Config(Knobs):
-    ckpt: str = knob("", "the checkpoint to probe (train.py writes <out-dir>/ckpt.pt)", "start here")
+    ckpt: str = knob("", "the checkpoint to probe (train.py writes <out-dir>/ckpt.pt); its domain and data folder "
+                     "are the defaults", "start here")
     baseline: str = knob("", "instead of a trained encoder: 'random' (fresh weights, of --ckpt's architecture when "
                          "given, else the paper's backbone) or 'raw' (the inputs themselves)", "start here")
 
@@ -308,7 +309,7 @@ def run(cfg):
 def main(argv=None):
     with cli.one_line_errors():
         try:
-            run(cli.parse_args(sys.argv[1:] if argv is None else argv, Config, __doc__))
+            run(cli.parse_args(sys.argv[1:] if argv is None else argv, Config, __doc__, inherit=cli.probed_options))
         except KeyboardInterrupt as e:
             raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) while probing; nothing was written") from None
 

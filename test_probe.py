@@ -11,11 +11,11 @@ import cli
 import probe
 import train
 from conftest import (TINY, assert_clean_error, make_cifar, make_imagenet32, read_log, run_cli, run_in_process,
-                      write_cifar_batch)
+                      write_cifar_batch, write_fake)
 
 
-def parse(argv):
-    return cli.parse_args([str(a) for a in argv], probe.Config, "")
+def parse(argv):  # as probe.main parses: --ckpt's domain and data folder are the defaults
+    return cli.parse_args([str(a) for a in argv], probe.Config, "", inherit=cli.probed_options)
 
 
 def probe_cli(*args):
@@ -138,6 +138,18 @@ def test_probe_py_reads_a_checkpoint_and_the_baselines_against_chance_and_shuffl
     fresh = seen["random"].state_dict()
     assert fresh.keys() == saved.keys()
     assert not torch.equal(fresh["encoder.blocks.0.fc1.weight"], saved["encoder.blocks.0.fc1.weight"])
+
+
+def test_probe_py_with_a_checkpoint_alone_reads_its_run_s_domain_and_data_folder(tmp_path, monkeypatch):
+    write_fake("splice", tmp_path / "data", monkeypatch)
+    train_main("--domain", "splice", "--data-dir", tmp_path / "data", *TINY, "--max-steps", "2", "--out-dir",
+               tmp_path / "run")
+    code, out, err = probe_cli("--ckpt", tmp_path / "run" / "ckpt.pt", "--probe-epochs", "1", "--threads", "1")
+    assert code == 0 and not err, err  # not cifar10 in ./data, the defaults: splice, in the run's data folder
+    assert read_log(tmp_path / "run" / "eval.jsonl")[-1]["encoder"] == str(tmp_path / "run" / "ckpt.pt")
+    cfg = parse(["--ckpt", tmp_path / "run" / "ckpt.pt", "--data-dir", "elsewhere"])
+    assert (cfg.domain, cfg.data_dir) == ("splice", "elsewhere")  # what is given wins
+    assert parse(["--baseline", "raw", "--ckpt", tmp_path / "run" / "ckpt.pt"]).domain == "cifar10"  # raw reads none
 
 
 def test_transfer_imagenet32_to_cifar10_then_probe_the_checkpoint_alone(tmp_path):

@@ -25,8 +25,8 @@ def cifar_dir(tmp_path_factory):
     return root
 
 
-def parse(argv):
-    return cli.parse_args([str(a) for a in argv], train.Config, "", train.PRESETS)
+def parse(argv):  # as train.main parses: --resume takes the run's own options
+    return cli.parse_args([str(a) for a in argv], train.Config, "", train.PRESETS, None, cli.resumed_options)
 
 
 def run_main(*args):
@@ -297,7 +297,7 @@ def test_missing_and_incompatible_checkpoints(cifar_dir, tmp_path):
     base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path]
     assert_clean_error(train_cli(*base, "--resume"), 1, "no checkpoint")
     run_main(*base, "--max-steps", "1", "--stop-step", "1")
-    assert_clean_error(train_cli(*base, "--resume", "--embed-dim", "64"), 1, "different model", "embed_dim")
+    assert_clean_error(train_cli(*base, "--resume", "--embed-dim", "64"), 2, "--embed-dim 32 (given: 64)", "--overwrite")
     (tmp_path / "ckpt.pt").write_bytes(b"garbage")
     assert_clean_error(train_cli(*base, "--resume"), 1, "unreadable")
 
@@ -454,8 +454,8 @@ def test_resume_refuses_a_checkpoint_of_another_dataset_of_the_same_shape(tmp_pa
     make_imagenet32(tmp_path / "data")
     base = ["--data-dir", tmp_path / "data", *TINY, "--out-dir", tmp_path / "run", "--max-steps", "4"]
     run_main("--domain", "cifar10", *base, "--stop-step", "2")
-    assert_clean_error(train_cli("--domain", "imagenet32", *base, "--resume"), 1, "was trained on cifar10, not "
-                       "imagenet32", "--domain cifar10")
+    assert_clean_error(train_cli("--domain", "imagenet32", *base, "--resume"), 2, "--domain cifar10 (given: "
+                       "imagenet32)", "probe it on imagenet32 with probe.py --ckpt")
 
 
 def test_a_probe_that_cannot_select_or_train_is_refused_not_reported(cifar_dir, tmp_path):
@@ -548,17 +548,25 @@ def test_damaged_checkpoints_are_refused_in_one_line(cifar_dir, tmp_path, damage
                                    tmp_path / "ckpt.pt"), 1, needle)
 
 
-def test_resume_keeps_the_run_s_own_schedule_and_refuses_a_finished_run(cifar_dir, tmp_path):
-    base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--probe-epochs", "1"]
-    run_main(*base, "--max-steps", "3", "--stop-step", "2")
-    # another --max-steps or --lr would restart the cosine schedule from its peak, silently
-    assert_clean_error(train_cli(*base, "--max-steps", "1", "--resume"), 1, "--max-steps 3 (now 1)", "--overwrite")
-    assert_clean_error(train_cli(*base, "--max-steps", "3", "--lr", "0.1", "--resume"), 1, "--lr 0.0001 (now 0.1)")
-    run_main(*base, "--max-steps", "3", "--resume", "--stop-step", "0")
+def test_resume_continues_the_run_with_its_own_options_and_refuses_others_and_a_finished_run(cifar_dir, tmp_path):
+    # a run of the cpu preset (its lr, warm-up and mask ratio) with a tiny model, stopped early
+    base = ["--domain", "cifar10", "--data-dir", cifar_dir, "--out-dir", tmp_path]
+    run_main(*base, "--preset", "cpu", *TINY, "--probe-epochs", "1", "--max-steps", "3", "--stop-step", "2")
+    # an option that would change its numbers is refused, naming the run's value: another --max-steps or --lr would
+    # restart the cosine schedule from its peak, another preset change the recipe, silently
+    assert_clean_error(train_cli(*base, "--max-steps", "1", "--resume"), 2, "--max-steps 3 (given: 1)", "--overwrite")
+    assert_clean_error(train_cli(*base, "--lr", "0.1", "--resume"), 2, "--lr 0.0015 (given: 0.1)")
+    assert_clean_error(train_cli(*base, "--preset", "paper", "--resume"), 2, "--preset cpu (given: paper)")
+    # --resume alone takes the preset, the model and the schedule from the checkpoint; where it runs may change
+    cfg = parse([*base, "--resume", "--threads", "2", "--log-interval", "5"])
+    assert (cfg.preset, cfg.embed_dim, cfg.lr, cfg.max_steps, cfg.mask_ratio, cfg.probe_epochs, cfg.threads,
+            cfg.log_interval, cfg.stop_step) == ("cpu", 32, 1.5e-3, 3, 0.75, 1, 2, 5, 0)
+    run_main(*base, "--resume")
     log = read_log(tmp_path / "log.jsonl")
-    assert len([r for r in log if "test_acc" in r]) == 1  # the end's probe, once
-    assert_clean_error(train_cli(*base, "--max-steps", "3", "--resume"), 1, "the end of a finished run",
-                       "python probe.py --domain cifar10 --ckpt")
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3] and len([r for r in log if "test_acc" in r]) == 1
+    assert log[0]["config"]["preset"] == "cpu" and "environment" in log[0] and log[4]["resumed_at"] == 2
+    assert_clean_error(train_cli(*base, "--resume"), 1, "the end of a finished run", "python probe.py --domain cifar10 "
+                       "--ckpt")
     assert read_log(tmp_path / "log.jsonl") == log  # nothing appended
 
 
@@ -652,11 +660,30 @@ def test_a_cpu_run_says_what_it_costs_and_its_end_reads_at_a_glance(cifar_dir, t
     out = capsys.readouterr().out
     assert "ms per step on this CPU: the 4 steps left take about" in out and "--preset cpu" in out  # after 10 steps
     assert "probing the frozen encoder on cifar10" in out
-    end = out.strip().splitlines()[-2:]
+    end = out.strip().splitlines()[-3:]
     assert end[0].startswith("step 14 of 14 after") and str(tmp_path / "ckpt.pt") in end[0] and ".png" in end[0]
     assert re.fullmatch(r"cifar10: test accuracy \d+\.\d% \(validation \d+\.\d%; probe lr .*, epoch \d+\)", end[1])
-    first = read_log(tmp_path / "log.jsonl")[0]  # the options the run used
+    first = read_log(tmp_path / "log.jsonl")[0]  # the options the run used, and where it ran
     assert first["config"]["max_steps"] == 14 and first["model_config"]["embed_dim"] == 32
+    env = first["environment"]
+    assert (env["torch"], env["device"], env["threads"], env["world_size"]) == (torch.__version__, "cpu", 1, 1)
+    assert env["dtype"] == "float32" and env["device_name"] and env["python"].count(".") == 2
+    assert end[2] == "ran on " + ", ".join(f"{k} {v}" for k, v in env.items())
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["environment"] == env
+    # the first log record (step 14 here) tells that the paper's inner step barely moves Z, once
+    assert out.count("at this inner_lr it does nothing measurable") == 1
+
+
+@pytest.mark.parametrize("rec,inert", [
+    (dict(shift=9e-4, amortized=2.0, adapted=1.999), True),     # inside both thresholds (shift 1e-3, gap 0.1%)
+    (dict(shift=1.1e-3, amortized=2.0, adapted=2.0), False),    # it moves Z
+    (dict(shift=1e-5, amortized=2.0, adapted=1.997), False),    # it lowers the query loss by 0.15%
+    (dict(shift=1e-5, amortized=2.0, adapted=2.003), False),    # or raises it
+    (dict(amortized=2.0), False),                               # MAE: no step
+])
+def test_the_inert_step_line_and_its_thresholds(rec, inert):
+    note = cli.inert_note(rec)
+    assert (note is not None) == inert and (not inert or f"{rec['shift']:.1e} of its norm" in note)
 
 
 def test_help_says_each_default_once_and_the_presets_values():

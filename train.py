@@ -106,7 +106,7 @@ class Config(probe.Knobs):  # + the data, system and probe knobs: domain, data_d
     ckpt_interval: int = knob(5_000, "steps between checkpoints (one is always written at the end)")
     eval_interval: int = knob(20_000, "steps between validation probes during pretraining (0: only at the end)",
                               "probe")
-    resume: bool = knob(False, "continue from <out_dir>/ckpt.pt", "start here")
+    resume: bool = knob(False, "continue <out_dir>/ckpt.pt's run, with its options", "start here")
     overwrite: bool = knob(False, "start a new run in an --out-dir whose ckpt.pt is then replaced")
 
 
@@ -197,9 +197,9 @@ def train_step(model, opt, x, cfg, autocast):
 # checkpoints: atomic, uncompiled/unwrapped keys, RNG states included, tensors and plain types only
 
 
-def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen):
+def save_checkpoint(path, model, opt, cfg, mcfg, step, data_gen, env):
     state = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg), model_config=asdict(mcfg),
-                 step=step, rng_cpu=torch.get_rng_state(), rng_data=data_gen.get_state(),
+                 step=step, environment=env, rng_cpu=torch.get_rng_state(), rng_data=data_gen.get_state(),
                  rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     try:
         with data.atomic_file(path) as tmp:  # a crash while saving leaves the previous checkpoint intact
@@ -251,6 +251,7 @@ class Run(NamedTuple):
     targets: list             # the domains probed at the end: the run's own when it has labels, then transfer
     mcfg: MetaMAEConfig
     dev: device.Device        # where it runs: device, precision, rank and world size under torchrun
+    env: dict                 # and what it records of it: torch build, device name, threads, commit (device.describe)
     out_dir: Path
 
 
@@ -286,6 +287,8 @@ def pretrain(r, d):
                 rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
                            ms_per_step=ms, samples_per_s=cfg.batch_size * dev.world * 1000 / ms)
                 log_line(rec, f" | {100 * step / stop:.0f}% eta {(stop - step) * ms / 60_000:.1f} min")
+                if step <= start + cfg.log_interval and (note := cli.inert_note(rec)):  # the run's first record
+                    print(note, flush=True)
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
                 t0, step_at_t0 = time.time(), step
@@ -293,7 +296,7 @@ def pretrain(r, d):
                 probe_during_training(r, model, d, step, log_file)
                 t0, step_at_t0 = time.time(), step  # the probe's time is not the training's
             if master and (ckpt_now or last):
-                save_checkpoint(ckpt_path, model, opt, cfg, r.mcfg, step, data_gen)
+                save_checkpoint(ckpt_path, model, opt, cfg, r.mcfg, step, data_gen, r.env)
                 saved_step = step
     except KeyboardInterrupt as e:
         hint = f" ({cli.PRESET_HINT})" if cfg.preset == "paper" and dev.device.type == "cpu" else ""
@@ -309,9 +312,9 @@ def open_log(r, model, n, step, stop):
     path = r.out_dir / "log.jsonl"
     if r.cfg.resume:
         cli.log_until(path, step)
-    log_file = open(path, "a" if r.cfg.resume else "w")
-    if not r.cfg.resume:
-        log_file.write(json.dumps(dict(config=asdict(r.cfg), model_config=asdict(r.mcfg))) + "\n")
+    log_file = open(path, "a" if r.cfg.resume else "w")  # a new run's options, or where a resumed one goes on
+    first = dict(resumed_at=step) if r.cfg.resume else dict(config=asdict(r.cfg), model_config=asdict(r.mcfg))
+    log_file.write(json.dumps(dict(**first, environment=r.env)) + "\n")
     print(f"{r.domain.name}: {n} training inputs of shape {tuple(r.domain.input_shape)}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, batch {r.cfg.batch_size} x "
           f"{r.dev.world}, steps {step}..{stop}, device {r.dev.device}, {r.dev.precision}", flush=True)
@@ -402,6 +405,7 @@ def summary(r, rec):
         lines.append(f"{d.name}: test {metric} {100 * rec[key + 'test_' + score]:.1f}% (validation "
                      f"{100 * rec[key + 'val_' + score]:.1f}%; probe lr {rec[key + 'probe_lr']}, epoch "
                      f"{rec[key + 'probe_epoch']})")
+    lines.append("ran on " + ", ".join(f"{k} {v}" for k, v in r.env.items()))
     return "\n".join(lines + ([] if "total_minutes" in rec else ["stopped early: --resume continues the run"]))
 
 # -----------------------------------------------------------------------------
@@ -413,7 +417,7 @@ def run(cfg):
     dev = device.setup(cfg, distributed=True)
     out_dir, lock = cli.claim_out_dir(cfg, dev.rank)
     with lock or contextlib.nullcontext():  # the run folder is this run's until it ends, however it ends
-        r = Run(cfg, domain, targets, mcfg, dev, out_dir)
+        r = Run(cfg, domain, targets, mcfg, dev, device.describe(dev), out_dir)
         try:  # the run's data, then every probe domain's: a missing or broken one stops the run now, not at its end
             datasets = {d.name: probe.load_data(cfg, d, dev.device)
                         for d in [domain, *(t for t in targets if t != domain)]}
@@ -435,7 +439,7 @@ def run(cfg):
 
 def main(argv=None):
     with cli.one_line_errors():
-        run(cli.parse_args(sys.argv[1:] if argv is None else argv, Config, __doc__, PRESETS))
+        run(cli.parse_args(sys.argv[1:] if argv is None else argv, Config, __doc__, PRESETS, None, cli.resumed_options))
 
 
 if __name__ == "__main__":
