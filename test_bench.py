@@ -12,12 +12,30 @@ def parse(argv):
     return cli.parse_args(argv, bench.BenchConfig, "", train.PRESETS)
 
 
-def test_bench_prints_three_rows_with_ratios_to_mae(capsys):
-    res = bench.bench(parse([*TINY, "--bench-steps", "1", "--bench-repeats", "1"]))
+def test_bench_times_train_py_s_step_of_each_variant_and_prints_what_it_returns(capsys, monkeypatch):
+    seen = []  # (variant's config, steps) of every call of the training step the bench times
+
+    def recording(model, opt, x, cfg, autocast):
+        seen.append((model.cfg.inner_steps, model.cfg.contrast_weight, model.cfg.first_order))
+        return step(model, opt, x, cfg, autocast)
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", recording)
+    res = bench.bench(parse([*TINY, "--bench-steps", "2", "--bench-repeats", "2"]))
     assert list(res) == ["MAE", "MetaMAE 1st-order", "MetaMAE 2nd-order"]
-    assert res["MAE"]["ratio"] == 1.0 and all(r["ms_per_step"] > 0 and r["peak_mb"] > 0 for r in res.values())
+    # each variant: 5 warm-up steps, then 2 repeats of 2 timed steps, through train.train_step, interleaved
+    assert [seen.count(v) for v in [(0, 0.0, False), (1, 0.1, True), (1, 0.1, False)]] == [9, 9, 9]
+    assert seen[:15] == [(0, 0.0, False)] * 5 + [(1, 0.1, True)] * 5 + [(1, 0.1, False)] * 5
+    # the ratios are the times' ratios to MAE's, the rates the batch's over the time, and the table prints them
+    mae = res["MAE"]["ms_per_step"]
     out = capsys.readouterr().out
-    assert "ms/step" in out and "MetaMAE 2nd-order" in out
+    for name, r in res.items():
+        assert r["ratio"] == pytest.approx(r["ms_per_step"] / mae) and 0 < r["ms_per_step"] < float("inf")
+        assert r["samples_per_s"] == pytest.approx(8 * 1000 / r["ms_per_step"]) and r["peak_mb"] > 0
+        row = next(line for line in out.splitlines() if line.startswith(name)).split()[-5:]
+        assert [float(v) for v in row] == pytest.approx([round(r["ms_per_step"], 1), round(r["samples_per_s"]),
+                                                         round(r["ratio"], 2), round(r["ms_per_step"] * 1e5 / 6e4, 1),
+                                                         round(r["peak_mb"])], abs=0.51)
+    monkeypatch.setattr(train, "train_step", step)
     bench.main([*TINY, "--bench-steps", "1", "--bench-repeats", "1", "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert "bfloat16" in out and out.count("MetaMAE") == 2

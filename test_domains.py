@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import data
-from conftest import (FAKE_WRITERS, data_error, fails, listing, protein_records, serve, write_fake,
+from conftest import (FAKE_WRITERS, REAL_DATA, data_error, fails, listing, protein_records, serve, write_fake,
                       write_fake_audio_mnist, write_fake_genomics, write_fake_google_speech, write_fake_higgs,
                       write_fake_librispeech, write_fake_pamap2, write_fake_pfam, write_fake_scop, write_fake_wafer,
                       write_genomics_zip, write_json_array, write_wafer_npz, write_wav)
@@ -1495,43 +1495,31 @@ def test_the_samples_constants_are_those_of_the_projects_copies(tmp_path, monkey
 # -----------------------------------------------------------------------------
 # every domain: its spec, and its fixture through to_input (test_train.py trains on each fixture)
 
-def test_domain_specs():
-    spec = {name: (d.input_shape, d.patch_size, d.vocab_size, d.num_classes, d.batch_size)
-            for name, d in data.DOMAINS.items()}
-    assert spec['google_speech'] == spec['google_speech_sample'] == ((1, 224, 224), (16, 16), 0, 36, 64)
-    assert spec['audio_mnist'] == ((1, 224, 224), (16, 16), 0, 10, 64)
-    assert spec['pamap2'] == ((52, 320), (5,), 0, 12, 256)
-    assert spec['higgs'] == ((28,), (), 0, 2, 256)
-    assert spec['genomics'] == ((250,), (), 4, 10, 32)
-    assert spec['pfam'] == ((128,), (), 26, 0, 128) and spec['pfam_transfer'] == ((128,), (), 26, 623, 128)
-    assert spec['scop'] == ((128,), (), 26, 1195, 128)
-    assert spec['librispeech'] == ((1, 224, 224), (16, 16), 0, 0, 64)
-    assert spec['librispeech_transfer'] == ((1, 224, 224), (16, 16), 0, 40, 64)
-    assert spec['wafer'] == ((3, 32, 32), (4, 4), 0, 0, 128)
-    assert spec['wafer_transfer'] == ((3, 32, 32), (4, 4), 0, 9, 128)
-    # the real samples in shared/data: as their nearest DABS domains, but HAPT's windows, patches and mask ratio
-    assert spec['google_speech_subset'] == ((1, 224, 32), (16, 16), 0, 10, 64)  # the frames a 1 s clip fills
-    assert data.GOOGLE_SPEECH_SUBSET.mask_ratio == 0.5
-    assert spec['hapt_sample'] == ((6, 128), (4,), 0, 6, 256)
-    assert data.HAPT_SAMPLE.mask_ratio == 0.75  # pamap2's 0.85 would keep 4 of its 32 tokens
-    assert spec['higgs_sample'] == ((28,), (), 0, 2, 256)
-    assert data.HIGGS_SAMPLE.mask_ratio == 0.5
-    assert spec['splice'] == ((60,), (), 8, 3, 32)  # A C G T and the ambiguity codes D N S R
-    assert data.SPLICE.mask_ratio == 0.5
-    # the metric the probe reports, and what a pretraining domain is probed on (DABS's pairs)
-    assert {n for n, d in data.DOMAINS.items() if d.metric != 'accuracy'} == {'wafer_transfer'}
-    assert data.WAFER_TRANSFER.metric == 'weighted_f1'
-    assert {n: d.transfer for n, d in data.DOMAINS.items() if d.transfer} == {
-        'librispeech': ('librispeech_transfer',), 'pfam': ('pfam_transfer',), 'wafer': ('wafer_transfer',),
-        'imagenet32': ('cifar10',)}
-    for name in ('librispeech', 'librispeech_transfer', 'wafer', 'wafer_transfer', 'pfam', 'pfam_transfer'):
-        assert data.DOMAINS[name].mask_ratio == 0.5
-    for d in data.DOMAINS.values():
-        for t in d.transfer:  # a transfer domain reads the same inputs, and has labels
-            t = data.DOMAINS[t]
-            assert (t.input_shape, t.patch_size, t.vocab_size, t.to_input) == \
-                (d.input_shape, d.patch_size, d.vocab_size, d.to_input)
-            assert t.num_classes > 0  # the source may have labels too (imagenet32)
+@pytest.mark.parametrize("name", sorted(FAKE_WRITERS))
+def test_a_domain_s_declared_shape_vocabulary_and_classes_are_what_its_loader_reads(name, tmp_path, monkeypatch):
+    # read, not restated: the inputs a loader gives (from files in the dataset's format) have the declared shape,
+    # their token ids fit the vocabulary, their labels the classes, and the model builds on the declared patches
+    from metamae import MetaMAEConfig
+    d = data.DOMAINS[name]
+    s = d.load(write_fake(name, tmp_path, monkeypatch), False)
+    x = d.to_input(s.train_x[:4])
+    assert tuple(x.shape[1:]) == tuple(d.input_shape) and x.is_floating_point() == (d.vocab_size == 0)
+    assert not d.vocab_size or 0 <= int(s.train_x.min()) and int(s.train_x.max()) < d.vocab_size
+    assert not d.num_classes or 0 <= int(s.train_y.min()) and int(s.train_y.max()) < d.num_classes
+    cfg = MetaMAEConfig(input_shape=tuple(d.input_shape), patch_size=tuple(d.patch_size), vocab_size=d.vocab_size,
+                        mask_ratio=d.mask_ratio)
+    assert 1 <= cfg.num_visible < cfg.num_tokens and d.metric in ("accuracy", "weighted_f1")
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="the real samples are in the project's shared/data")
+def test_the_real_samples_have_exactly_the_declared_classes_and_vocabulary():
+    for name in ("google_speech_subset", "hapt_sample", "higgs_sample", "splice"):
+        d = data.DOMAINS[name]
+        s = d.load(REAL_DATA, False)
+        labels = torch.cat([s.train_y, s.test_y]).unique()
+        assert labels.tolist() == list(range(d.num_classes)), name  # every class occurs, no other
+        if d.vocab_size:  # every letter of splice.names occurs (A C G T and the ambiguity codes D N S R)
+            assert torch.cat([s.train_x, s.test_x]).unique().tolist() == list(range(d.vocab_size))
 
 
 @pytest.mark.parametrize('name', sorted(FAKE_WRITERS))

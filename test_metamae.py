@@ -35,20 +35,32 @@ def make(kind="2d", **kw):
 
 
 @pytest.mark.parametrize("kind", list(MODALITIES))
-def test_shapes_every_modality(kind):
+def test_every_modality_s_loss_logs_features_and_reconstructions(kind):
     model, make_x = make(kind)
-    x = make_x(6)
+    x, noise = make_x(6), torch.rand(6, model.cfg.num_tokens)
     N = model.cfg.num_tokens
-    loss, logs = model(x)
+    torch.manual_seed(0)
+    loss, logs = model(x, noise)
     assert loss.shape == () and torch.isfinite(loss)
     assert set(logs) == {"amortized", "support", "adapted", "shift", "contrast", "pos_cos", "neg_cos"}
     assert all(v.shape == () and not v.requires_grad for v in logs.values())
-    assert model.encode(x).shape == (6, 32)
-    rec = reconstruct(model, x)
+    # the loss is the query loss from Z* plus the weighted contrastive term; cosines are cosines
+    assert loss.item() == pytest.approx((logs["adapted"] + 0.1 * logs["contrast"]).item(), rel=1e-6)
+    assert -1 <= logs["neg_cos"] <= logs["pos_cos"] <= 1 + 1e-6 and logs["shift"] > 0
+    # the features: the mean of the encoder's patch tokens of the whole, unmasked input
+    by_hand = model.encoder(model.encoder.tokenizer.patchify(x))[:, 1:].mean(dim=1)
+    assert model.encode(x).shape == (6, 32) and torch.allclose(model.encode(x), by_hand, atol=1e-6)
+    # the reconstructions, in the input's layout: the amortized one is the decoder's output from Z, whose query
+    # loss is the logged one (the mask of the same noise)
+    rec = reconstruct(model, x, noise)
     assert rec["mask"].shape == (6, N) and rec["mask"].sum(1).eq(N - model.cfg.num_visible).all()
     assert rec["amortized"].shape == x.shape and rec["adapted"].shape == x.shape
     if kind == "tokens":
-        assert rec["adapted"].dtype == torch.long
+        assert rec["adapted"].dtype == torch.long and 0 <= rec["adapted"].min() and rec["adapted"].max() < 7
+    else:
+        tok = model.encoder.tokenizer
+        query = ((tok.patchify(rec["amortized"]) - tok.patchify(x)).pow(2).mean(-1) * rec["mask"]).sum()
+        assert (query / rec["mask"].sum()).item() == pytest.approx(logs["amortized"].item(), rel=1e-5)
 
 
 def test_logs_follow_the_configuration():
