@@ -654,6 +654,7 @@ def test_a_cpu_run_says_what_it_costs_and_its_end_reads_at_a_glance(cifar_dir, t
     assert "probing the frozen encoder on cifar10" in out
     end = out.strip().splitlines()[-2:]
     assert end[0].startswith("step 14 of 14 after") and str(tmp_path / "ckpt.pt") in end[0] and ".png" in end[0]
+    assert str(tmp_path / "curves.svg") in end[0]
     assert re.fullmatch(r"cifar10: test accuracy \d+\.\d% \(validation \d+\.\d%; probe lr .*, epoch \d+\)", end[1])
     first = read_log(tmp_path / "log.jsonl")[0]  # the options the run used
     assert first["config"]["max_steps"] == 14 and first["model_config"]["embed_dim"] == 32

@@ -295,6 +295,7 @@ def pretrain(r, d):
             if master and (ckpt_now or last):
                 save_checkpoint(ckpt_path, model, opt, cfg, r.mcfg, step, data_gen)
                 saved_step = step
+                pictures.write_curves(out_dir)  # curves.svg, as far as the run has come
     except KeyboardInterrupt as e:
         hint = f" ({cli.PRESET_HINT})" if cfg.preset == "paper" and dev.device.type == "cpu" else ""
         raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) at step {step}; "
@@ -371,15 +372,16 @@ def probe_during_training(r, model, d, step, log_file):
 
 
 def finish(r, model, datasets, step, t_start):
-    """The last record of a run; a finished run (step == max_steps) is probed with the test splits, once."""
+    """The last record of a run and its pictures (at --stop-step too); a finished run (step == max_steps) is probed
+    with the test splits, once."""
     cfg, domain, autocast = r.cfg, r.domain, r.dev.autocast
     rec = dict(step=step, train_minutes=(time.time() - t_start) / 60)
+    held_out = datasets[domain.name].splits.train_x[datasets[domain.name].val_idx]
+    if len(domain.input_shape) == 3:  # its own masks and RNG: the held-out logs and the probe below do not move
+        rec["adapt_max_pixel_change"] = pictures.reconstruction_grid(model, domain.to_input(held_out[:8]),
+                                                                  r.out_dir / f"reconstructions_{step}.png")
     if step == cfg.max_steps:
-        held_out = datasets[domain.name].splits.train_x[datasets[domain.name].val_idx]
         rec.update(diagnose(model, held_out, domain.to_input, cfg.batch_size, autocast))
-        if len(domain.input_shape) == 3:
-            rec["adapt_max_pixel_change"] = pictures.reconstruction_grid(model, domain.to_input(held_out[:8]),
-                                                                      r.out_dir / f"reconstructions_{step}.png")
         if r.targets:
             print(f"probing the frozen encoder on {', '.join(d.name for d in r.targets)}: a linear probe at each "
                   f"lr of {cfg.probe_lrs}, {cfg.probe_epochs} epochs, chosen on validation ...", flush=True)
@@ -387,15 +389,17 @@ def finish(r, model, datasets, step, t_start):
         rec["total_minutes"] = (time.time() - t_start) / 60
     with open(r.out_dir / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
+    pictures.write_curves(r.out_dir)
     print(summary(r, rec), flush=True)
     return rec
 
 
 def summary(r, rec):
     """The end of a run, at a glance: where its files are, and the probes' results in percent."""
-    picture = r.out_dir / f"reconstructions_{rec['step']}.png"
-    lines = [f"step {rec['step']} of {r.cfg.max_steps} after {rec['train_minutes']:.1f} min: {r.out_dir / 'ckpt.pt'}, "
-             f"{r.out_dir / 'log.jsonl'}" + (f", {picture}" if "adapt_max_pixel_change" in rec else "")]
+    files = ["ckpt.pt", "log.jsonl", "curves.svg"] + (
+        [f"reconstructions_{rec['step']}.png"] if "adapt_max_pixel_change" in rec else [])
+    lines = [f"step {rec['step']} of {r.cfg.max_steps} after {rec['train_minutes']:.1f} min: "
+             + ", ".join(str(r.out_dir / f) for f in files)]
     for d in r.targets if "total_minutes" in rec else []:
         key, (metric, score) = "" if d.name == r.cfg.domain else f"{d.name}_", (
             ("weighted F1", "f1") if d.metric == "weighted_f1" else ("accuracy", "acc"))
