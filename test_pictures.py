@@ -4,6 +4,7 @@ parsed as XML and read back point by point."""
 import os
 import xml.etree.ElementTree as ET
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,14 @@ def test_a_tiny_run_draws_its_pictures_at_each_checkpoint_and_at_its_stop_step(t
     assert summary.startswith("step 3 of 8") and str(out / "curves.svg") in summary
     assert str(out / "reconstructions_3.png") in summary
 
+
+def test_the_method_figure_is_valid_svg_with_the_paper_s_names_and_the_readme_shows_it():
+    here = Path(__file__).resolve().parent
+    root = ET.parse(here / "docs" / "method.svg").getroot()  # a parse error fails here
+    assert root.tag == f"{SVG}svg" and root.get("viewBox")
+    text = " ".join("".join(root.itertext()).split())
+    for name in ("support set", "query set", "encoder", "amortized", "adapted", "decoder", "support loss",
+                 "inner_lr", "query loss", "projector", "NT-Xent", "contrast_weight"):
+        assert name in text, name
+    assert "![" in (here / "README.md").read_text().split("## How MetaMAE works")[1].split("##")[0]
+    assert "(docs/method.svg)" in (here / "README.md").read_text()
