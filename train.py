@@ -280,7 +280,8 @@ def pretrain(r, d):
                 raise RunError(f"non-finite loss before step {step}; {nonfinite_cause(x)}; "
                                f"{checkpoint_status(ckpt_path, saved_step)}")
             if master and step == start + 10 and dev.device.type == "cpu" and not last:  # what the whole run costs
-                print(cli.cost_hint(cfg.preset, (time.time() - t0) / 10, stop - step), flush=True)
+                print(cli.cost_hint(cfg.preset, (time.time() - t0) / 10, stop - step, torch.get_num_threads()),
+                      flush=True)
             if master and (log_now or last):
                 ms = 1000 * (time.time() - t0) / (step - step_at_t0)
                 rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
