@@ -2,6 +2,7 @@
 probe.py on its own: checkpoints, the baselines, transfer, and what it refuses."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -138,6 +139,24 @@ def test_probe_py_reads_a_checkpoint_and_the_baselines_against_chance_and_shuffl
     fresh = seen["random"].state_dict()
     assert fresh.keys() == saved.keys()
     assert not torch.equal(fresh["encoder.blocks.0.fc1.weight"], saved["encoder.blocks.0.fc1.weight"])
+
+
+def test_probe_py_says_what_it_computes_and_prints_percent_but_records_fractions(cifar_dir, tmp_path):
+    code, out, err = probe_cli("--domain", "cifar10", "--data-dir", cifar_dir, "--baseline", "raw", "--probe-epochs", 3,
+                               "--probe-lrs", "1e-2,1e-3", "--threads", 1, "--out-dir", tmp_path)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    rec = read_log(tmp_path / "eval.jsonl")[-1]  # fractions, as before
+    assert 0 <= rec["val_acc"] <= 1 and 0 <= rec["test_acc"] <= 1 and rec["encoder"] == "raw"
+    assert lines[0] == "cifar10: the features of 100 training and 20 test inputs ..."
+    # a line per learning rate when its epochs are done: the best validation score so far, its lr and epoch
+    assert re.fullmatch(r"probe lr 0\.01: 3 epochs done; the best validation accuracy so far \d+\.\d% \(lr 0\.01, "
+                        r"epoch [123]\)", lines[1]), lines[1]
+    assert lines[2].startswith("probe lr 0.001: 3 epochs done; the best validation accuracy so far "
+                               f"{100 * rec['val_acc']:.1f}% (lr {rec['probe_lr']:g}, epoch {rec['probe_epoch']})")
+    assert lines[-1] == (f"cifar10: test accuracy {100 * rec['test_acc']:.1f}% (validation {100 * rec['val_acc']:.1f}%; "
+                         f"probe lr {rec['probe_lr']}, epoch {rec['probe_epoch']})")
+    assert str(tmp_path / "eval.jsonl") in lines[-2] and len(lines) == 5
 
 
 def test_transfer_imagenet32_to_cifar10_then_probe_the_checkpoint_alone(tmp_path):

@@ -401,13 +401,9 @@ def summary(r, rec):
         [f"reconstructions_{rec['step']}.png"] if "adapt_max_pixel_change" in rec else [])
     lines = [f"step {rec['step']} of {r.cfg.max_steps} after {rec['train_minutes']:.1f} min: "
              + ", ".join(str(r.out_dir / f) for f in files)]
-    for d in r.targets if "total_minutes" in rec else []:
-        key, (metric, score) = "" if d.name == r.cfg.domain else f"{d.name}_", (
-            ("weighted F1", "f1") if d.metric == "weighted_f1" else ("accuracy", "acc"))
-        lines.append(f"{d.name}: test {metric} {100 * rec[key + 'test_' + score]:.1f}% (validation "
-                     f"{100 * rec[key + 'val_' + score]:.1f}%; probe lr {rec[key + 'probe_lr']}, epoch "
-                     f"{rec[key + 'probe_epoch']})")
-    return "\n".join(lines + ([] if "total_minutes" in rec else ["stopped early: --resume continues the run"]))
+    if "total_minutes" not in rec:
+        return "\n".join(lines + ["stopped early: --resume continues the run"])
+    return "\n".join(lines + probe.results(rec, r.targets, r.cfg.domain))
 
 # -----------------------------------------------------------------------------
 # a run, in order: options, device, run folder, data, pretraining, the end
