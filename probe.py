@@ -174,6 +174,9 @@ def linear_probe(train, val, num_classes, cfg, test=None, seed=0, metric="accura
             if val[key] > best["score"]:
                 best = dict(score=val[key], **{f"val_{k}": v for k, v in val.items()}, lr=lr, epoch=epoch,
                             state={k: v.clone() for k, v in head.state_dict().items()})
+        print(f"probe lr {lr:g}: {cfg.probe_epochs} epochs done; the best validation "
+              f"{'weighted F1' if key == 'f1' else 'accuracy'} so far {100 * best['score']:.1f}% (lr {best['lr']:g}, "
+              f"epoch {best['epoch']})", flush=True)
     if test is not None:  # scored once, with the head chosen on validation
         head.load_state_dict(best["state"])
         best.update({f"test_{k}": v for k, v in scores(head, norm(test[0]), test[1], num_classes, metric).items()})
@@ -230,6 +233,8 @@ def probe(featurize, d, domain, cfg, with_test):
     """Linear probe on featurize(inputs) of one domain's data; the test split only when with_test (once, at a
     run's end)."""
     s = d.splits
+    print(f"{domain.name}: the features of {len(s.train_x):,} training" + (f" and {len(s.test_x):,} test" if with_test
+          else "") + " inputs ...", flush=True)
     ftrain = featurize(s.train_x)
     if not torch.isfinite(ftrain).all():  # a probe on NaN features would report the share of one class
         raise RunError(f"{domain.name}: features of its training inputs are not finite; the inputs hold NaN or "
@@ -255,6 +260,18 @@ def evaluate(model, cfg, targets, datasets, autocast):
         res = probe(featurize, datasets[d.name], d, cfg, with_test=True)
         rec.update({(k if d.name == cfg.domain else f"{d.name}_{k}"): v for k, v in res.items()})
     return rec
+
+def results(rec, targets, own):
+    """A line per target domain of evaluate()'s record, in percent: its test score, the validation score that chose
+    the probe, and the probe's lr and epoch. own: the run's domain, whose keys carry no name."""
+    lines = []
+    for d in targets:
+        key, (metric, score) = "" if d.name == own else f"{d.name}_", (
+            ("weighted F1", "f1") if d.metric == "weighted_f1" else ("accuracy", "acc"))
+        lines.append(f"{d.name}: test {metric} {100 * rec[key + 'test_' + score]:.1f}% (validation "
+                     f"{100 * rec[key + 'val_' + score]:.1f}%; probe lr {rec[key + 'probe_lr']}, epoch "
+                     f"{rec[key + 'probe_epoch']})")
+    return lines
 
 # -----------------------------------------------------------------------------
 # python probe.py: a checkpoint, a fresh encoder or the raw inputs, probed; the record is appended to eval.jsonl
@@ -300,9 +317,10 @@ def run(cfg):
         if not cfg.baseline:
             cli.load_weights(model, state, Path(cfg.ckpt))
     rec = dict(encoder=cfg.baseline or str(cfg.ckpt), **evaluate(model, cfg, targets, datasets, dev.autocast))
-    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
-    with open(out_dir / "eval.jsonl", "a") as f:
+    with open(out_dir / "eval.jsonl", "a") as f:  # fractions, as train.py's log.jsonl; percent where printed
         f.write(json.dumps(rec) + "\n")
+    print("\n".join([f"{rec['encoder']}: probed (its record appended to {out_dir / 'eval.jsonl'})",
+                     *results(rec, targets, cfg.domain)]), flush=True)
     return rec
 
 

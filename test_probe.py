@@ -2,6 +2,7 @@
 probe.py on its own: checkpoints, the baselines, transfer, and what it refuses."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -150,6 +151,24 @@ def test_probe_py_with_a_checkpoint_alone_reads_its_run_s_domain_and_data_folder
     cfg = parse(["--ckpt", tmp_path / "run" / "ckpt.pt", "--data-dir", "elsewhere"])
     assert (cfg.domain, cfg.data_dir) == ("splice", "elsewhere")  # what is given wins
     assert parse(["--baseline", "raw", "--ckpt", tmp_path / "run" / "ckpt.pt"]).domain == "cifar10"  # raw reads none
+
+
+def test_probe_py_says_what_it_computes_and_prints_percent_but_records_fractions(cifar_dir, tmp_path):
+    code, out, err = probe_cli("--domain", "cifar10", "--data-dir", cifar_dir, "--baseline", "raw", "--probe-epochs", 3,
+                               "--probe-lrs", "1e-2,1e-3", "--threads", 1, "--out-dir", tmp_path)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    rec = read_log(tmp_path / "eval.jsonl")[-1]  # fractions, as before
+    assert 0 <= rec["val_acc"] <= 1 and 0 <= rec["test_acc"] <= 1 and rec["encoder"] == "raw"
+    assert lines[0] == "cifar10: the features of 100 training and 20 test inputs ..."
+    # a line per learning rate when its epochs are done: the best validation score so far, its lr and epoch
+    assert re.fullmatch(r"probe lr 0\.01: 3 epochs done; the best validation accuracy so far \d+\.\d% \(lr 0\.01, "
+                        r"epoch [123]\)", lines[1]), lines[1]
+    assert lines[2].startswith("probe lr 0.001: 3 epochs done; the best validation accuracy so far "
+                               f"{100 * rec['val_acc']:.1f}% (lr {rec['probe_lr']:g}, epoch {rec['probe_epoch']})")
+    assert lines[-1] == (f"cifar10: test accuracy {100 * rec['test_acc']:.1f}% (validation {100 * rec['val_acc']:.1f}%; "
+                         f"probe lr {rec['probe_lr']}, epoch {rec['probe_epoch']})")
+    assert str(tmp_path / "eval.jsonl") in lines[-2] and len(lines) == 5
 
 
 def test_transfer_imagenet32_to_cifar10_then_probe_the_checkpoint_alone(tmp_path):

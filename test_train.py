@@ -658,10 +658,13 @@ def test_a_cpu_run_says_what_it_costs_and_its_end_reads_at_a_glance(cifar_dir, t
     run_main("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "14", "--log-interval", "100",
              "--probe-epochs", "1", "--out-dir", tmp_path)
     out = capsys.readouterr().out
-    assert "ms per step on this CPU: the 4 steps left take about" in out and "--preset cpu" in out  # after 10 steps
+    # after 10 steps; TINY's --threads 1 leaves nothing to say of threads
+    assert "ms per step on this CPU with 1 thread: the 4 steps left take about" in out and "--preset cpu" in out
+    assert "--threads 1 can be" not in out
     assert "probing the frozen encoder on cifar10" in out
     end = out.strip().splitlines()[-3:]
     assert end[0].startswith("step 14 of 14 after") and str(tmp_path / "ckpt.pt") in end[0] and ".png" in end[0]
+    assert str(tmp_path / "curves.svg") in end[0]
     assert re.fullmatch(r"cifar10: test accuracy \d+\.\d% \(validation \d+\.\d%; probe lr .*, epoch \d+\)", end[1])
     first = read_log(tmp_path / "log.jsonl")[0]  # the options the run used, and where it ran
     assert first["config"]["max_steps"] == 14 and first["model_config"]["embed_dim"] == 32
@@ -684,6 +687,15 @@ def test_a_cpu_run_says_what_it_costs_and_its_end_reads_at_a_glance(cifar_dir, t
 def test_the_inert_step_line_and_its_thresholds(rec, inert):
     note = cli.inert_note(rec)
     assert (note is not None) == inert and (not inert or f"{rec['shift']:.1e} of its norm" in note)
+
+
+def test_the_cost_line_names_the_threads_and_the_way_out_of_a_shared_cpu():
+    line = cli.cost_hint("cpu", 1.1, 3390, threads=2)
+    assert line == ("1100 ms per step on this CPU with 2 threads: the 3,390 steps left take about 62 minutes; if other "
+                    "work shares this CPU, --threads 1 can be several times faster")
+    assert "--threads" not in cli.cost_hint("cpu", 0.02, 10, threads=1)
+    assert cli.cost_hint("paper", 1.0, 100_000, threads=1).endswith(cli.PRESET_HINT)  # and one line: no newline
+    assert "\n" not in cli.cost_hint("paper", 1.0, 100_000, threads=16)
 
 
 def test_help_says_each_default_once_and_the_presets_values():

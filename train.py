@@ -281,7 +281,8 @@ def pretrain(r, d):
                 raise RunError(f"non-finite loss before step {step}; {nonfinite_cause(x)}; "
                                f"{checkpoint_status(ckpt_path, saved_step)}")
             if master and step == start + 10 and dev.device.type == "cpu" and not last:  # what the whole run costs
-                print(cli.cost_hint(cfg.preset, (time.time() - t0) / 10, stop - step), flush=True)
+                print(cli.cost_hint(cfg.preset, (time.time() - t0) / 10, stop - step, torch.get_num_threads()),
+                      flush=True)
             if master and (log_now or last):
                 ms = 1000 * (time.time() - t0) / (step - step_at_t0)
                 rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
@@ -298,6 +299,7 @@ def pretrain(r, d):
             if master and (ckpt_now or last):
                 save_checkpoint(ckpt_path, model, opt, cfg, r.mcfg, step, data_gen, r.env)
                 saved_step = step
+                pictures.write_curves(out_dir)  # curves.svg, as far as the run has come
     except KeyboardInterrupt as e:
         hint = f" ({cli.PRESET_HINT})" if cfg.preset == "paper" and dev.device.type == "cpu" else ""
         raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) at step {step}; "
@@ -374,15 +376,16 @@ def probe_during_training(r, model, d, step, log_file):
 
 
 def finish(r, model, datasets, step, t_start):
-    """The last record of a run; a finished run (step == max_steps) is probed with the test splits, once."""
+    """The last record of a run and its pictures (at --stop-step too); a finished run (step == max_steps) is probed
+    with the test splits, once."""
     cfg, domain, autocast = r.cfg, r.domain, r.dev.autocast
     rec = dict(step=step, train_minutes=(time.time() - t_start) / 60)
+    held_out = datasets[domain.name].splits.train_x[datasets[domain.name].val_idx]
+    if len(domain.input_shape) == 3:  # its own masks and RNG: the held-out logs and the probe below do not move
+        rec["adapt_max_pixel_change"] = pictures.reconstruction_grid(model, domain.to_input(held_out[:8]),
+                                                                  r.out_dir / f"reconstructions_{step}.png")
     if step == cfg.max_steps:
-        held_out = datasets[domain.name].splits.train_x[datasets[domain.name].val_idx]
         rec.update(diagnose(model, held_out, domain.to_input, cfg.batch_size, autocast))
-        if len(domain.input_shape) == 3:
-            rec["adapt_max_pixel_change"] = pictures.reconstruction_grid(model, domain.to_input(held_out[:8]),
-                                                                      r.out_dir / f"reconstructions_{step}.png")
         if r.targets:
             print(f"probing the frozen encoder on {', '.join(d.name for d in r.targets)}: a linear probe at each "
                   f"lr of {cfg.probe_lrs}, {cfg.probe_epochs} epochs, chosen on validation ...", flush=True)
@@ -390,21 +393,19 @@ def finish(r, model, datasets, step, t_start):
         rec["total_minutes"] = (time.time() - t_start) / 60
     with open(r.out_dir / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
+    pictures.write_curves(r.out_dir)
     print(summary(r, rec), flush=True)
     return rec
 
 
 def summary(r, rec):
     """The end of a run, at a glance: where its files are, and the probes' results in percent."""
-    picture = r.out_dir / f"reconstructions_{rec['step']}.png"
-    lines = [f"step {rec['step']} of {r.cfg.max_steps} after {rec['train_minutes']:.1f} min: {r.out_dir / 'ckpt.pt'}, "
-             f"{r.out_dir / 'log.jsonl'}" + (f", {picture}" if "adapt_max_pixel_change" in rec else "")]
-    for d in r.targets if "total_minutes" in rec else []:
-        key, (metric, score) = "" if d.name == r.cfg.domain else f"{d.name}_", (
-            ("weighted F1", "f1") if d.metric == "weighted_f1" else ("accuracy", "acc"))
-        lines.append(f"{d.name}: test {metric} {100 * rec[key + 'test_' + score]:.1f}% (validation "
-                     f"{100 * rec[key + 'val_' + score]:.1f}%; probe lr {rec[key + 'probe_lr']}, epoch "
-                     f"{rec[key + 'probe_epoch']})")
+    files = ["ckpt.pt", "log.jsonl", "curves.svg"] + (
+        [f"reconstructions_{rec['step']}.png"] if "adapt_max_pixel_change" in rec else [])
+    lines = [f"step {rec['step']} of {r.cfg.max_steps} after {rec['train_minutes']:.1f} min: "
+             + ", ".join(str(r.out_dir / f) for f in files)]
+    if "total_minutes" in rec:
+        lines += probe.results(rec, r.targets, r.cfg.domain)
     lines.append("ran on " + ", ".join(f"{k} {v}" for k, v in r.env.items()))
     return "\n".join(lines + ([] if "total_minutes" in rec else ["stopped early: --resume continues the run"]))
 
