@@ -11,6 +11,8 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
+import re
 import signal
 import sys
 import tempfile
@@ -107,6 +109,32 @@ def writable_dir(path):
     return path
 
 
+@contextlib.contextmanager
+def made_folder(path):
+    """writable_dir(path) for the block; if the block fails, the folders made for it are removed again when it
+    left them empty: a command that did no work leaves nothing behind (a typo in --data-dir, a missing --ckpt)."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # the deepest first
+    writable_dir(path)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # it holds something: it stays, and so do the folders above it
+                break
+        raise
+
+
+def refuse_folders(out_dir, names):
+    """A run's own files must be files: a folder in the place of one would fail at its first write, after the work."""
+    for name in names:
+        if (out_dir / name).is_dir():
+            raise UsageError(f"{out_dir / name} is a folder, where the run keeps a file: move it away, or choose "
+                             "another --out-dir")
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -167,6 +195,10 @@ def load_checkpoint(path, mcfg=None):
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = MetaMAEConfig(**state["model_config"])  # its lists become the config's tuples
     except Exception as e:
+        code = isinstance(e, pickle.UnpicklingError) and re.search(r"GLOBAL ([\w.]+)", str(e))
+        if code:  # a pickle that calls a function (os.system, say) as it loads: what weights_only refuses
+            raise RunError(f"checkpoint {path} was refused: loading it would run code ({code[1]}), which no checkpoint "
+                           "of train.py holds; use one you trust") from None
         raise RunError(f"checkpoint {path} is unreadable or not a checkpoint of this project "
                        f"({data.one_line(e, 160)}); delete it or point --ckpt elsewhere") from None
     if mcfg is not None and saved != mcfg:
