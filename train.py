@@ -147,6 +147,7 @@ def check(cfg):
                              vocab_size=domain.vocab_size, **knobs)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    device.check_fits(mcfg, cfg.device, 16, "to train (weights, gradients and AdamW's two moments, in float32)")
     return cfg, domain, targets, mcfg
 
 # -----------------------------------------------------------------------------
@@ -252,6 +253,7 @@ class Run(NamedTuple):
     mcfg: MetaMAEConfig
     dev: device.Device        # where it runs: device, precision, rank and world size under torchrun
     out_dir: Path
+    lock: object = None       # the open .lock that makes out_dir this run's (rank 0; cli.claim_out_dir)
 
 
 def pretrain(r, d):
@@ -263,10 +265,10 @@ def pretrain(r, d):
     saved_step = step if cfg.resume else None  # the step of the checkpoint on disk that this run can continue
     train = device.prepare(model, opt, cfg, dev, train_step)  # compiled, wrapped, graphed: model is what is saved
     stop, start = min(cfg.stop_step or cfg.max_steps, cfg.max_steps), step
-    log_file = open_log(r, model, len(x), step, stop) if master else None
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev.device)
-    t0, step_at_t0 = time.time(), step
+    log_file, t0, step_at_t0 = None, time.time(), step
     try:
+        log_file = open_log(r, model, len(x), step, stop) if master else None
         while step < stop:
             lr = lr_at(step, cfg)
             idx = torch.randint(len(x), (cfg.batch_size,), generator=data_gen, device=dev.device)
@@ -276,9 +278,12 @@ def pretrain(r, d):
             nonfinite |= ~torch.isfinite(loss)
             step += 1
             last, log_now, ckpt_now = step == stop, step % cfg.log_interval == 0, step % cfg.ckpt_interval == 0
+            eval_now = master and cfg.eval_interval and not step % cfg.eval_interval and not last and domain.num_classes
             if (log_now or last or ckpt_now) and nonfinite.item():
-                raise RunError(f"non-finite loss before step {step}; {nonfinite_cause(x)}; "
+                raise RunError(f"non-finite loss before step {step}; {probe.nonfinite_cause(x)}; "
                                f"{checkpoint_status(ckpt_path, saved_step)}")
+            if master and (log_now or last or ckpt_now or eval_now):  # about to write: is the folder still its own?
+                cli.check_own_folder(out_dir, r.lock, step, checkpoint_status(ckpt_path, saved_step))
             if master and step == start + 10 and dev.device.type == "cpu" and not last:  # what the whole run costs
                 print(cli.cost_hint(cfg.preset, (time.time() - t0) / 10, stop - step), flush=True)
             if master and (log_now or last):
@@ -289,18 +294,25 @@ def pretrain(r, d):
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
                 t0, step_at_t0 = time.time(), step
-            if master and cfg.eval_interval and step % cfg.eval_interval == 0 and not last and domain.num_classes:
+            if eval_now:
                 probe_during_training(r, model, d, step, log_file)
                 t0, step_at_t0 = time.time(), step  # the probe's time is not the training's
             if master and (ckpt_now or last):
                 save_checkpoint(ckpt_path, model, opt, cfg, r.mcfg, step, data_gen)
                 saved_step = step
+        if master:
+            log_file.close()  # flushed now: a full disk says so below
     except KeyboardInterrupt as e:
         hint = f" ({cli.PRESET_HINT})" if cfg.preset == "paper" and dev.device.type == "cpu" else ""
         raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) at step {step}; "
                               f"{checkpoint_status(ckpt_path, saved_step)}{hint}") from None
-    if master:
-        log_file.close()
+    except OSError as e:  # a full disk while the log or a picture is written (a checkpoint's save says so itself)
+        raise RunError(f"could not write in {out_dir} at step {step} ({data.one_line(e, 160)}): free space there; "
+                       f"{checkpoint_status(ckpt_path, saved_step)}") from None
+    finally:
+        if log_file:  # closed however the loop ended; a write that failed is said above
+            with contextlib.suppress(OSError):
+                log_file.close()
     return model, step
 
 
@@ -309,6 +321,8 @@ def open_log(r, model, n, step, stop):
     path = r.out_dir / "log.jsonl"
     if r.cfg.resume:
         cli.log_until(path, step)
+    if r.cfg.overwrite:  # only now that the data are read and the model built: a typo must not cost the old run
+        (r.out_dir / "ckpt.pt").unlink(missing_ok=True)
     log_file = open(path, "a" if r.cfg.resume else "w")
     if not r.cfg.resume:
         log_file.write(json.dumps(dict(config=asdict(r.cfg), model_config=asdict(r.mcfg))) + "\n")
@@ -321,13 +335,6 @@ def open_log(r, model, n, step, stop):
 def log_line(rec, suffix=""):
     parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()]
     print(" | ".join(parts) + suffix, flush=True)
-
-
-def nonfinite_cause(x):
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        return ("the training data hold NaN or infinite values: check the dataset files, and delete its caches "
-                "(*.npy beside them) to rebuild them")
-    return "lower --lr or --inner-lr"
 
 
 def checkpoint_status(ckpt_path, saved_step):
@@ -411,9 +418,8 @@ def summary(r, rec):
 def run(cfg):
     cfg, domain, targets, mcfg = check(cfg)
     dev = device.setup(cfg, distributed=True)
-    out_dir, lock = cli.claim_out_dir(cfg, dev.rank)
-    with lock or contextlib.nullcontext():  # the run folder is this run's until it ends, however it ends
-        r = Run(cfg, domain, targets, mcfg, dev, out_dir)
+    with cli.claim_out_dir(cfg, dev.rank) as (out_dir, lock):  # the run folder is this run's until it ends
+        r = Run(cfg, domain, targets, mcfg, dev, out_dir, lock)
         try:  # the run's data, then every probe domain's: a missing or broken one stops the run now, not at its end
             datasets = {d.name: probe.load_data(cfg, d, dev.device)
                         for d in [domain, *(t for t in targets if t != domain)]}
@@ -425,12 +431,18 @@ def run(cfg):
         if dev.world > 1:
             device.check_ranks_in_sync(model, dev)
         if dev.rank == 0:
+            kept = (f"the checkpoint {out_dir / 'ckpt.pt'} is intact: probe it with python probe.py --domain "
+                    f"{domain.name} --ckpt {out_dir / 'ckpt.pt'}")
             try:
                 return finish(r, model, datasets, step, t_start)
             except KeyboardInterrupt as e:
                 raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) after step {step}, in the final evaluation; "
-                                      f"the checkpoint {out_dir / 'ckpt.pt'} is intact: probe it with python "
-                                      f"probe.py --domain {domain.name} --ckpt {out_dir / 'ckpt.pt'}") from None
+                                      f"{kept}") from None
+            except OSError as e:  # a full disk while the picture or the last record is written
+                raise RunError(f"could not write in {out_dir} after step {step} ({data.one_line(e, 160)}): free "
+                               f"space there; {kept}") from None
+            except RunError as e:  # a probe that cannot be scored
+                raise RunError(f"{e}; {kept}") from None
 
 
 def main(argv=None):
