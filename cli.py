@@ -11,6 +11,8 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
+import re
 import signal
 import sys
 import tempfile
@@ -109,6 +111,32 @@ def writable_dir(path):
     return path
 
 
+@contextlib.contextmanager
+def made_folder(path):
+    """writable_dir(path) for the block; if the block fails, the folders made for it are removed again when it
+    left them empty: a command that did no work leaves nothing behind (a typo in --data-dir, a missing --ckpt)."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # the deepest first
+    writable_dir(path)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # it holds something: it stays, and so do the folders above it
+                break
+        raise
+
+
+def refuse_folders(out_dir, names):
+    """A run's own files must be files: a folder in the place of one would fail at its first write, after the work."""
+    for name in names:
+        if (out_dir / name).is_dir():
+            raise UsageError(f"{out_dir / name} is a folder, where the run keeps a file: move it away, or choose "
+                             "another --out-dir")
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -187,6 +215,10 @@ def load_checkpoint(path, mcfg=None):
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = MetaMAEConfig(**state["model_config"])  # its lists become the config's tuples
     except Exception as e:
+        code = isinstance(e, pickle.UnpicklingError) and re.search(r"GLOBAL ([\w.]+)", str(e))
+        if code:  # a pickle that calls a function (os.system, say) as it loads: what weights_only refuses
+            raise RunError(f"checkpoint {path} was refused: loading it would run code ({code[1]}), which no checkpoint "
+                           "of train.py holds; use one you trust") from None
         raise RunError(f"checkpoint {path} is unreadable or not a checkpoint of this project "
                        f"({data.one_line(e, 160)}); delete it or point --ckpt elsewhere") from None
     if mcfg is not None and saved != mcfg:
@@ -201,23 +233,36 @@ RUN_DEFINING = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weig
 
 
 def check_resumable(state, cfg, path):
-    """What --resume refuses, each with the way out: a checkpoint of another dataset, of another schedule, or the
-    end of a finished run."""
-    trained_on = state.get("config", {}).get("domain", cfg.domain)
+    """What --resume refuses, each with the way out: a checkpoint of another dataset, of another schedule, at a step
+    that is not one of it, the end of a finished run, or one at --stop-step already."""
+    saved = state.get("config", {})
+    if not isinstance(saved, dict):
+        raise RunError(f"checkpoint {path} holds no options of train.py (its config is a {type(saved).__name__}): "
+                       "it is damaged; start over with --overwrite")
+    trained_on = saved.get("domain", cfg.domain)
     if trained_on != cfg.domain:  # the same input shape does not make the same data
         raise RunError(f"checkpoint {path} was trained on {trained_on}, not {cfg.domain}: resume it with "
                        f"--domain {trained_on}, or probe it on {cfg.domain} with probe.py --ckpt")
-    saved = state.get("config", {})
     changed = [k for k in RUN_DEFINING if k in saved and saved[k] != getattr(cfg, k)]
     if changed:  # the schedule would restart (lr 1e-5 back to its peak), or the batches change, silently
         raise RunError(f"checkpoint {path} was trained with " + ", ".join(
             f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k)})" for k in changed) + ": the learning-rate"
             " schedule and the batches follow them, so --resume takes the run's own values: give those, or start"
             " a new run with --overwrite")
-    if state.get("step") == cfg.max_steps:
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.max_steps:
+        raise RunError(f"checkpoint {path} is at step {step!r}, which is not one of its schedule's {cfg.max_steps} "
+                       "steps: it is damaged; start over with --overwrite")
+    if step == cfg.max_steps:
         raise RunError(f"checkpoint {path} is the end of a finished run (step {cfg.max_steps} of {cfg.max_steps}): "
                        f"probe it with python probe.py --domain {cfg.domain} --ckpt {path}, or train longer in a new "
                        "run")
+    if 0 < cfg.stop_step <= step:  # nothing to do: its end would be logged a second time
+        raise RunError(f"checkpoint {path} is at step {step} already: --stop-step {cfg.stop_step} leaves nothing to "
+                       f"do; give a later one, or none to run to step {cfg.max_steps}")
+
+
+ADAMW_SETTINGS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "lr_scale")  # a group's, as this run sets them
 
 
 def saved_options(path):
@@ -258,18 +303,38 @@ def probed_options(given, defaults):
     return {k: v for k, v in saved_options(Path(given["ckpt"])).items() if k in ("domain", "data_dir")}
 
 
+def checkpoint_status(ckpt_path, saved_step):
+    """What a run that stops now leaves: the step its checkpoint on disk holds, or none."""
+    if saved_step is None:
+        return "no checkpoint of this run was written yet"
+    return f"the checkpoint of step {saved_step} ({ckpt_path}) is intact: --resume continues from it"
+
+
 def check_optimizer_state(saved, opt):
-    """AdamW's moments must have their parameters' shapes and be finite: PyTorch would load a wrong shape and
-    crash (an internal assert, then a segfault) at the first step, and a NaN moment poisons every later one."""
+    """AdamW's state must be what this run's AdamW would hold: moments of its parameters' shapes, finite (the
+    second moment >= 0) and its groups' settings. PyTorch would load a wrong shape and crash (an internal assert,
+    then a segfault) at the first step; a NaN or negative moment, or another decay or beta, poisons every later
+    one, which would read as a too-large learning rate."""
     params = [p for group in opt.param_groups for p in group["params"]]  # the order of the saved state's ids
+    for k, (group, ours) in enumerate(zip(saved["param_groups"], opt.param_groups)):
+        for name in ADAMW_SETTINGS:
+            if name in ours and (tuple(group.get(name, ())) if name == "betas" else group.get(name)) != ours[name]:
+                raise ValueError(f"the optimizer's {name} {group.get(name)!r} in group {k} is not this run's "
+                                 f"{ours[name]!r}")
     for i, moments in saved["state"].items():
-        for name in ("exp_avg", "exp_avg_sq"):
-            m = moments[name]
-            if m.shape != params[int(i)].shape:
+        if not isinstance(i, int) or not 0 <= i < len(params):
+            raise ValueError(f"the optimizer holds the state of parameter {i!r}, but the model has {len(params)}")
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            m = moments.get(name) if isinstance(moments, dict) else None
+            if not torch.is_tensor(m):
+                raise ValueError(f"the optimizer's {name} of parameter {i} is a {type(m).__name__}, not a tensor")
+            if name != "step" and m.shape != params[i].shape:
                 raise ValueError(f"the optimizer's {name} of parameter {i} has shape {tuple(m.shape)}, the "
-                                 f"parameter {tuple(params[int(i)].shape)}")
+                                 f"parameter {tuple(params[i].shape)}")
             if not torch.isfinite(m).all():
                 raise ValueError(f"the optimizer's {name} of parameter {i} is not finite")
+            if name != "exp_avg" and (m < 0).any():
+                raise ValueError(f"the optimizer's {name} of parameter {i} is negative")
 
 
 def load_weights(model, state, path):
@@ -288,15 +353,37 @@ def load_weights(model, state, path):
 # train.py's run folder: one run's alone, its log whole
 
 
+@contextlib.contextmanager
 def claim_out_dir(cfg, rank):
-    """The run folder, made and proven writable before any work, and this run's alone: a lock that the system
-    releases when the process ends, however it ends (kill -9 too), so no dead run can leave it stuck. A new run
-    never replaces another run's checkpoint unless told to; --overwrite removes the old run's checkpoint and
-    log at once. Returns the folder and the lock's open file, to be kept open while the run lasts."""
-    out_dir = writable_dir(cfg.out_dir or f"runs/{cfg.domain}")
-    if rank:  # under torchrun only rank 0 writes
-        return out_dir, None
-    lock = open(out_dir / ".lock", "a+")
+    """The run folder, made and proven writable before any work, and this run's alone while the block runs: a lock
+    that the system releases when the process ends, however it ends (kill -9 too), so no dead run can leave it
+    stuck. A new run never replaces another run's checkpoint unless told to (--overwrite: train.py removes it once
+    the new run has its data and its model). A run refused before it wrote anything leaves no folder or lock of
+    its own. Yields the folder and the lock's open file."""
+    with made_folder(cfg.out_dir or f"runs/{cfg.domain}") as out_dir:
+        if rank:  # under torchrun only rank 0 writes
+            yield out_dir, None
+            return
+        refuse_folders(out_dir, (".lock", "ckpt.pt", "log.jsonl"))
+        path, new = out_dir / ".lock", not os.path.lexists(out_dir / ".lock")
+        try:
+            lock = open(path, "a+")
+        except OSError as e:
+            raise UsageError(f"{path} cannot be opened ({data.one_line(e)}): remove it, or choose another --out-dir") \
+                from None
+        with lock:
+            try:
+                take(lock, out_dir, cfg)
+                yield out_dir, lock
+            except BaseException:  # nothing done: the lock this run made goes, and made_folder removes the folder
+                if new and os.listdir(out_dir) == [".lock"] and is_ours(path, lock):
+                    path.unlink()
+                raise
+
+
+def take(lock, out_dir, cfg):
+    """The run folder's lock taken, or the running train.py named; then what a new run refuses, and what a killed
+    one left removed: its temporary files (.ckpt.pt.<random>.part, a picture's, a log's) are never files of a run."""
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -311,23 +398,44 @@ def claim_out_dir(cfg, rank):
     if not cfg.resume and not cfg.overwrite and ckpt.exists():
         raise UsageError(f"{ckpt} exists: continue that run with --resume, choose another --out-dir, "
                          "or start over with --overwrite")
-    if cfg.overwrite:  # now, not at the first save: an early Ctrl-C must not leave old weights beside a new log
-        ckpt.unlink(missing_ok=True)
-        (out_dir / "log.jsonl").unlink(missing_ok=True)
-    for stale in out_dir.glob(".ckpt.pt.*.part"):  # a save cut short by a kill: never a checkpoint
-        stale.unlink(missing_ok=True)
-    return out_dir, lock
+    for stale in out_dir.glob(".*.part"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
+def is_ours(path, lock):
+    """Whether path is still the lock file this run holds open (not removed, nor replaced by another's)."""
+    try:
+        st, held = os.stat(path), os.fstat(lock.fileno())
+    except OSError:
+        return False
+    return (st.st_ino, st.st_dev) == (held.st_ino, held.st_dev)
+
+
+def check_own_folder(out_dir, lock, step, kept):
+    """Before a running training writes in its folder: is it still its own? Its .lock removed or replaced, or the
+    folder moved and another made in its place: the run stops, and writes nothing into what may be another run's."""
+    if lock is not None and not is_ours(out_dir / ".lock", lock):
+        raise RunError(f"{out_dir} is no longer this run's folder (its .lock was removed or replaced, or the folder "
+                       f"was moved): stopped at step {step} without writing there again; {kept}")
 
 
 def log_until(path, step):
     """A resumed run's log keeps the records up to its checkpoint's step: those after it were written by a run
-    that died before saving them, and the resumed run writes them again."""
-    keep = []
-    for line in open(path) if path.exists() else []:
+    that died before saving them, and the resumed run writes them again. The last line may be one cut short by a
+    kill (dropped); any other line that is no record of train.py is refused, not dropped unseen."""
+    lines, keep = path.read_bytes().splitlines(keepends=True) if path.exists() else [], []
+    for n, line in enumerate(lines, start=1):
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut short by the kill
-            pass
+            rec = json.loads(line)
+        except ValueError:  # invalid JSON or not UTF-8
+            if n == len(lines) and line.startswith(b"{"):  # the line a kill cut short
+                continue
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), (int, float)):
+            raise RunError(f"{path} line {n} is not a record of train.py ({line[:40]!r}): the log is damaged; remove "
+                           "that line, or move the log away, and --resume again")
+        if rec.get("step", 0) <= step:
+            keep.append(line if line.endswith(b"\n") else line + b"\n")
     with data.atomic_file(path) as tmp:
-        tmp.write_text("".join(keep))
+        tmp.write_bytes(b"".join(keep))

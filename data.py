@@ -42,6 +42,7 @@ Notable choices:
 import contextlib
 import csv
 import dataclasses
+import errno
 import fcntl
 import functools
 import glob
@@ -56,9 +57,11 @@ import pickle
 import re
 import shutil
 import struct
+import sys
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 import wave
 import zipfile
 import zlib
@@ -130,6 +133,31 @@ def one_line(e: BaseException, limit: int = None) -> str:
     with `limit`, cut to about that many characters at a word's end (a message quoting PyTorch's stays short)."""
     text = f"{type(e).__name__}: {' '.join(str(e).split())}"
     return text if limit is None or len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def file_error(path: Path, e: OSError, fix: str):
+    """A DataError in the words of what the system said about `path`, or None for another OSError (the caller
+    says that one). Permission is permission: nothing is broken, so `fix` (delete, download again) is not said."""
+    said = {errno.ENOENT: f"is missing: {fix}",
+            errno.EACCES: "cannot be read by this user (permission denied): give it read access (chmod a+r), or run "
+                          "as its owner; nothing needs deleting",
+            errno.ELOOP: f"is a symbolic link that loops (it leads back to itself): point it at the file, or {fix}",
+            errno.EISDIR: f"is a folder, where a file is expected: {fix}"}
+    said[errno.EPERM] = said[errno.EACCES]
+    return DataError(f"{path} {said[e.errno]}") if e.errno in said else None
+
+
+def utf8_names(files: list, fix: str) -> list:
+    """files (a list), refused if a name is not UTF-8: no dataset's file has one, and it could be neither hashed nor
+    shown."""
+    files = list(files)
+    for f in files:
+        try:
+            str(f).encode()
+        except UnicodeEncodeError:
+            raise DataError(f"{str(os.fsencode(f))[2:-1]}: a file name that is not UTF-8, which no file of this "
+                            f"dataset has: rename or remove it, or {fix}") from None
+    return files
 
 
 def seeded_split(n: int, what) -> tuple[np.ndarray, np.ndarray]:
@@ -225,8 +253,8 @@ def read_image_batch(path: Path, num_classes: int, first_label: int = 0):
         with open(path, 'rb') as f:
             # encoding='bytes': CIFAR-10 was pickled by Python 2, whose str is bytes
             d = _NumpyOnlyUnpickler(f, encoding='bytes').load()
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: {fix}") from None
+    except OSError as e:  # missing, a folder, a loop, no permission: said as such
+        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     except Exception as e:  # UnpicklingError, EOFError (truncated), ValueError, ...: a broken file
         raise DataError(f"{path} is corrupt or truncated ({one_line(e)}): {fix}") from e
     # CIFAR-10 has bytes keys (Python 2); the ImageNet32 pickles have str keys (Python 3)
@@ -323,11 +351,11 @@ def read_wav(path: Path, sample_rate: int, fix: str = "delete it and download th
     except wave.Error as e:
         if 'unknown format: 65534' not in str(e):  # WAVE_FORMAT_EXTENSIBLE: Python < 3.12's wave refuses it
             raise DataError(f"{path} is not a PCM wav file ({one_line(e)}): {fix}") from None
-        channels, width, rate, n, raw = _read_wav_extensible(path)
+        channels, width, rate, n, raw = _read_wav_extensible(path, fix)
     except EOFError:  # the wave module's word for a file that ends inside its header, or is empty
         raise DataError(f"{path} is empty or cut short inside its header ({path.stat().st_size} bytes): {fix}") from None
     except OSError as e:
-        raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
+        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     if width != 2:
         raise DataError(f"{path} has {8 * width}-bit samples, expected 16-bit PCM: {fix}")
     if rate != sample_rate:  # the dataset's clips all have one rate; a file with another was not among them
@@ -338,7 +366,7 @@ def read_wav(path: Path, sample_rate: int, fix: str = "delete it and download th
     return np.frombuffer(raw, '<i2').reshape(n, channels)[:, 0]
 
 
-def _read_wav_extensible(path: Path):
+def _read_wav_extensible(path: Path, fix: str):
     """The RIFF chunks of a WAVE_FORMAT_EXTENSIBLE file -> (channels, bytes per sample, rate, frames, data)."""
     raw, pos, fmt = path.read_bytes(), 12, None
     while pos + 8 <= len(raw):
@@ -347,16 +375,15 @@ def _read_wav_extensible(path: Path):
         if chunk == b'fmt ' and len(body) >= 26:
             _, channels, rate, _, _, bits = struct.unpack_from('<HHIIHH', body)
             if body[24:26] != b'\x01\x00':  # the sub-format GUID starts with the format code; 1 = PCM
-                raise DataError(f"{path} is not PCM (WAVE_FORMAT_EXTENSIBLE with another sub-format)")
+                raise DataError(f"{path} is not PCM (WAVE_FORMAT_EXTENSIBLE with another sub-format): {fix}")
             if channels < 1 or bits < 8 or bits % 8:
-                raise DataError(f"{path} has {channels} channels of {bits}-bit samples, expected 16-bit PCM: "
-                                "delete it and download the dataset again")
+                raise DataError(f"{path} has {channels} channels of {bits}-bit samples, expected 16-bit PCM: {fix}")
             fmt = channels, bits // 8, rate
         elif chunk == b'data' and fmt:
             channels, width, rate = fmt
             return channels, width, rate, size // (channels * width), body
         pos += 8 + size + (size & 1)  # chunks are padded to an even size
-    raise DataError(f"{path} is truncated: no 'fmt ' and 'data' chunk: delete it and download the dataset again")
+    raise DataError(f"{path} is truncated: no 'fmt ' and 'data' chunk: {fix}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -452,14 +479,16 @@ def speech_commands_splits(root: Path, cache: Path = None, fix: str = None) -> S
     """A Speech Commands folder (v0.02, or v0.01 whose 30 words are among v0.02's) -> Splits. fix: how to
     get a good copy of the folder (None: download it again)."""
     refetch = fix or f"delete {root} and download it again"
-    files = sorted(p.relative_to(root).as_posix() for p in root.glob('*/*.wav'))
+    files = sorted(p.relative_to(root).as_posix() for p in utf8_names(root.glob('*/*.wav'), refetch))
     lists = {}
     for name in ('validation_list.txt', 'testing_list.txt'):
         try:
-            lists[name] = set((root / name).read_text().split())
+            lists[name] = set((root / name).read_text(encoding='utf-8').split())
+        except UnicodeDecodeError as e:
+            raise DataError(f"{root / name} is not UTF-8 text (byte {e.start}): it is damaged; {refetch}") from None
         except OSError as e:
-            raise DataError(f"{root / name} is missing or unreadable ({one_line(e)}): it comes with the dataset; "
-                            f"{refetch}") from None
+            raise file_error(root / name, e, f"it comes with the dataset; {refetch}") or DataError(
+                f"{root / name} is unreadable ({one_line(e)}): it comes with the dataset; {refetch}") from None
     for f in files:
         if f.split('/')[0].lower() not in GOOGLE_SPEECH_WORDS:
             raise DataError(f"{root / f}: unknown word {f.split('/')[0]!r}; expected one of the 35 Speech Commands "
@@ -484,6 +513,7 @@ def load_google_speech(data_dir: Path, download: bool) -> Splits:
 def load_google_speech_sample(data_dir: Path, download: bool) -> Splits:
     """The 300 real v0.01 clips shipped in shared/data (no download): a quick real run, nothing written."""
     folder = data_dir / 'speech_commands_v0.01_sample'
+    refuse_broken_link(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}/ not found: it ships with the project in shared/data; "
                         f"pass --data-dir with the folder that holds it")
@@ -687,13 +717,22 @@ def interpolate_nans(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def quiet_loadtxt(source, **kwargs) -> np.ndarray:
+    """np.loadtxt, without its warning about a file of no rows, which the callers refuse in one line themselves."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'loadtxt: input contained no data', UserWarning)
+        return np.loadtxt(source, **kwargs)
+
+
 def read_pamap2(path: Path):
     """A Protocol/subject1NN.dat file -> (windows float32 (N, 52, 320), labels int64 (N,))."""
     fix = "delete the PAMAP2_Dataset folder and download it again"
     try:
-        a = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: {fix}") from None
+        with open(path, 'rb'):  # missing, a folder, a loop, no permission: each said as such
+            pass
+        a = quiet_loadtxt(path, dtype=np.float64, ndmin=2)
+    except OSError as e:
+        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     except ValueError as e:  # a row with another number of columns, or a value that is no number
         raise DataError(f"{path} is not a PAMAP2 .dat file ({one_line(e)}): {fix}") from None
     if not a.size:
@@ -871,8 +910,9 @@ def iter_json_array(path: Path, chunk_chars: int = 1 << 22):
     fix = "the file is not the expected dataset or is truncated: delete it and download it again"
     try:
         yield from _json_elements(path, chunk_chars, decoder, fix)
-    except FileNotFoundError:  # an archive whose folder had another name, or a file deleted by hand
-        raise DataError(f"{path} is missing: delete {path.parent} and download the dataset again") from None
+    except OSError as e:  # missing (an archive whose folder had another name), a folder, a loop, no permission
+        fix = f"delete {path.parent} and download the dataset again"
+        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}): {fix}") from None
 
@@ -900,12 +940,20 @@ def _json_elements(path: Path, chunk_chars: int, decoder, fix: str):
             elif expect == '[' and buf[pos] == '[':
                 pos, expect = pos + 1, 'element'
             elif buf[pos] == ']' and (expect == ',' or expect == 'element' and n == 0):
+                rest = buf[pos + 1:]
+                while rest:  # nothing may follow the array but white space
+                    if rest.strip():
+                        raise DataError(f"{path}: text after the JSON array's end ({rest.strip()[:20]!r}): {fix}")
+                    rest = f.read(chunk_chars)
                 return
             elif expect == ',' and buf[pos] == ',':
                 pos, expect = pos + 1, 'element'
             elif expect == 'element':
                 try:
                     obj, pos = decoder.raw_decode(buf, pos)
+                except RecursionError:  # arrays in arrays, deeper than Python's stack
+                    raise DataError(f"{path}: element {n} nests deeper than any record ({sys.getrecursionlimit()} "
+                                    f"levels): {fix}") from None
                 except json.JSONDecodeError:
                     if eof:
                         raise DataError(f"{path}: element {n} is not valid JSON: {fix}") from None
@@ -928,6 +976,9 @@ def protein_chunks(path: Path, label_key: str, size: int = 1 << 16):
         if not isinstance(seq, str) or not isinstance(label, int) or isinstance(label, bool):
             raise DataError(f"{path}: element {i} is not a record with a 'primary' string and an integer "
                             f"{label_key!r}: delete it and download the dataset again")
+        if not -2**63 <= label < 2**63:  # no label of a dataset, and no int64 holds it
+            raise DataError(f"{path}: element {i} has the {label_key} {label}, beyond any label (a 64-bit integer): "
+                            "delete it and download the dataset again")
         seqs.append(seq[:PROTEIN_LENGTH].ljust(PROTEIN_LENGTH, 'X'))
         labels.append(label)
         if len(seqs) == size:
@@ -1233,9 +1284,9 @@ def read_table(path: Path, columns: int, dtype, fix: str, what: str, delimiter: 
     finite. what: the table's name in messages ('a HAPT table', 'the tab-separated HIGGS rows')."""
     try:
         text = path.read_text(encoding='ascii')
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: {fix}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
+    except UnicodeDecodeError as e:
         raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     if not text.strip():  # np.loadtxt would only warn
         raise DataError(f"{path} holds no rows: {fix}")
@@ -1248,6 +1299,11 @@ def read_table(path: Path, columns: int, dtype, fix: str, what: str, delimiter: 
     if not np.isfinite(a).all():  # 'nan' and 'inf' parse as floats, but no sensor or table of these gives them
         row, col = np.argwhere(~np.isfinite(a))[0]
         raise DataError(f"{path} row {row + 1} holds {a[row, col]}, not a number: {fix}")
+    too_big = np.abs(a) > np.finfo(np.float32).max  # finite here, inf in the float32 the model reads
+    if too_big.any():
+        row, col = np.argwhere(too_big)[0]
+        raise DataError(f"{path} row {row + 1} holds {a[row, col]:g}, beyond float32 (the model reads float32, in "
+                        f"which it is infinite): {fix}")
     return a
 
 
@@ -1310,7 +1366,7 @@ def load_google_speech_subset(data_dir: Path, download: bool) -> Splits:
                              SPEECH_SUBSET_FILES, SPEECH_SUBSET_SHA256, download,
                              data_dir / 'speech_commands_v0.02_subset')
     fix = sample_fix(folder)
-    files = sorted(folder.glob('*/*.wav'))
+    files = sorted(utf8_names(folder.glob('*/*.wav'), fix))
     speaker = {}
     for f in files:
         if f.parent.name not in SPEECH_SUBSET_WORDS:
@@ -1544,9 +1600,9 @@ def read_splice(path: Path, fix: str):
     """splice.data -> (tokens uint8 (N, 60), labels int64 (N,)), in the file's order."""
     try:
         lines = path.read_text(encoding='ascii').splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: {fix}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
+    except UnicodeDecodeError as e:
         raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     seqs, labels = [], []
     for i, line in enumerate(lines, start=1):
@@ -1762,6 +1818,7 @@ def extract_archive(archive: Path, target: Path):
 def fetch_and_extract(url: str, archive_name: str, size, digest, download: bool, folder: Path) -> Path:
     """The dataset's folder: used as it is when there (no network, no hashing), else its archive is
     fetched (or found in place), verified and extracted safely into it."""
+    refuse_broken_link(folder)
     if not folder.is_dir():
         _refuse_own_folder(folder)
         archive = fetch_archive(url, folder.parent / archive_name, size, digest, download, folder.name)
@@ -1769,6 +1826,17 @@ def fetch_and_extract(url: str, archive_name: str, size, digest, download: bool,
             if not folder.is_dir():  # another process may have extracted it while this one waited
                 extract_archive(archive, folder)
     return folder
+
+
+def refuse_broken_link(folder: Path):
+    """A dataset's folder that is a symbolic link leading nowhere is said to be one, not 'not found'."""
+    if folder.is_symlink() and not folder.exists():
+        try:
+            folder.stat()
+            problem = "leads nowhere"
+        except OSError as e:
+            problem = "loops (it leads back to itself)" if e.errno == errno.ELOOP else "leads nowhere"
+        raise DataError(f"{folder} is a symbolic link that {problem}: point it at the dataset's folder, or remove it")
 
 
 def _refuse_own_folder(folder: Path):
@@ -1790,6 +1858,7 @@ def _make_sample(folder: Path, download: bool, source: str, place: str, fill: Ca
     """A sample's folder: used as it is when there (an earlier download, or the project's read-only shared/data,
     beside which nothing is written), else made by fill(tmp) in a temporary folder beside it, which is renamed
     into place once complete and verified, and removed on any failure. place: what the user can do instead."""
+    refuse_broken_link(folder)
     if folder.is_dir():
         return folder
     _refuse_own_folder(folder)

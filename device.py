@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from cli import RunError, UsageError
+from metamae import MetaMAE
 
 # -----------------------------------------------------------------------------
 # before any work: the device, the precision, the process group
@@ -57,6 +58,30 @@ def setup(cfg, distributed=False):
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     return Device(device, functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16), rank,
                   world)
+
+def memory(name):
+    """Bytes of memory where --device `name` puts the model: the GPU's, or the machine's."""
+    name = name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(name).index or 0).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(mcfg, name, bytes_per_parameter, what):
+    """Refuses a model whose parameters alone, bytes_per_parameter each, need more than the memory of --device
+    `name`, before anything is allocated: PyTorch would try, and the system's OOM killer end the run minutes later.
+    The parameters are counted on the meta device, where a model takes no memory."""
+    fix = "lower --embed-dim, --depth or --mlp-ratio"
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            n = sum(p.numel() for p in MetaMAE(mcfg).parameters())
+    except RuntimeError:  # "Storage size calculation overflowed"
+        raise UsageError(f"the model cannot be built on any machine: a weight of it would hold more than 2**63 "
+                         f"numbers; {fix}") from None
+    need, have = n * bytes_per_parameter, memory(name)
+    if need > have:
+        raise UsageError(f"the model's {n:,} parameters need {need / 2**30:,.0f} GiB {what}, more than the "
+                         f"{have / 2**30:,.0f} GiB of {name if name != 'auto' else 'this machine'}: {fix}")
 
 # -----------------------------------------------------------------------------
 # once the model exists: SyncBatchNorm, compile, DDP, and the step (eager, or one CUDA graph)

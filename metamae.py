@@ -481,6 +481,8 @@ def check_config(cfg):
         need(getattr(cfg, field) > 0 and getattr(cfg, field) % math.lcm(heads, even) == 0, field,
              f"must be a positive multiple of {math.lcm(heads, even)}: of the {heads} heads, and of {even} for the "
              "sin-cos positions")
+    need(int(min(cfg.embed_dim, cfg.decoder_embed_dim) * cfg.mlp_ratio) >= 1, "mlp_ratio",
+         "int(width * mlp_ratio) must be >= 1: an MLP needs a unit")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
     need(0 < cfg.num_visible < cfg.num_tokens, "mask_ratio", "must keep at least one token and mask at least one")
     need(0 <= cfg.support_ratio <= 1, "support_ratio", "must be in [0, 1]")

@@ -18,6 +18,8 @@ scored once, at the very end. A domain whose metric is weighted F1 (the wafer ma
 
 import dataclasses
 import json
+import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,27 +70,36 @@ def check_knobs(cfg):
     domain = data.DOMAINS[cfg.domain]
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise UsageError(f"--dtype must be 'auto', 'float32' or 'bfloat16', got {cfg.dtype!r}")
-    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.split(":")[0] == "cuda"):
+    kind, _, index = cfg.device.partition(":")
+    if cfg.device not in ("auto", "cpu", "cuda") and not (kind == "cuda" and index.isdigit()):
         raise UsageError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    if index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if Path(cfg.data_dir).exists() and not Path(cfg.data_dir).is_dir():
         raise UsageError(f"--data-dir {cfg.data_dir} is a file, not a folder")
     for name in ("probe_epochs", "probe_batch_size"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.threads < 0:
-        raise UsageError(f"--threads must be >= 0, got {cfg.threads}")
+    if not 0 <= cfg.threads <= (os.cpu_count() or 1):  # more threads than cores only slow a run (100000 crashed it)
+        raise UsageError(f"--threads {cfg.threads}: this machine has {os.cpu_count()} CPU cores; give 1 to "
+                         f"{os.cpu_count()}, or 0 for PyTorch's default")
     if not 0 <= cfg.seed < 2**32:  # torch's generators take 64 bits, and train.py derives seeds from it
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}")
     if not 0 < cfg.val_frac < 1:
         raise UsageError(f"--val-frac must be in (0, 1), got {cfg.val_frac}")
-    if not 0 <= cfg.probe_weight_decay < float("inf"):  # NaN fails too
-        raise UsageError(f"--probe-weight-decay must be a finite number >= 0, got {cfg.probe_weight_decay}")
     try:
         lrs = [float(v) for v in cfg.probe_lrs.split(",")]
     except ValueError:
         raise UsageError(f"--probe-lrs expects comma-separated numbers, got {cfg.probe_lrs!r}") from None
-    if not all(0 < lr < float("inf") for lr in lrs):
-        raise UsageError(f"--probe-lrs must be positive finite numbers, got {cfg.probe_lrs!r}")
+    if not all(0 < lr <= 1 for lr in lrs):  # AdamW moves each weight about lr a step, on standardized features
+        raise UsageError(f"--probe-lrs must be positive finite numbers of at most 1, got {cfg.probe_lrs!r}")
+    if not 0 <= cfg.probe_weight_decay < float("inf"):  # NaN fails too
+        raise UsageError(f"--probe-weight-decay must be a finite number >= 0, got {cfg.probe_weight_decay}")
+    if max(lrs) * cfg.probe_weight_decay > 1:  # AdamW scales the weights by 1 - lr x decay each step
+        raise UsageError(f"--probe-weight-decay {cfg.probe_weight_decay:g} with --probe-lrs {max(lrs):g}: AdamW scales "
+                         f"the head's weights by 1 - lr x decay = {1 - max(lrs) * cfg.probe_weight_decay:.3g} at each "
+                         "step; keep lr x decay at most 1")
     names = list(domain.transfer) if cfg.probe_domains == "" else [] if cfg.probe_domains == "none" else \
         cfg.probe_domains.split(",")
     targets = [domain] if domain.num_classes else []
@@ -170,6 +181,9 @@ def linear_probe(train, val, num_classes, cfg, test=None, seed=0, metric="accura
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            if not (torch.isfinite(loss) and all(torch.isfinite(p).all() for p in head.parameters())):
+                raise RunError(f"the linear probe diverged at --probe-lrs {lr:g} (its loss or weights are not finite "
+                               f"at epoch {epoch}): its accuracy would say nothing of the features; lower --probe-lrs")
             val = scores(head, xva, yva, num_classes, metric)
             if val[key] > best["score"]:
                 best = dict(score=val[key], **{f"val_{k}": v for k, v in val.items()}, lr=lr, epoch=epoch,
@@ -206,12 +220,23 @@ def load_data(cfg, domain, device):
         idx = data.train_val_split(len(splits.train_x), cfg.val_frac, groups=splits.train_groups)
     except ValueError as e:
         raise UsageError(f"--val-frac {cfg.val_frac} on {domain.name}: {e}") from None
-    if domain.num_classes and not (len(idx[0]) and len(idx[1])):
+    # the probe standardizes its training features (a std needs 2 rows) and selects on held-out ones, which give
+    # a run's held-out losses too (an empty batch has a NaN loss)
+    if not len(idx[1]) or (domain.num_classes and len(idx[0]) < 2):
         raise UsageError(f"--val-frac {cfg.val_frac} of {domain.name}'s {len(splits.train_x)} training inputs leaves "
-                         f"{len(idx[0])} to train the probe and {len(idx[1])} to select it: choose a --val-frac that "
-                         "leaves both")
+                         f"{len(idx[0])} to train the probe and {len(idx[1])} held out to select it: choose a "
+                         "--val-frac that leaves at least 2 and 1")
     check_values(splits, domain)
+    if domain.num_classes and all_alike(splits.train_x, idx[0]):  # a std of 0: no probe can tell them apart
+        raise data.DataError(f"{domain.name}: the {len(idx[0])} inputs the probe trains on are all the same, so its "
+                             "accuracy would be the share of one class: check the dataset's files")
     return Data(splits, *(i.to(device) for i in idx))
+
+
+def all_alike(x, rows, chunk=4096):
+    """Whether the rows of x are all equal to the first (read in chunks, stopping at the first that differs)."""
+    first = x[rows[:1]]
+    return all(bool((x[rows[i:i + chunk]] == first).all()) for i in range(0, len(rows), chunk))
 
 
 def check_values(splits, domain):
@@ -229,19 +254,36 @@ def check_values(splits, domain):
                                      f"{domain.vocab_size}: {fix}")
 
 
+def nonfinite_cause(x):
+    """Who is to blame for a non-finite loss: data that hold NaN or inf, or values whose square (the loss's) is
+    beyond float32, which the model computes in; else the learning rates."""
+    lo, hi = (x.min().item(), x.max().item()) if x.is_floating_point() and len(x) else (0.0, 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return ("the training data hold NaN or infinite values: check the dataset files, and delete its caches "
+                "(*.npy beside them) to rebuild them")
+    if max(-lo, hi) ** 2 > torch.finfo(torch.float32).max:
+        return (f"the training data hold values up to {max(-lo, hi):.3g}, whose squares (the reconstruction loss's) "
+                "overflow float32, which the model computes in: check the dataset files, or scale the values")
+    return "lower --lr or --inner-lr"
+
+
+def finite(features, domain, split):
+    if not torch.isfinite(features).all():  # a probe on NaN features would report the share of one class
+        raise RunError(f"{domain.name}: features of its {split} inputs are not finite; the inputs hold NaN or "
+                       "infinite values (check the dataset files and delete its caches), or the encoder's weights do")
+    return features
+
+
 def probe(featurize, d, domain, cfg, with_test):
     """Linear probe on featurize(inputs) of one domain's data; the test split only when with_test (once, at a
     run's end)."""
     s = d.splits
     print(f"{domain.name}: the features of {len(s.train_x):,} training" + (f" and {len(s.test_x):,} test" if with_test
           else "") + " inputs ...", flush=True)
-    ftrain = featurize(s.train_x)
-    if not torch.isfinite(ftrain).all():  # a probe on NaN features would report the share of one class
-        raise RunError(f"{domain.name}: features of its training inputs are not finite; the inputs hold NaN or "
-                       "infinite values (check the dataset files and delete its caches), or the encoder's weights do")
+    ftrain = finite(featurize(s.train_x), domain, "training")
     tr = (ftrain[d.train_idx], s.train_y[d.train_idx])
     va = (ftrain[d.val_idx], s.train_y[d.val_idx])
-    te = (featurize(s.test_x), s.test_y) if with_test else None
+    te = (finite(featurize(s.test_x), domain, "test"), s.test_y) if with_test else None
     res = linear_probe(tr, va, domain.num_classes, cfg, te, seed=cfg.seed, metric=domain.metric)
     res["probe_lr"], res["probe_epoch"] = res.pop("lr"), res.pop("epoch")
     return res
@@ -300,28 +342,46 @@ def check(cfg):
 
 def run(cfg):
     domain, targets = check(cfg)
-    out_dir = cli.writable_dir(cfg.out_dir or (Path(cfg.ckpt).parent if cfg.ckpt else f"runs/{cfg.domain}"))
-    dev = device.setup(cfg)
-    datasets = {d.name: load_data(cfg, d, dev.device) for d in targets}  # every one read before any work
-    torch.manual_seed(cfg.seed)  # a fresh encoder's weights
-    model, mcfg = None, MetaMAEConfig(input_shape=tuple(domain.input_shape), patch_size=tuple(domain.patch_size),
-                                      vocab_size=domain.vocab_size, mask_ratio=domain.mask_ratio)
-    if cfg.ckpt and cfg.baseline != "raw":  # the checkpoint's architecture, which must read this domain's inputs
-        state, mcfg = cli.load_checkpoint(Path(cfg.ckpt))
-        if (mcfg.input_shape, mcfg.patch_size, mcfg.vocab_size) != (tuple(domain.input_shape),
-                                                                     tuple(domain.patch_size), domain.vocab_size):
-            raise RunError(f"checkpoint {cfg.ckpt} was trained on inputs {mcfg.input_shape}, not on "
-                           f"{cfg.domain}'s {tuple(domain.input_shape)}; pass the matching --domain")
-    if cfg.baseline != "raw":
-        model = MetaMAE(mcfg).to(dev.device)
-        if not cfg.baseline:
-            cli.load_weights(model, state, Path(cfg.ckpt))
-    rec = dict(encoder=cfg.baseline or str(cfg.ckpt), **evaluate(model, cfg, targets, datasets, dev.autocast))
-    with open(out_dir / "eval.jsonl", "a") as f:  # fractions, as train.py's log.jsonl; percent where printed
-        f.write(json.dumps(rec) + "\n")
-    print("\n".join([f"{rec['encoder']}: probed (its record appended to {out_dir / 'eval.jsonl'})",
-                     *results(rec, targets, cfg.domain)]), flush=True)
+    if cfg.ckpt and not Path(cfg.ckpt).is_file():  # before a folder is made beside it
+        raise RunError(f"no checkpoint at {cfg.ckpt}; train first, or pass the --ckpt of an existing run")
+    with cli.made_folder(cfg.out_dir or (Path(cfg.ckpt).parent if cfg.ckpt else f"runs/{cfg.domain}")) as out_dir:
+        cli.refuse_folders(out_dir, ["eval.jsonl"])
+        dev = device.setup(cfg)
+        datasets = {d.name: load_data(cfg, d, dev.device) for d in targets}  # every one read before any work
+        rec = dict(encoder=cfg.baseline or str(cfg.ckpt), **evaluate(encoder(cfg, domain, dev), cfg, targets,
+                                                                     datasets, dev.autocast))
+        print("\n".join(results(rec, targets, cfg.domain)), flush=True)  # percent; eval.jsonl keeps fractions
+        try:
+            with open(out_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise RunError(f"could not write {out_dir / 'eval.jsonl'} ({data.one_line(e, 160)}): free space there; the "
+                           "results are the lines above") from None
+        print(f"{rec['encoder']}: probed, its record appended to {out_dir / 'eval.jsonl'}", flush=True)
     return rec
+
+
+def encoder(cfg, domain, dev):
+    """The model probe.py probes: a checkpoint's, a fresh one (of a checkpoint's shape, or the paper's), or None
+    (the raw inputs). A checkpoint must read the domain's inputs: its config names what differs."""
+    torch.manual_seed(cfg.seed)  # a fresh encoder's weights
+    mcfg = MetaMAEConfig(input_shape=tuple(domain.input_shape), patch_size=tuple(domain.patch_size),
+                         vocab_size=domain.vocab_size, mask_ratio=domain.mask_ratio)
+    if cfg.baseline == "raw":
+        return None
+    if cfg.ckpt:  # the checkpoint's architecture, which must read this domain's inputs
+        state, saved = cli.load_checkpoint(Path(cfg.ckpt))
+        differ = [f for f in ("input_shape", "patch_size", "vocab_size") if getattr(saved, f) != getattr(mcfg, f)]
+        if differ:
+            raise RunError(f"checkpoint {cfg.ckpt} reads " + ", ".join(f"{f} {getattr(saved, f)}" for f in differ) +
+                           f", not {cfg.domain}'s " + ", ".join(str(getattr(mcfg, f)) for f in differ) +
+                           ": pass the --domain it was trained on, or one of its input shape")
+        mcfg = saved
+        device.check_fits(mcfg, cfg.device, 4, "for its weights in float32")
+    model = MetaMAE(mcfg).to(dev.device)
+    if not cfg.baseline:
+        cli.load_weights(model, state, Path(cfg.ckpt))
+    return model
 
 
 def main(argv=None):

@@ -530,6 +530,7 @@ def test_mae_configuration_has_no_projector():
     ("inner_lr", dict(inner_lr=float("inf"))),  # finite, or the first step is NaN
     ("contrast_weight", dict(contrast_weight=float("inf"))),
     ("mlp_ratio", dict(mlp_ratio=float("inf"))),
+    ("mlp_ratio", dict(mlp_ratio=1e-9)),        # int(width * 1e-9) = 0: an MLP of no unit
     ("depth", dict(depth=2.0)),                 # a float where an int counts blocks
     ("inner_steps", dict(inner_steps=1.5)),
     ("embed_dim", dict(embed_dim=True)),

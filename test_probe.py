@@ -1,6 +1,7 @@
 """Tests of probe.py: the linear probe's honesty (selection on validation, test scored once), its metric, and
 probe.py on its own: checkpoints, the baselines, transfer, and what it refuses."""
 
+import gzip
 import os
 import re
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 import cli
+import data
 import probe
 import train
 from conftest import (TINY, assert_clean_error, make_cifar, make_imagenet32, read_log, run_cli, run_in_process,
-                      write_cifar_batch, write_fake)
+                      write_cifar_batch, write_fake, write_fake_higgs)
 
 
 def parse(argv):  # as probe.main parses: --ckpt's domain and data folder are the defaults
@@ -166,9 +168,9 @@ def test_probe_py_says_what_it_computes_and_prints_percent_but_records_fractions
                         r"epoch [123]\)", lines[1]), lines[1]
     assert lines[2].startswith("probe lr 0.001: 3 epochs done; the best validation accuracy so far "
                                f"{100 * rec['val_acc']:.1f}% (lr {rec['probe_lr']:g}, epoch {rec['probe_epoch']})")
-    assert lines[-1] == (f"cifar10: test accuracy {100 * rec['test_acc']:.1f}% (validation {100 * rec['val_acc']:.1f}%; "
+    assert lines[-2] == (f"cifar10: test accuracy {100 * rec['test_acc']:.1f}% (validation {100 * rec['val_acc']:.1f}%; "
                          f"probe lr {rec['probe_lr']}, epoch {rec['probe_epoch']})")
-    assert str(tmp_path / "eval.jsonl") in lines[-2] and len(lines) == 5
+    assert str(tmp_path / "eval.jsonl") in lines[-1] and len(lines) == 5
 
 
 def test_transfer_imagenet32_to_cifar10_then_probe_the_checkpoint_alone(tmp_path):
@@ -198,7 +200,8 @@ def test_checkpoints_that_cannot_be_probed(cifar_dir, tmp_path):
     assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "none.pt"), 1, "no checkpoint")
     marker = tmp_path / "pwned"  # a crafted checkpoint runs no code: checkpoints are read with weights_only
     torch.save(dict(model={}, model_config={}, payload=Payload(marker)), tmp_path / "evil.pt")
-    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "evil.pt"), 1, "unreadable", "UnpicklingError")
+    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "evil.pt"), 1, "refused: loading it would run code",
+                       "posix.system")
     assert not marker.exists()
     (tmp_path / "broken.pt").write_bytes(b"garbage")
     assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "broken.pt"), 1, "unreadable")
@@ -216,6 +219,9 @@ def test_checkpoints_that_cannot_be_probed(cifar_dir, tmp_path):
     (["--baseline", "raw", "--val-frac", "0"], "--val-frac must be in (0, 1)"),
     (["--baseline", "raw", "--probe-domains", "google_speech"], "the model reads one input shape"),
     (["--baseline", "raw", "--eval-only", "raw"], "unrecognized arguments: --eval-only"),
+    (["--baseline", "raw", "--probe-lrs", "1e30"], "--probe-lrs must be positive finite numbers of at most 1"),
+    (["--baseline", "raw", "--probe-weight-decay", "5e3"], "--probe-weight-decay 5000 with --probe-lrs 0.001"),
+    (["--baseline", "raw", "--threads", "100000"], "--threads 100000: this machine has"),  # a segmentation fault
 ])
 def test_bad_options_are_refused_before_any_work_with_exit_2(cifar_dir, tmp_path, args, needle):
     out_dir = tmp_path / "run"
@@ -265,3 +271,102 @@ def test_ctrl_c_while_probing_or_reading_data_says_where_it_stopped(cifar_dir, t
     monkeypatch.setattr(probe, "load_data", interrupted)
     assert_clean_error(run_in_process(train.main, "--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir",
                                       tmp_path / "run"), 130, "while reading the data, before the first step")
+
+
+# ----------------------------------------------------------------------------- the table: what no probe may do
+# As train.py's (test_train.py): each row builds its case and runs probe.py; the exit code, the one line and its
+# words, and what is on disk afterwards (a probe that did no work leaves nothing, and makes no folder).
+
+
+@pytest.fixture(scope="module")
+def trained(cifar_dir, tmp_path_factory):
+    """A checkpoint of one step (of a small model), for the rows that read one."""
+    out = tmp_path_factory.mktemp("trained")
+    train_main("--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--max-steps", "1", "--eval-interval", "0",
+               "--probe-epochs", "1", "--out-dir", out)
+    return out / "ckpt.pt"
+
+
+def with_config(trained, tmp_path, **change):
+    state = torch.load(trained, weights_only=True)
+    state["model_config"].update(change)
+    torch.save(state, tmp_path / "other.pt")
+    return ["--ckpt", tmp_path / "other.pt"]
+
+
+def higgs_with_nan_in_a_test_row(tmp_path, monkeypatch):
+    from conftest import serve
+    rows = write_fake_higgs(tmp_path / "data")
+    rows[data.seeded_split(len(rows), "")[1][0], 5] = float("nan")  # a row of the test split
+    with gzip.open(tmp_path / "data" / "HIGGS.csv.gz", "wt") as f:
+        np.savetxt(f, rows, fmt="%.18e", delimiter=",")
+    serve(monkeypatch, "HIGGS", tmp_path / "data" / "HIGGS.csv.gz")
+    return ["--domain", "higgs", "--data-dir", tmp_path / "data", "--download", "false", "--baseline", "raw"]
+
+
+def evil(tmp_path):
+    torch.save(dict(model={}, model_config={}, payload=Payload(tmp_path / "pwned")), tmp_path / "evil.pt")
+    return ["--ckpt", tmp_path / "evil.pt"]
+
+
+def eval_log(tmp_path, how):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eval.jsonl").mkdir() if how == "folder" else (tmp_path / "run" / "eval.jsonl").symlink_to(
+        "/dev/full")
+    return ["--baseline", "raw", "--out-dir", tmp_path / "run"]
+
+
+def no_folder(name):
+    def after(tmp_path):
+        assert not os.path.lexists(tmp_path / name)
+    return after
+
+
+def cuda_beside(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    return ["--baseline", "raw", "--device", "cuda:5"]
+
+
+PROBE_CASES = [  # setup(tmp_path, monkeypatch, trained) -> probe.py's options; exit code; words; after(tmp_path)
+    pytest.param(lambda t, mp, ck: ["--ckpt", t / "missing" / "ckpt.pt"], 1, ["no checkpoint at"],
+                 no_folder("missing"), id="checkpoint-in-a-missing-folder"),
+    pytest.param(lambda t, mp, ck: ["--baseline", "raw", "--ckpt", t / "missing" / "ckpt.pt"], 1, ["no checkpoint at"],
+                 no_folder("missing"), id="raw-baseline-beside-a-missing-checkpoint"),
+    pytest.param(lambda t, mp, ck: ["--baseline", "raw", "--out-dir", t / "new" / "run", "--data-dir", t / "typo",
+                                    "--download", "false"], 1, ["cifar-10-python.tar.gz"], no_folder("new"),
+                 id="data-error-leaves-no-folder"),
+    pytest.param(lambda t, mp, ck: eval_log(t, "folder"), 2, ["eval.jsonl is a folder"],
+                 lambda t: (t / "run" / "eval.jsonl").is_dir(), id="eval-log-a-folder"),
+    pytest.param(lambda t, mp, ck: eval_log(t, "full"), 1, ["could not write", "No space left on device"],
+                 lambda t: None, id="disk-full-while-eval-log-is-written"),
+    pytest.param(lambda t, mp, ck: with_config(ck, t, patch_size=[8, 8]), 1, ["patch_size (8, 8)", "(4, 4)"],
+                 lambda t: None, id="checkpoint-of-other-patches"),
+    pytest.param(lambda t, mp, ck: evil(t), 1, ["refused", "would run code"],
+                 lambda t: not (t / "pwned").exists(), id="checkpoint-that-would-run-code"),
+    pytest.param(lambda t, mp, ck: higgs_with_nan_in_a_test_row(t, mp), 1, ["test inputs are not finite"],
+                 lambda t: not (t / "run" / "eval.jsonl").exists(), id="nan-in-a-test-row"),
+    pytest.param(lambda t, mp, ck: cuda_beside(mp), 2, ["--device cuda:5", "1 CUDA device"], lambda t: None,
+                 id="device-index-beyond-the-gpus"),
+]
+
+
+@pytest.mark.parametrize("setup,code,words,after", PROBE_CASES)
+def test_what_no_probe_may_do(cifar_dir, trained, tmp_path, monkeypatch, setup, code, words, after):
+    args = [str(a) for a in setup(tmp_path, monkeypatch, trained)]
+    if "--ckpt" not in args and "--out-dir" not in args:  # else the results go beside the checkpoint, or runs/cifar10
+        args += ["--out-dir", tmp_path / "run"]
+    args = ["--domain", "cifar10", "--data-dir", cifar_dir, "--probe-epochs", "1", *args]
+    assert_clean_error(probe_cli(*args), code, *words)
+    assert after(tmp_path) is not False
+
+
+@pytest.mark.parametrize("test_features,lr,needle", [
+    (lambda x: torch.full((len(x), 3072), float("nan")), "1e-3", "features of its test inputs are not finite"),
+    (lambda x: x.flatten(1).float(), "1e30", "the linear probe diverged at --probe-lrs 1e+30"),  # a NaN head
+])
+def test_no_accuracy_from_non_finite_values(cifar_dir, test_features, lr, needle):
+    d = probe.load_data(parse(["--data-dir", cifar_dir]), data.DOMAINS["cifar10"], torch.device("cpu"))
+    featurize = lambda x: test_features(x) if len(x) == len(d.splits.test_x) else x.flatten(1).float()  # noqa: E731
+    with pytest.raises(cli.RunError, match=re.escape(needle)):
+        probe.probe(featurize, d, data.DOMAINS["cifar10"], parse(["--probe-lrs", lr, "--probe-epochs", "2"]), True)

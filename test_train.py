@@ -1,13 +1,21 @@
 """Tests of train.py: overrides, resume = uninterrupted, torchrun, and the bad-input table."""
 
+import contextlib
+import errno
+import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+import warnings
+from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +23,9 @@ import cli
 import probe
 import train
 from conftest import (FAKE_WRITERS, HERE, REAL_DATA, TINY, assert_clean_error, make_cifar, make_imagenet32, read_log,
-                      run_cli, run_in_process, tiny_model, train_losses, write_fake)
+                      run_cli, run_in_process, tiny_model, train_losses, write_cifar_batch, write_fake,
+                      write_fake_google_speech, write_fake_higgs_sample, write_fake_pamap2, write_fake_speech_subset,
+                      write_wav)
 
 
 @pytest.fixture(scope="module")
@@ -377,17 +387,26 @@ def test_a_run_folder_belongs_to_one_run_and_a_killed_one_leaves_it_free(cifar_d
     assert steps == list(range(1, state["step"] + 3))
 
 
-def test_overwrite_removes_the_old_run_at_once(cifar_dir, tmp_path):
+def test_overwrite_replaces_the_old_run_only_once_the_new_one_has_its_data_and_model(cifar_dir, tmp_path,
+                                                                                      monkeypatch):
     base = ["--domain", "cifar10", "--data-dir", cifar_dir, *TINY, "--out-dir", tmp_path, "--max-steps", "2",
             "--probe-epochs", "1"]
     run_main(*base)
-    old = (tmp_path / "ckpt.pt").read_bytes()
-    # an overwriting run stopped before its first save: the old weights must not stay beside the new log
+    old = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+    # a typo in --data-dir must not cost a finished run
     with pytest.raises(train.data.DataError):
         run_main(*base, "--overwrite", "--download", "false", "--data-dir", tmp_path / "nothing")
-    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "log.jsonl").exists()
+    assert {name: (tmp_path / name).read_bytes() for name in old} == old
+    # stopped at its first step: the old weights are gone, and do not stand beside the new run's log
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as mp:
+        mp.setattr(train, "train_step", interrupted)
+        with pytest.raises(cli.Interrupted, match="no checkpoint of this run was written yet"):
+            run_main(*base, "--overwrite", "--seed", "1")
+    assert not (tmp_path / "ckpt.pt").exists() and read_log(tmp_path / "log.jsonl")[0]["config"]["seed"] == 1
     run_main(*base, "--overwrite", "--seed", "1")
-    assert (tmp_path / "ckpt.pt").read_bytes() != old
+    assert (tmp_path / "ckpt.pt").read_bytes() != old["ckpt.pt"]
 
 
 def test_a_run_never_replaces_a_checkpoint_unasked(cifar_dir, tmp_path):
@@ -441,6 +460,15 @@ def test_a_run_never_replaces_a_checkpoint_unasked(cifar_dir, tmp_path):
     (["--ckpt", "x.pt"], "unrecognized arguments: --ckpt"),  # probe.py's option: train.py writes <out-dir>/ckpt.pt
     (["--learn-inner-lr", "--inner-lr", "0"], "learn_inner_lr: needs inner_steps > 0 and an inner_lr > 0"),
     (["--learned-lr-scale", "0"], "--learned-lr-scale must be a positive finite number"),
+    # sizes and rates that cannot work, refused before anything is allocated or trained
+    (["--probe-lrs", "1e30"], "--probe-lrs must be positive finite numbers of at most 1"),  # a NaN head, a fake score
+    (["--probe-lrs", "1e-3,1e300"], "--probe-lrs must be positive finite numbers of at most 1"),  # overflowed at the end
+    (["--probe-weight-decay", "1e9"], "--probe-weight-decay 1e+09 with --probe-lrs 0.001"),
+    (["--threads", "100000"], "--threads 100000: this machine has"),  # was a segmentation fault
+    (["--embed-dim", "4294967296"], "lower --embed-dim"),  # was 219 s of allocation, then the OOM killer
+    (["--embed-dim", "65536"], "GiB to train"),  # 429,549,431,344 parameters
+    (["--mlp-ratio", "1e-9"], "mlp_ratio: int(width * mlp_ratio) must be >= 1"),  # was a zero-width MLP
+    (["--device", "cuda:x"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ])
 def test_bad_options_are_refused_before_any_work_with_exit_2(cifar_dir, tmp_path, args, needle):
     out_dir = tmp_path / "run"
@@ -577,8 +605,8 @@ def test_non_finite_messages_say_what_exists_and_blame_nan_data(tmp_path):
     assert_clean_error(train_cli(*base, "--out-dir", tmp_path / "r1", "--lr", "1e30"), 1, "non-finite",
                        "no checkpoint of this run was written yet")
     # NaN in the inputs: blame the data, not the learning rate
-    assert "the training data hold NaN" in train.nonfinite_cause(torch.tensor([[0.0, float("nan")]]))
-    assert train.nonfinite_cause(torch.zeros(2, 2)).startswith("lower --lr")
+    assert "the training data hold NaN" in probe.nonfinite_cause(torch.tensor([[0.0, float("nan")]]))
+    assert probe.nonfinite_cause(torch.zeros(2, 2)).startswith("lower --lr")
 
 
 def test_ctrl_c_exits_130_and_says_whether_a_checkpoint_exists(cifar_dir, tmp_path):
@@ -704,3 +732,358 @@ def test_help_says_each_default_once_and_the_presets_values():
     assert "'cpu': MAE's recipe, and embed_dim 192" in " ".join(out.split())
     cpu = parse(["--preset", "cpu"])
     assert (cpu.log_interval, cpu.ckpt_interval, cpu.max_steps) == (50, 500, 3400)  # a line every ~40 s on 2 cores
+
+# ----------------------------------------------------------------------------- the table: what no run may do
+# Each row builds its case, runs train.py as a user's shell would (warnings shown), and checks the promise of
+# docs/errors.md: the exit code, one line on stderr with the words that tell what is wrong, and what is on disk
+# afterwards (a run that did no work leaves nothing; a refused --resume leaves its folder as it was).
+
+
+def base(data_dir):
+    return ["--domain", "cifar10", "--data-dir", data_dir, *TINY, "--max-steps", "3", "--probe-epochs", "1",
+            "--eval-interval", "0"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(cifar_dir, tmp_path_factory):
+    """The folder of a run of the rows' options stopped at step 1 of 3: the rows that resume copy it."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    run_main(*base(cifar_dir), "--out-dir", out, "--stop-step", "1")
+    return out
+
+
+class Case(NamedTuple):
+    """What a row's setup gets: its own folder, the run folder (not made), a folder for a dataset of its own, the
+    shared CIFAR-10 files, a run stopped at step 1 of 3, and pytest's monkeypatch."""
+    tmp: Path
+    out: Path
+    data: Path
+    cifar: Path
+    stopped: Path
+    mp: pytest.MonkeyPatch
+
+    def copy_stopped(self):
+        shutil.copytree(self.stopped, self.out)
+        return []
+
+    def resume(self, *extra):
+        return [*self.copy_stopped(), "--resume", *extra]
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes (a folder, a link to a device: its kind); None if folder is absent."""
+    if not os.path.lexists(folder):
+        return None
+    out = {}
+    for top, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(top) / name
+            out[p.relative_to(folder).as_posix()] = p.read_bytes() if p.is_file() else "dir" if p.is_dir() else "other"
+    return out
+
+
+def nothing(c, before):  # a run that did no work leaves nothing behind
+    assert not os.path.lexists(c.out), snapshot(c.out)
+
+
+def unchanged(c, before):  # a refused run leaves the folder as it found it (but the pid in its .lock)
+    def files(s):
+        return {k: "a lock" if k == ".lock" and v != "dir" else v for k, v in (s or {}).items()}
+    assert files(snapshot(c.out)) == files(before)
+
+
+def no_checkpoint(c, before):
+    assert not (c.out / "ckpt.pt").exists()
+
+
+def logged_steps(folder):
+    return [r["step"] for r in read_log(folder / "log.jsonl") if "loss" in r]
+
+
+def deny(c, victim):
+    """Reading victim is refused, as a file of another user is (these tests run as root, whom no mode stops)."""
+    real = open
+
+    def opener(path, *args, **kwargs):
+        if Path(path) == victim:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+    c.mp.setattr(train.data, "open", opener, raising=False)
+
+
+def damage(victim, how, c):
+    """victim (a file) becomes a folder, a symbolic link to itself, or unreadable."""
+    victim.unlink()
+    if how == "folder":
+        victim.mkdir()
+    elif how == "loop":
+        victim.symlink_to(victim)
+    else:
+        victim.write_text("[]")
+        deny(c, victim)
+
+
+def at_step_2(c, act):
+    """act() runs as the second training step starts, while the run goes on."""
+    step, calls = train.train_step, []
+
+    def stepping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            act()
+        return step(*args, **kwargs)
+    c.mp.setattr(train, "train_step", stepping)
+    return []
+
+
+def another_run_takes(folder):  # what another run does to a folder it was given
+    folder.mkdir(exist_ok=True)
+    (folder / ".lock").unlink(missing_ok=True)
+    (folder / ".lock").write_text("train.py (pid 1)")
+
+
+def folder_replaced(c):
+    c.out.rename(c.tmp / "moved")
+    another_run_takes(c.out)
+    (c.out / "ckpt.pt").write_bytes(b"another run's")
+
+
+def full_disk_for(c, suffix):
+    """A file whose name ends with suffix meets a full disk as it is written (its temporary file is /dev/full)."""
+    atomic = train.data.atomic_file
+
+    @contextlib.contextmanager
+    def filling(path):
+        if not path.name.endswith(suffix):
+            with atomic(path) as tmp:
+                yield tmp
+            return
+        tmp = c.tmp / f"{path.name}.full"
+        tmp.symlink_to("/dev/full")
+        yield tmp
+    c.mp.setattr(train.data, "atomic_file", filling)
+    return []
+
+
+def table_cell(path, row, col, value):
+    """A text table's cell (tab-separated, 0-based) replaced by value; row None: in every row."""
+    lines = [line.split("\t") for line in path.read_text().splitlines()]
+    for cells in lines if row is None else [lines[row]]:
+        cells[col] = value
+    path.write_text("".join("\t".join(cells) + "\n" for cells in lines))
+
+
+def higgs_sample_with(c, name, row, value):
+    write_fake_higgs_sample(c.data)
+    table_cell(c.data / "higgs_lightgbm" / name, row, 3, value)
+    return ["--domain", "higgs_sample", "--data-dir", c.data]
+
+
+def same_images(c):
+    folder = c.data / "cifar-10-batches-py"
+    make_cifar(folder, rows_per_file=20)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        write_cifar_batch(folder / name, np.full((20, 3072), 7, np.uint8), np.arange(20) % 10)
+    return ["--data-dir", c.data]
+
+
+def speech_subset_with_a_name(c, name):
+    write_fake_speech_subset(c.data)
+    wav = c.data / "speech_commands_v0.02_subset" / "yes" / "0a1b2c3d_nohash_0.wav"
+    os.rename(wav, os.fsencode(wav.parent) + b"/" + name)
+    return ["--domain", "google_speech_subset", "--data-dir", c.data]
+
+
+def speech_lists_not_utf8(c):
+    write_fake_google_speech(c.data)
+    (c.data / "speech_commands_v0.02" / "validation_list.txt").write_bytes(b"yes/\xff\xfe.wav\n")
+    return ["--domain", "google_speech", "--data-dir", c.data, "--download", "false"]
+
+
+def damaged_shipped_sample(c):  # a wav of google_speech_sample (no download) with a header of 0 channels
+    write_fake_google_speech(c.data)
+    folder = c.data / "speech_commands_v0.01_sample"
+    (c.data / "speech_commands_v0.02").rename(folder)
+    wav = write_wav(folder / "yes" / "0a1b2c3d_nohash_0.wav", [1, 2, 3], 16_000, extensible=True)
+    wav.write_bytes(wav.read_bytes()[:22] + b"\x00\x00" + wav.read_bytes()[24:])
+    return ["--domain", "google_speech_sample", "--data-dir", c.data]
+
+
+def pamap2_dat(c, how):
+    write_fake_pamap2(c.data)
+    victim = c.data / "PAMAP2_Dataset" / "Protocol" / "subject103.dat"
+    if how == "empty":
+        victim.write_text("")
+    else:
+        damage(victim, how, c)
+    return ["--domain", "pamap2", "--data-dir", c.data, "--download", "false"]
+
+
+def tape_json(c, domain, change):
+    """A TAPE JSON file of the domain's fake (scop: remote_homology_train.json) changed: change(path, records)."""
+    write_fake(domain, c.data, c.mp)
+    path = c.data / ("pfam/pfam_train.json" if domain == "pfam" else "remote_homology/remote_homology_train.json")
+    change(path, json.loads(path.read_text()))
+    return ["--domain", domain, "--data-dir", c.data, "--download", "false", "--max-steps", "1"] + (
+        ["--probe-domains", "none"] if domain == "pfam" else [])
+
+
+def label(key, value):
+    def change(path, records):
+        records[3][key] = value
+        path.write_text(json.dumps(records))
+    return change
+
+
+def crafted(change):
+    """A resume of the stopped run whose checkpoint change() altered."""
+    def setup(c):
+        args = c.resume()
+        state = torch.load(c.out / "ckpt.pt", weights_only=True)
+        change(state)
+        torch.save(state, c.out / "ckpt.pt")
+        return args
+    return setup
+
+
+def log_line(text):
+    def setup(c):
+        args = c.resume()
+        with open(c.out / "log.jsonl", "ab") as f:
+            f.write(text + b"\n")
+        return args
+    return setup
+
+
+def stale_part(c):
+    args = c.resume()
+    (c.out / ".reconstructions_1.png.x1y2z3.part").write_bytes(b"a picture cut short by a kill")
+    return args
+
+
+def dataset_folder_loop(c):
+    c.data.mkdir()
+    (c.data / "cifar-10-batches-py").symlink_to("cifar-10-batches-py")
+    return ["--data-dir", c.data, "--download", "false"]
+
+
+def a_folder_named(name):
+    def setup(c):
+        (c.out / name).mkdir(parents=True)
+        return []
+    return setup
+
+
+def fake_cuda(c, count=1):
+    c.mp.setattr(torch.cuda, "is_available", lambda: True)
+    c.mp.setattr(torch.cuda, "device_count", lambda: count)
+
+
+TRAIN_CASES = [  # setup(case) -> train.py's options beyond base(); exit code; words of the one line; after(case, before)
+    # --overwrite removes the old run only once the new one has its data and its model
+    pytest.param(lambda c: c.copy_stopped() + ["--overwrite", "--data-dir", c.tmp / "typo", "--download", "false"], 1,
+                 ["cifar-10-python.tar.gz"], unchanged, id="overwrite-with-a-typo-in-data-dir"),
+    # a run whose folder is no longer its own stops at its next write, and writes nothing into another run's
+    pytest.param(lambda c: at_step_2(c, lambda: (c.out / ".lock").unlink()), 1,
+                 ["is no longer this run's folder", "step 2"],
+                 lambda c, b: logged_steps(c.out) == [1] and no_checkpoint(c, b), id="lock-removed"),
+    pytest.param(lambda c: at_step_2(c, lambda: another_run_takes(c.out)), 1, ["is no longer this run's folder"],
+                 lambda c, b: (c.out / ".lock").read_text() == "train.py (pid 1)" and no_checkpoint(c, b),
+                 id="lock-replaced"),
+    pytest.param(lambda c: at_step_2(c, lambda: folder_replaced(c)), 1, ["is no longer this run's folder"],
+                 lambda c, b: snapshot(c.out) == {".lock": b"train.py (pid 1)", "ckpt.pt": b"another run's"},
+                 id="folder-replaced"),
+    # values the model reads in float32: the data are blamed, and a table's 1e39 (finite in float64) refused
+    pytest.param(lambda c: higgs_sample_with(c, "binary.train", None, "1e38"), 1,
+                 ["non-finite loss", "1e+38", "float32"], no_checkpoint, id="1e38-in-the-training-data"),
+    pytest.param(lambda c: higgs_sample_with(c, "binary.test", 0, "1e39"), 1, ["binary.test row 1", "float32"],
+                 nothing, id="1e39-in-a-test-table"),
+    # a probe that cannot mean anything is refused before pretraining
+    pytest.param(lambda c: ["--val-frac", "0.99"], 2, ["leaves 1 to train the probe"], nothing,
+                 id="val-frac-leaves-one-training-row"),
+    pytest.param(same_images, 1, ["are all the same"], nothing, id="every-input-the-same"),
+    pytest.param(lambda c: tape_json(c, "pfam", lambda p, r: None) + ["--val-frac", "0.001"], 2,
+                 ["leaves", "0 held out"], nothing, id="no-held-out-rows-of-a-label-free-domain"),
+    pytest.param(lambda c: fake_cuda(c) or ["--device", "cuda:5"], 2, ["--device cuda:5", "1 CUDA device"], nothing,
+                 id="device-index-beyond-the-gpus"),
+    # data files that cannot be read: one line that says why, and nothing to delete when nothing is broken
+    pytest.param(lambda c: speech_subset_with_a_name(c, b"0a1b2c3d\xff_nohash_0.wav"), 1, ["not UTF-8"], nothing,
+                 id="wav-name-not-utf8"),
+    pytest.param(speech_lists_not_utf8, 1, ["validation_list.txt", "not UTF-8"], nothing,
+                 id="validation-list-not-utf8"),
+    pytest.param(lambda c: pamap2_dat(c, "folder"), 1, ["subject103.dat is a folder"], nothing, id="pamap2-dat-folder"),
+    pytest.param(lambda c: pamap2_dat(c, "loop"), 1, ["subject103.dat is a symbolic link that loops"], nothing,
+                 id="pamap2-dat-symlink-loop"),
+    pytest.param(lambda c: pamap2_dat(c, "unreadable"), 1, ["subject103.dat cannot be read by this user"], nothing,
+                 id="pamap2-dat-unreadable"),
+    pytest.param(lambda c: pamap2_dat(c, "empty"), 1, ["subject103.dat is empty"], nothing, id="pamap2-dat-empty"),
+    pytest.param(lambda c: tape_json(c, "scop", lambda p, r: damage(p, "folder", c)), 1,
+                 ["remote_homology_train.json is a folder"], nothing, id="tape-json-folder"),
+    pytest.param(lambda c: tape_json(c, "scop", lambda p, r: damage(p, "loop", c)), 1,
+                 ["remote_homology_train.json is a symbolic link that loops"], nothing, id="tape-json-symlink-loop"),
+    pytest.param(lambda c: tape_json(c, "scop", lambda p, r: damage(p, "unreadable", c)), 1,
+                 ["remote_homology_train.json cannot be read by this user"], nothing, id="tape-json-unreadable"),
+    pytest.param(lambda c: tape_json(c, "scop", label("fold_label", 2**70)), 1, ["element 3", "fold_label"], nothing,
+                 id="fold-label-2**70"),
+    pytest.param(lambda c: tape_json(c, "pfam", label("clan", 2**70)), 1, ["element 3", "clan"], nothing,
+                 id="clan-2**70"),
+    pytest.param(lambda c: tape_json(c, "scop", lambda p, r: p.write_text("[" * 100_000 + "]" * 100_000)), 1,
+                 ["element 0 nests"], nothing, id="deeply-nested-json"),
+    pytest.param(lambda c: tape_json(c, "scop", lambda p, r: p.write_text(json.dumps(r) + "]{garbage")), 1,
+                 ["after the JSON array's end"], nothing, id="trailing-garbage-after-a-json-array"),
+    pytest.param(lambda c: deny(c, c.cifar / "cifar-10-batches-py" / "data_batch_2") or [], 1,
+                 ["data_batch_2 cannot be read by this user (permission denied)"], nothing, id="permission-denied"),
+    pytest.param(damaged_shipped_sample, 1, ["0 channels", "restore speech_commands_v0.01_sample/"], nothing,
+                 id="damaged-shipped-sample"),
+    pytest.param(dataset_folder_loop, 1, ["cifar-10-batches-py is a symbolic link that loops"], nothing,
+                 id="dataset-folder-symlink-loop"),
+    # checkpoints that cannot be resumed, each refused in one line that names it; the folder stays as it was
+    pytest.param(crafted(lambda s: s.update(config="cifar10")), 1, ["config is a str"], unchanged,
+                 id="checkpoint-config-a-string"),
+    pytest.param(crafted(lambda s: s["optimizer"]["state"].update({999: s["optimizer"]["state"][0]})), 1,
+                 ["state of parameter 999"], unchanged, id="optimizer-index-beyond-the-parameters"),
+    pytest.param(crafted(lambda s: s["optimizer"]["state"][0].update(exp_avg=3.0)), 1,
+                 ["exp_avg of parameter 0 is a float, not a tensor"], unchanged, id="optimizer-state-not-a-tensor"),
+    pytest.param(crafted(lambda s: s["optimizer"]["state"][0]["exp_avg_sq"].fill_(-1.0)), 1,
+                 ["cannot be resumed", "exp_avg_sq of parameter 0 is negative"], unchanged,
+                 id="optimizer-state-crafted-negative"),
+    pytest.param(crafted(lambda s: s["optimizer"]["param_groups"][0].update(weight_decay=1e30)), 1,
+                 ["cannot be resumed", "weight_decay 1e+30"], unchanged, id="optimizer-settings-crafted"),
+    pytest.param(crafted(lambda s: s.update(step=-5)), 1, ["step -5"], unchanged, id="checkpoint-step-negative"),
+    pytest.param(crafted(lambda s: s.update(step=10)), 1, ["step 10", "3 steps"], unchanged,
+                 id="checkpoint-step-beyond-its-schedule"),
+    pytest.param(lambda c: c.resume("--stop-step", "1"), 1, ["--stop-step 1", "step 1 already"], unchanged,
+                 id="resume-to-the-step-it-is-at"),
+    pytest.param(log_line(b"\xff\xfe"), 1, ["log.jsonl line 4 is not a record"], unchanged, id="log-line-not-utf8"),
+    pytest.param(log_line(b"5"), 1, ["log.jsonl line 4 is not a record"], unchanged, id="log-line-a-bare-number"),
+    pytest.param(stale_part, 0, [], lambda c, b: not list(c.out.glob(".*.part")), id="stale-picture-part-removed"),
+    # the run folder's own files: a folder where a file goes is refused before any work; a full disk is one line
+    pytest.param(a_folder_named("log.jsonl"), 2, ["log.jsonl is a folder"], unchanged, id="log-a-folder"),
+    pytest.param(a_folder_named("ckpt.pt"), 2, ["ckpt.pt is a folder"], unchanged, id="checkpoint-a-folder"),
+    pytest.param(a_folder_named(".lock"), 2, [".lock is a folder"], unchanged, id="lock-a-folder"),
+    pytest.param(lambda c: c.out.mkdir() or (c.out / "log.jsonl").symlink_to("/dev/full") or [], 1,
+                 ["No space left on device", "no checkpoint of this run was written yet"], no_checkpoint,
+                 id="disk-full-while-the-log-is-written"),
+    pytest.param(lambda c: full_disk_for(c, ".png"), 1, ["No space left on device", "ckpt.pt is intact"],
+                 lambda c, b: (c.out / "ckpt.pt").is_file() and not list(c.out.glob(".*.part")),
+                 id="disk-full-while-the-picture-is-written"),
+]
+
+
+@pytest.mark.parametrize("setup,code,words,after", TRAIN_CASES)
+def test_what_no_run_may_do(cifar_dir, stopped_run, tmp_path, monkeypatch, setup, code, words, after):
+    c = Case(tmp_path, tmp_path / "run", tmp_path / "data", cifar_dir, stopped_run, monkeypatch)
+    args = [*base(cifar_dir), "--out-dir", c.out, *setup(c)]
+    before = snapshot(c.out)
+    with warnings.catch_warnings():  # shown as a user's terminal shows them (pytest would hold them back)
+        warnings.simplefilter("default")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", hidden)  # Python's own defaults
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        result = train_cli(*args)
+    if code:
+        assert_clean_error(result, code, *words)
+    else:
+        assert result[0] == 0, result[2]
+    assert after(c, before) is not False

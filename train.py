@@ -6,15 +6,13 @@ Pretrain MetaMAE on a DABS domain, then evaluate the frozen encoder by linear pr
     python train.py --domain cifar10 --preset cpu          # a small model and 3,400 steps: about 20 min on 2 CPU cores
     torchrun --standalone --nproc_per_node=4 train.py --domain cifar10   # several GPUs (DDP)
     python train.py --domain cifar10 --cuda-graph --compile   # one GPU, the whole step as one CUDA graph
-    python train.py --domain cifar10 --resume              # continue the run in --out-dir from its checkpoint
-    python probe.py --domain cifar10 --ckpt runs/cifar10/ckpt.pt   # probe a checkpoint again (or a baseline)
+    python train.py --domain cifar10 --resume              # continue the run in --out-dir with its own options
+    python probe.py --ckpt runs/cifar10/ckpt.pt            # probe a checkpoint again (or a baseline)
     python train.py --help                                 # every knob, with its default
 
-Every knob is a field of `Config` below (those that reading a domain and probing share are probe.Knobs'); the
-model's knobs take their defaults from MetaMAEConfig, so the two cannot disagree. The file reads in the order a
-run goes: the knobs and their checks, the optimizer and one training step, checkpoints, the loop, the end of a run,
-and run() that calls them in that order. Where the run runs (device, DDP, precision, compile, CUDA graph) is set up
-in device.py.
+Every knob is a field of `Config` below (probe.Knobs' those a probe shares); the model's take their defaults from
+MetaMAEConfig. The file reads in the order a run goes: the knobs and their checks, the optimizer and one training
+step, checkpoints, the loop, the end of a run, and run() that calls them so. Where it runs is device.py's.
 """
 
 import contextlib
@@ -147,6 +145,7 @@ def check(cfg):
                              vocab_size=domain.vocab_size, **knobs)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    device.check_fits(mcfg, cfg.device, 16, "to train (weights, gradients and AdamW's two moments, in float32)")
     return cfg, domain, targets, mcfg
 
 # -----------------------------------------------------------------------------
@@ -253,6 +252,7 @@ class Run(NamedTuple):
     dev: device.Device        # where it runs: device, precision, rank and world size under torchrun
     env: dict                 # and what it records of it: torch build, device name, threads, commit (device.describe)
     out_dir: Path
+    lock: object = None       # the open .lock that makes out_dir this run's (rank 0; cli.claim_out_dir)
 
 
 def pretrain(r, d):
@@ -264,10 +264,10 @@ def pretrain(r, d):
     saved_step = step if cfg.resume else None  # the step of the checkpoint on disk that this run can continue
     train = device.prepare(model, opt, cfg, dev, train_step)  # compiled, wrapped, graphed: model is what is saved
     stop, start = min(cfg.stop_step or cfg.max_steps, cfg.max_steps), step
-    log_file = open_log(r, model, len(x), step, stop) if master else None
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev.device)
-    t0, step_at_t0 = time.time(), step
+    log_file, t0, step_at_t0 = None, time.time(), step
     try:
+        log_file = open_log(r, model, len(x), step, stop) if master else None
         while step < stop:
             lr = lr_at(step, cfg)
             idx = torch.randint(len(x), (cfg.batch_size,), generator=data_gen, device=dev.device)
@@ -277,23 +277,20 @@ def pretrain(r, d):
             nonfinite |= ~torch.isfinite(loss)
             step += 1
             last, log_now, ckpt_now = step == stop, step % cfg.log_interval == 0, step % cfg.ckpt_interval == 0
+            eval_now = master and cfg.eval_interval and not step % cfg.eval_interval and not last and domain.num_classes
             if (log_now or last or ckpt_now) and nonfinite.item():
-                raise RunError(f"non-finite loss before step {step}; {nonfinite_cause(x)}; "
-                               f"{checkpoint_status(ckpt_path, saved_step)}")
+                raise RunError(f"non-finite loss before step {step}; {probe.nonfinite_cause(x)}; "
+                               f"{cli.checkpoint_status(ckpt_path, saved_step)}")
+            if master and (log_now or last or ckpt_now or eval_now):  # about to write: is the folder still its own?
+                cli.check_own_folder(out_dir, r.lock, step, cli.checkpoint_status(ckpt_path, saved_step))
             if master and step == start + 10 and dev.device.type == "cpu" and not last:  # what the whole run costs
                 print(cli.cost_hint(cfg.preset, (time.time() - t0) / 10, stop - step, torch.get_num_threads()),
                       flush=True)
             if master and (log_now or last):
-                ms = 1000 * (time.time() - t0) / (step - step_at_t0)
-                rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr,
-                           ms_per_step=ms, samples_per_s=cfg.batch_size * dev.world * 1000 / ms)
-                log_line(rec, f" | {100 * step / stop:.0f}% eta {(stop - step) * ms / 60_000:.1f} min")
-                if step <= start + cfg.log_interval and (note := cli.inert_note(rec)):  # the run's first record
-                    print(note, flush=True)
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
+                log_step(r, log_file, step, stop, (time.time() - t0) / (step - step_at_t0), loss, logs, lr,
+                         first=step <= start + cfg.log_interval)
                 t0, step_at_t0 = time.time(), step
-            if master and cfg.eval_interval and step % cfg.eval_interval == 0 and not last and domain.num_classes:
+            if eval_now:
                 probe_during_training(r, model, d, step, log_file)
                 t0, step_at_t0 = time.time(), step  # the probe's time is not the training's
             if master and (ckpt_now or last):
@@ -303,9 +300,14 @@ def pretrain(r, d):
     except KeyboardInterrupt as e:
         hint = f" ({cli.PRESET_HINT})" if cfg.preset == "paper" and dev.device.type == "cpu" else ""
         raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) at step {step}; "
-                              f"{checkpoint_status(ckpt_path, saved_step)}{hint}") from None
-    if master:
-        log_file.close()
+                              f"{cli.checkpoint_status(ckpt_path, saved_step)}{hint}") from None
+    except OSError as e:  # a full disk while the log or a picture is written (a checkpoint's save says so itself)
+        raise RunError(f"could not write in {out_dir} at step {step} ({data.one_line(e, 160)}): free space there; "
+                       f"{cli.checkpoint_status(ckpt_path, saved_step)}") from None
+    finally:
+        if log_file:  # closed however the loop ended; a write that failed is said above
+            with contextlib.suppress(OSError):
+                log_file.close()
     return model, step
 
 
@@ -314,6 +316,8 @@ def open_log(r, model, n, step, stop):
     path = r.out_dir / "log.jsonl"
     if r.cfg.resume:
         cli.log_until(path, step)
+    if r.cfg.overwrite:  # only now that the data are read and the model built: a typo must not cost the old run
+        (r.out_dir / "ckpt.pt").unlink(missing_ok=True)
     log_file = open(path, "a" if r.cfg.resume else "w")  # a new run's options, or where a resumed one goes on
     first = dict(resumed_at=step) if r.cfg.resume else dict(config=asdict(r.cfg), model_config=asdict(r.mcfg))
     log_file.write(json.dumps(dict(**first, environment=r.env)) + "\n")
@@ -328,17 +332,17 @@ def log_line(rec, suffix=""):
     print(" | ".join(parts) + suffix, flush=True)
 
 
-def nonfinite_cause(x):
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        return ("the training data hold NaN or infinite values: check the dataset files, and delete its caches "
-                "(*.npy beside them) to rebuild them")
-    return "lower --lr or --inner-lr"
-
-
-def checkpoint_status(ckpt_path, saved_step):
-    if saved_step is None:
-        return "no checkpoint of this run was written yet"
-    return f"the checkpoint of step {saved_step} ({ckpt_path}) is intact: --resume continues from it"
+def log_step(r, log_file, step, stop, seconds, loss, logs, lr, first):
+    """A step's line and log.jsonl record (its values read from the device: log steps only); the run's first says
+    whether its inner step does anything measurable."""
+    ms = 1000 * seconds  # per step, since the last record
+    rec = dict(step=step, loss=loss.item(), **{k: v.item() for k, v in logs.items()}, lr=lr, ms_per_step=ms,
+               samples_per_s=r.cfg.batch_size * r.dev.world * 1000 / ms)
+    log_line(rec, f" | {100 * step / stop:.0f}% eta {(stop - step) * ms / 60_000:.1f} min")
+    if first and (note := cli.inert_note(rec)):
+        print(note, flush=True)
+    log_file.write(json.dumps(rec) + "\n")
+    log_file.flush()  # a record a kill cannot take back
 
 
 def diagnose(model, x, to_input, batch, autocast):
@@ -369,6 +373,7 @@ def probe_during_training(r, model, d, step, log_file):
     rec.update(probe_val_acc=res["val_acc"], probe_lr=res["probe_lr"], probe_epoch=res["probe_epoch"])
     log_line(rec)
     log_file.write(json.dumps(rec) + "\n")
+    log_file.flush()
 
 
 # -----------------------------------------------------------------------------
@@ -416,9 +421,8 @@ def summary(r, rec):
 def run(cfg):
     cfg, domain, targets, mcfg = check(cfg)
     dev = device.setup(cfg, distributed=True)
-    out_dir, lock = cli.claim_out_dir(cfg, dev.rank)
-    with lock or contextlib.nullcontext():  # the run folder is this run's until it ends, however it ends
-        r = Run(cfg, domain, targets, mcfg, dev, device.describe(dev), out_dir)
+    with cli.claim_out_dir(cfg, dev.rank) as (out_dir, lock):  # the run folder is this run's until it ends
+        r = Run(cfg, domain, targets, mcfg, dev, device.describe(dev), out_dir, lock)
         try:  # the run's data, then every probe domain's: a missing or broken one stops the run now, not at its end
             datasets = {d.name: probe.load_data(cfg, d, dev.device)
                         for d in [domain, *(t for t in targets if t != domain)]}
@@ -430,12 +434,18 @@ def run(cfg):
         if dev.world > 1:
             device.check_ranks_in_sync(model, dev)
         if dev.rank == 0:
+            kept = (f"the checkpoint {out_dir / 'ckpt.pt'} is intact: probe it with python probe.py --domain "
+                    f"{domain.name} --ckpt {out_dir / 'ckpt.pt'}")
             try:
                 return finish(r, model, datasets, step, t_start)
             except KeyboardInterrupt as e:
                 raise cli.Interrupted(f"interrupted ({str(e) or 'Ctrl-C'}) after step {step}, in the final evaluation; "
-                                      f"the checkpoint {out_dir / 'ckpt.pt'} is intact: probe it with python "
-                                      f"probe.py --domain {domain.name} --ckpt {out_dir / 'ckpt.pt'}") from None
+                                      f"{kept}") from None
+            except OSError as e:  # a full disk while the picture or the last record is written
+                raise RunError(f"could not write in {out_dir} after step {step} ({data.one_line(e, 160)}): free "
+                               f"space there; {kept}") from None
+            except RunError as e:  # a probe that cannot be scored
+                raise RunError(f"{e}; {kept}") from None
 
 
 def main(argv=None):
