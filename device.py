@@ -7,7 +7,9 @@ probe.py and bench.py need setup() alone. Then what a run records of where it ra
 torchrun.
 """
 
+import atexit
 import functools
+import importlib
 import os
 import platform
 import subprocess
@@ -50,7 +52,13 @@ def setup(cfg, distributed=False):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
+        # before the group exists: torch.distributed.nn's functions take group=group.WORLD as a default, evaluated when
+        # it is first imported; imported later (DDP imports torch._dynamo, which imports it), they keep the group
+        # alive for good, destroy_process_group() cannot free it, and gloo's threads outlive the run
+        importlib.import_module("torch.distributed.nn")
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":  # gloo, on every way out, an error's too (NCCL's shutdown may wait on peers left)
+            atexit.register(end_distributed)
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":  # TF32 for what runs in fp32 (the probe, --dtype float32): ~8x the fp32 matmul rate
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -181,6 +189,15 @@ def describe(dev):
 # the end of a run under torchrun
 
 
+def end_distributed():
+    """Frees the process group, which joins gloo's worker threads, while Python is alive, not at its exit: a worker
+    finishing a collective holds its tensors a moment after it returns, and letting go of a tensor Python has seen
+    takes the GIL; a worker that asks for it while the interpreter shuts down is killed inside a C++ destructor
+    ('terminate called without an active exception', SIGABRT)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def check_ranks_in_sync(model, dev):
     """Every rank must hold the same weights at the end: DDP averages gradients, nothing else syncs them."""
     flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
@@ -189,6 +206,6 @@ def check_ranks_in_sync(model, dev):
     max_dev = max((s - flat).abs().max().item() for s in spread)
     if dev.rank == 0:
         print(f"ranks in sync: max parameter difference {max_dev:.3g}")
-    torch.distributed.destroy_process_group()
+    end_distributed()  # the last collective: rank 0's final evaluation runs without the group
     if max_dev > 0:
         raise RunError(f"ranks diverged (max parameter difference {max_dev}); this is a bug, please report it")

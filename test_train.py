@@ -229,6 +229,28 @@ def test_torchrun_two_cpu_ranks_stay_identical(cifar_dir, tmp_path):
 
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists the threads of a Linux process")
+def test_torchrun_teardown_joins_gloo_threads_while_python_runs():
+    # a gloo worker thread lets go of a collective's tensors a moment after the collective returns, and that takes
+    # the GIL: one still doing it when the interpreter shuts down aborts the rank (SIGABRT, 'terminate called
+    # without an active exception'). So the teardown must free the group, which joins the threads, before the exit.
+    # A fresh interpreter (what it imported before init_process_group decides it), one rank, DDP as under torchrun.
+    code = """if True:
+        import os, torch, device, train
+        dev = device.setup(train.Config(device="cpu"), distributed=True)
+        model = torch.nn.Linear(4, 4)
+        torch.nn.parallel.DistributedDataParallel(model)(torch.ones(2, 4)).sum().backward()
+        device.check_ranks_in_sync(model, dev)
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        print("gloo threads left:", sorted(n for n in names if "gloo" in n))
+        """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}  # port 0: any free one (no other rank connects)
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "gloo threads left: []" in p.stdout, p.stdout
+
+
 def test_bf16_autocast_loss_curve_follows_fp32():
     # bf16 changes precision, not the method: its curve must stay close to fp32's, well inside what training moves
     torch.manual_seed(1)
