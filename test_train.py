@@ -286,7 +286,8 @@ def test_training_loop_reads_the_device_only_at_log_and_checkpoint_steps(cifar_d
     assert counts[0] == counts[1] and counts[0], counts
 
 # ----------------------------------------------------------------------------- bad input as a shell meets it
-# every refusal of train.py is a row of the table at the end of this file; this one runs the script itself
+# every refusal of train.py is a row of the table at the end of this file; this one runs the script itself, as the
+# row 'missing-data-without-download' does in this process
 
 
 def test_missing_data_without_download_names_url_file_and_option(tmp_path):
@@ -792,6 +793,11 @@ def fake_cuda(c, count=1):
     c.mp.setattr(torch.cuda, "device_count", lambda: count)
 
 
+def missing_data(c):
+    c.data.mkdir()
+    return ["--data-dir", c.data, "--download", "false"]
+
+
 def offline(c):  # what a machine without a route to the dataset's host meets, whatever machine runs this test
     def urlopen(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -932,6 +938,9 @@ TRAIN_CASES = [  # setup(case) -> train.py's options beyond base() (or those opt
     refused_before_work(["--probe-domains", "cifar10,nope"], "unknown --probe-domains entry 'nope'"),
     refused_before_work(["--domain", "imagenet32", "--probe-domains", "pamap2"], "the model reads one input shape"),
     # data that cannot be had: one line that names the file, the way to get it, and --data-dir; nothing half-written
+    pytest.param(missing_data, 1, ["cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                                   "--data-dir"], lambda c, b: list(c.data.iterdir()) == [],
+                 id="missing-data-without-download"),  # (as python train.py meets it: test_missing_data_without_...)
     pytest.param(offline, 1, ["could not download", "cifar-10-python.tar.gz", "--data-dir"], nothing_but_locks,
                  id="no-internet"),
     pytest.param(archive_of_another_checksum, 1, ["cifar-10-python.tar.gz"],
