@@ -44,6 +44,51 @@ def data_error(fn, *needles):
     return msg
 
 
+class Loading:
+    """What a row of the loaders' tables (test_data.py, test_domains.py) gets: its own folder, pytest's monkeypatch
+    and capsys."""
+
+    def __init__(self, tmp, mp, capsys):
+        self.tmp, self.mp, self.capsys = tmp, mp, capsys
+
+    def load(self, name, folder=None, download=False):
+        """The call a row makes: domain `name`'s loader on folder (the row's own folder if None)."""
+        return lambda: data.get_domain(name).load(self.tmp if folder is None else folder, download=download)
+
+
+def at(*parts):
+    """A word of a row that is a path in the row's own folder."""
+    return lambda c: c.tmp.joinpath(*parts)
+
+
+def const(name):
+    """A word of a row that is data.<name> as the row's setup left it (serve() points constants at the fakes)."""
+    return lambda c: getattr(data, name)
+
+
+def holds(*names, folder=''):
+    """What a row leaves: its folder (or a folder in it) holds these names and no other (as listing() sees it)."""
+    def after(c, msg):
+        assert listing(c.tmp / folder) == sorted(names)
+    return after
+
+
+def assert_refused(c, setup, exception, words, after):
+    """A row of the loaders' tables: setup(c) makes its files and returns the call, which must raise `exception`
+    with a one-line message that holds every word (a word may be a function of c, giving a word or a list);
+    then after(c, message), unless None, checks what is left."""
+    call = setup(c)
+    with pytest.raises(exception) as e:
+        call()
+    msg = str(e.value)
+    assert '\n' not in msg, msg
+    for word in words:
+        word = word(c) if callable(word) else word
+        for n in word if isinstance(word, list) else [word]:
+            assert str(n) in msg, f"{n!r} not in {msg!r}"
+    assert after is None or after(c, msg) is not False
+
+
 def fails(*args, **kwargs):
     raise AssertionError("called although the cache should have been used")
 

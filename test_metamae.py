@@ -253,7 +253,7 @@ def test_inner_step_is_the_gradient_step_by_hand():
     assert step[i].item() == pytest.approx(fd, rel=1e-6)
 
 
-def test_adaptation_works_under_no_grad_and_says_why_not_under_inference_mode():
+def test_adaptation_works_under_no_grad():
     model, make_x = make(inner_lr=3.0)
     model.eval()
     x, noise = make_x(4), torch.rand(4, 12)
@@ -266,8 +266,8 @@ def test_adaptation_works_under_no_grad_and_says_why_not_under_inference_mode():
     assert not without.requires_grad
     assert without.item() == pytest.approx(with_grad.item(), rel=1e-6)
     assert not torch.allclose(rec["adapted"], rec["amortized"])
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
-        model(x, noise)
+    # (under torch.inference_mode it cannot differentiate, and says so: the table's row
+    # 'a-forward-under-inference-mode')
 
 
 def test_shift_is_zero_without_a_step_and_proportional_to_inner_lr():
@@ -509,50 +509,11 @@ def test_mae_configuration_has_no_projector():
     assert mae_keys == {k for k in meta_keys if not k.startswith("projector")}
 
 
-@pytest.mark.parametrize("field,kw", [
-    ("mask_ratio", dict(mask_ratio=0.99)),      # keeps no token of 12
-    ("mask_ratio", dict(mask_ratio=0.0)),       # masks none
-    ("patch_size", dict(patch_size=(3, 4))),    # 3 does not divide 8
-    ("patch_size", dict(patch_size=(4,))),      # wrong length for a 2-D input
-    ("embed_dim", dict(embed_dim=30)),          # not divisible by 4 heads
-    ("decoder_embed_dim", dict(decoder_embed_dim=18)),
-    ("contrast_weight", dict(inner_steps=0)),   # two identical views
-    ("depth", dict(depth=-1)),
-    ("inner_steps", dict(inner_steps=-1)),
-    ("num_heads", dict(num_heads=0)),
-    ("vocab_size", dict(vocab_size=-3)),
-    ("dropout", dict(dropout=1.0)),
-    ("support_ratio", dict(support_ratio=1.5)),
-    ("temperature", dict(temperature=0.0)),
-    ("input_shape", dict(input_shape=(1, 2, 3, 4))),
-    ("patch_size", dict(patch_size=2)),         # an int, not a tuple
-    ("inner_lr", dict(inner_lr=-0.5)),
-    ("inner_lr", dict(inner_lr=float("inf"))),  # finite, or the first step is NaN
-    ("contrast_weight", dict(contrast_weight=float("inf"))),
-    ("mlp_ratio", dict(mlp_ratio=float("inf"))),
-    ("mlp_ratio", dict(mlp_ratio=1e-9)),        # int(width * 1e-9) = 0: an MLP of no unit
-    ("depth", dict(depth=2.0)),                 # a float where an int counts blocks
-    ("inner_steps", dict(inner_steps=1.5)),
-    ("embed_dim", dict(embed_dim=True)),
-    ("first_order", dict(first_order="no")),    # truthy: would silently mean first order
-    ("vocab_size", dict(vocab_size=10)),        # token ids on an image config: vocab_size is the mistake
-    ("learn_inner_lr", dict(learn_inner_lr=True, inner_lr=0.0)),  # learned through its log: it needs a start
-    ("learn_inner_lr", dict(learn_inner_lr=True, inner_steps=0, contrast_weight=0)),
-])
-def test_invalid_config_raises_naming_the_field(field, kw):
-    with pytest.raises(ValueError, match=f"MetaMAEConfig.{field}:"):
-        make(**kw)
+# ----------------------------------------------------------------------------- inputs, as a copier hands them over
+# (what is refused, and how: the table at the end of this file)
 
 
-def test_a_width_that_does_not_fit_says_the_multiple_it_needs():
-    with pytest.raises(ValueError, match=r"embed_dim: must be a positive multiple of 12: of the 6 heads, and of 4"):
-        make(embed_dim=30, num_heads=6)
-
-
-# ----------------------------------------------------------------------------- bad input, as a copier meets it
-
-
-def test_float_inputs_of_any_dtype_are_cast_and_integer_values_refused():
+def test_float_inputs_of_any_dtype_are_cast():
     model, make_x = make("2d")
     model.eval()
     x, noise = make_x(4), torch.rand(4, 12)
@@ -562,24 +523,7 @@ def test_float_inputs_of_any_dtype_are_cast_and_integer_values_refused():
     loss64 = model(x.double(), noise)[0]  # numpy and scikit-learn hand out float64
     assert loss64.dtype == torch.float32 and loss64.item() == pytest.approx(loss32.item(), rel=1e-6)
     assert torch.allclose(model.encode(x.double()), model.encode(x))
-    with pytest.raises(ValueError, match="floating point.*torch.uint8"):
-        model((x * 255).to(torch.uint8))
-    with pytest.raises(ValueError, match="integer ids.*torch.float32"):
-        make("tokens")[0](torch.rand(4, 20))
-
-
-@pytest.mark.parametrize("shape", [(4, 3, 12, 8), (3, 8, 12), (4, 1, 8, 12)])
-def test_wrong_input_shape_names_the_expected_one(shape):
-    model = make("2d")[0]
-    for call in (model, model.encode, model.features):
-        with pytest.raises(ValueError, match=r"expected input of shape \(B, 3, 8, 12\).*got"):
-            call(torch.rand(shape))
-
-
-def test_wrong_noise_shape_names_the_expected_one():
-    model, make_x = make("2d")
-    with pytest.raises(ValueError, match=r"noise must have shape \(B, N\) = \(4, 12\), got \(4, 11\)"):
-        model(make_x(4), torch.rand(4, 11))
+    # (integer values are refused: the table's rows 'integer-values-into-a-float-model' and 'floats-into-a-token-model')
 
 
 def test_numpy_integers_configure_a_model():
@@ -588,27 +532,17 @@ def test_numpy_integers_configure_a_model():
     assert torch.isfinite(loss)
 
 
-def test_a_config_cannot_change_under_a_model():
-    # A model keeps its config; were the config mutable, building an MAE baseline from the same object
-    # (cfg.inner_steps = 0) would silently turn the first model into an MAE too.
+def test_a_variant_is_a_new_model_of_a_replaced_config():
+    # a model keeps its config, which cannot change under it (the table's rows 'a-config-...'); the way to a variant
     cfg = MetaMAEConfig(**{**TINY, **MODALITIES["2d"][0]})
     model = MetaMAE(cfg)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.inner_steps = 0
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        model.cfg.mask_ratio = 0.99
-    with pytest.raises(AttributeError, match="has no setter"):  # nor replaced: its layers were built from it
-        model.cfg = dataclasses.replace(cfg, contrast_weight=0.5)
-    mae = MetaMAE(dataclasses.replace(cfg, inner_steps=0, contrast_weight=0))  # the way to a variant
+    mae = MetaMAE(dataclasses.replace(cfg, inner_steps=0, contrast_weight=0))
     assert model.cfg.inner_steps == 1 and mae.cfg.inner_steps == 0 and "contrast" in model(torch.rand(2, 3, 8, 12))[1]
-    with pytest.raises(ValueError, match="mask_ratio"):  # a variant is checked when made
-        dataclasses.replace(cfg, mask_ratio=0.99)
 
 
-def test_batch_of_one_names_the_contrastive_loss_and_works_in_eval():
+def test_a_batch_of_one_works_in_eval_and_without_the_contrastive_loss():
+    # (in training the contrastive loss needs 2 inputs, and says so: the table's row 'a-training-batch-of-one')
     model, make_x = make("2d")
-    with pytest.raises(ValueError, match="contrastive loss needs at least 2 inputs"):
-        model(make_x(1))
     model.eval()
     loss, logs = model(make_x(1))
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in logs.values())
@@ -616,15 +550,14 @@ def test_batch_of_one_names_the_contrastive_loss_and_works_in_eval():
     assert torch.isfinite(mae(make_x(1))[0])  # without the contrastive loss a batch of 1 trains
 
 
-def test_reconstruct_under_inference_mode_says_why():
+def test_encode_works_under_inference_mode():
+    # (reconstruct cannot, and says so: the table's row 'reconstruct-under-inference-mode')
     model, make_x = make("2d")
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
-        reconstruct(model, make_x(2))
     with torch.inference_mode():
         assert model.encode(make_x(2)).shape == (2, 32)
 
 
-def test_numpy_inputs_work_and_token_ids_outside_the_vocabulary_are_named():
+def test_numpy_inputs_work():
     model, make_x = make("2d")
     x = make_x(4)
     torch.manual_seed(0)
@@ -632,9 +565,6 @@ def test_numpy_inputs_work_and_token_ids_outside_the_vocabulary_are_named():
     torch.manual_seed(0)
     assert model(x.numpy())[0].item() == from_torch.item()  # numpy's float64 too: cast like any float tensor
     assert torch.equal(model.encode(x.double().numpy()), model.encode(x))
-    tokens = make("tokens")[0]
-    with pytest.raises(ValueError, match=r"token ids must be in 0..6 \(cfg.vocab_size = 7\), got 0..7"):
-        tokens(torch.tensor([[0] * 19 + [7]] * 2))
 
 
 def test_features_follow_the_module_s_mode_and_dropout_and_encode_never_drops_out():
@@ -703,15 +633,112 @@ def test_a_config_round_trips_through_json_and_the_docstring_s_save_and_load_lin
     assert loaded.cfg == model.cfg and torch.equal(loaded.encode(scope["x"]), model.encode(scope["x"]))
 
 
-@pytest.mark.parametrize("kind", ["2d", "1d", "tabular"])  # token ids are their own tokens: the encoder reads them
-def test_the_encoder_called_on_raw_inputs_names_features_and_encode(kind):
-    model, make_x = make(kind)
-    with pytest.raises(ValueError, match=r"the encoder reads tokens of shape .*model\.features\(x\).*model\.encode"):
-        model.encoder(make_x(2))
+# ----------------------------------------------------------------------------- the table: what no model may accept
+# Each row is a call that must raise: the exception, and a pattern of its message that says what is wrong.
 
 
-def test_a_batch_without_its_batch_dimension_is_named_as_such_not_as_a_batch_of_one():
-    # (3, 8, 12) inputs: one image without its batch dimension has 3 "rows"
-    one = MetaMAE(MetaMAEConfig(**{**TINY, "input_shape": (1, 8, 12), "patch_size": (2, 4)}))
-    with pytest.raises(ValueError, match=r"expected input of shape \(B, 1, 8, 12\).*got \(1, 8, 12\)"):
-        one(torch.rand(1, 8, 12))  # was blamed on the contrastive loss's batch of 1
+def config(kind="2d", **kw):
+    """Building a model of this config."""
+    return lambda: make(kind, **kw)
+
+
+def invalid(field, **kw):
+    """A config refused as it is made, naming the field that is wrong."""
+    return pytest.param(config(**kw), ValueError, f"MetaMAEConfig.{field}:",
+                        id=", ".join(f"{k}={v}" for k, v in kw.items()))
+
+
+def given(call, kind="2d", **kw):
+    """call(model, make_x) on a model of this config."""
+    def run():
+        return call(*make(kind, **kw))
+    return run
+
+
+def inference(call):
+    """call(model, make_x) under torch.inference_mode."""
+    def run(model, make_x):
+        with torch.inference_mode():
+            return call(model, make_x)
+    return run
+
+
+MODEL_CASES = [  # call; the exception it raises; a pattern of its message
+    # configs that cannot work
+    invalid("mask_ratio", mask_ratio=0.99),      # keeps no token of 12
+    invalid("mask_ratio", mask_ratio=0.0),       # masks none
+    invalid("patch_size", patch_size=(3, 4)),    # 3 does not divide 8
+    invalid("patch_size", patch_size=(4,)),      # wrong length for a 2-D input
+    invalid("embed_dim", embed_dim=30),          # not divisible by 4 heads
+    invalid("decoder_embed_dim", decoder_embed_dim=18),
+    invalid("contrast_weight", inner_steps=0),   # two identical views
+    invalid("depth", depth=-1),
+    invalid("inner_steps", inner_steps=-1),
+    invalid("num_heads", num_heads=0),
+    invalid("vocab_size", vocab_size=-3),
+    invalid("dropout", dropout=1.0),
+    invalid("support_ratio", support_ratio=1.5),
+    invalid("temperature", temperature=0.0),
+    invalid("input_shape", input_shape=(1, 2, 3, 4)),
+    invalid("patch_size", patch_size=2),         # an int, not a tuple
+    invalid("inner_lr", inner_lr=-0.5),
+    invalid("inner_lr", inner_lr=float("inf")),  # finite, or the first step is NaN
+    invalid("contrast_weight", contrast_weight=float("inf")),
+    invalid("mlp_ratio", mlp_ratio=float("inf")),
+    invalid("mlp_ratio", mlp_ratio=1e-9),        # int(width * 1e-9) = 0: an MLP of no unit
+    invalid("depth", depth=2.0),                 # a float where an int counts blocks
+    invalid("inner_steps", inner_steps=1.5),
+    invalid("embed_dim", embed_dim=True),
+    invalid("first_order", first_order="no"),    # truthy: would silently mean first order
+    invalid("vocab_size", vocab_size=10),        # token ids on an image config: vocab_size is the mistake
+    invalid("learn_inner_lr", learn_inner_lr=True, inner_lr=0.0),  # learned through its log: it needs a start
+    invalid("learn_inner_lr", learn_inner_lr=True, inner_steps=0, contrast_weight=0),
+    pytest.param(config(embed_dim=30, num_heads=6), ValueError,
+                 r"embed_dim: must be a positive multiple of 12: of the 6 heads, and of 4", id="width-of-no-multiple"),
+    # a config cannot change under a model: were it mutable, building an MAE baseline from the same object
+    # (cfg.inner_steps = 0) would silently turn the first model into an MAE too
+    pytest.param(lambda: setattr(MetaMAEConfig(**{**TINY, **MODALITIES["2d"][0]}), "inner_steps", 0),
+                 dataclasses.FrozenInstanceError, "inner_steps", id="a-config-changed"),
+    pytest.param(given(lambda model, make_x: setattr(model.cfg, "mask_ratio", 0.99)),
+                 dataclasses.FrozenInstanceError, "mask_ratio", id="a-config-changed-under-its-model"),
+    pytest.param(given(lambda model, make_x: setattr(model, "cfg", dataclasses.replace(model.cfg, contrast_weight=.5))),
+                 AttributeError, "has no setter", id="a-config-replaced-under-its-model"),  # its layers were made of it
+    pytest.param(lambda: dataclasses.replace(make()[0].cfg, mask_ratio=0.99), ValueError, "mask_ratio",
+                 id="a-config-variant-checked-when-made"),
+    # inputs, as a copier hands them over
+    pytest.param(given(lambda model, make_x: model.eval()((make_x(4) * 255).to(torch.uint8))), ValueError,
+                 "floating point.*torch.uint8", id="integer-values-into-a-float-model"),
+    pytest.param(given(lambda model, make_x: model(torch.rand(4, 20)), "tokens"), ValueError,
+                 "integer ids.*torch.float32", id="floats-into-a-token-model"),
+    pytest.param(given(lambda model, make_x: model(torch.tensor([[0] * 19 + [7]] * 2)), "tokens"), ValueError,
+                 r"token ids must be in 0..6 \(cfg.vocab_size = 7\), got 0..7", id="token-ids-outside-the-vocabulary"),
+    *[pytest.param(given(lambda model, make_x, shape=shape, call=call: getattr(model, call)(torch.rand(shape))),
+                   ValueError, r"expected input of shape \(B, 3, 8, 12\).*got",
+                   id=f"{call.strip('_')}-of-shape-{'x'.join(map(str, shape))}")
+      for shape in [(4, 3, 12, 8), (3, 8, 12), (4, 1, 8, 12)] for call in ("__call__", "encode", "features")],
+    # (3, 8, 12) inputs: one image without its batch dimension has 3 "rows" (was blamed on the contrastive loss's
+    # batch of 1)
+    pytest.param(lambda: MetaMAE(MetaMAEConfig(**{**TINY, "input_shape": (1, 8, 12), "patch_size": (2, 4)}))(
+        torch.rand(1, 8, 12)), ValueError, r"expected input of shape \(B, 1, 8, 12\).*got \(1, 8, 12\)",
+        id="a-batch-without-its-batch-dimension"),
+    pytest.param(given(lambda model, make_x: model(make_x(4), torch.rand(4, 11))), ValueError,
+                 r"noise must have shape \(B, N\) = \(4, 12\), got \(4, 11\)", id="noise-of-another-shape"),
+    pytest.param(given(lambda model, make_x: model(make_x(1))), ValueError, "contrastive loss needs at least 2 inputs",
+                 id="a-training-batch-of-one"),
+    # the encoder reads tokens: called on raw inputs it names model.features and model.encode (token ids are their
+    # own tokens: the encoder reads them)
+    *[pytest.param(given(lambda model, make_x: model.encoder(make_x(2)), kind), ValueError,
+                   r"the encoder reads tokens of shape .*model\.features\(x\).*model\.encode",
+                   id=f"the-encoder-on-raw-{kind}-inputs") for kind in ["2d", "1d", "tabular"]],
+    # the inner step differentiates: under torch.inference_mode it cannot, and says so
+    pytest.param(given(inference(lambda model, make_x: model.eval()(make_x(4), torch.rand(4, 12))), inner_lr=3.0),
+                 RuntimeError, "outside torch.inference_mode", id="a-forward-under-inference-mode"),
+    pytest.param(given(inference(lambda model, make_x: reconstruct(model, make_x(2)))), RuntimeError,
+                 "outside torch.inference_mode", id="reconstruct-under-inference-mode"),
+]
+
+
+@pytest.mark.parametrize("call,exception,pattern", MODEL_CASES)
+def test_what_no_model_may_accept(call, exception, pattern):
+    with pytest.raises(exception, match=pattern):
+        call()

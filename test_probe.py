@@ -1,6 +1,7 @@
 """Tests of probe.py: the linear probe's honesty (selection on validation, test scored once), its metric, and
 probe.py on its own: checkpoints, the baselines, transfer, and what it refuses."""
 
+import dataclasses
 import gzip
 import os
 import re
@@ -195,68 +196,6 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_checkpoints_that_cannot_be_probed(cifar_dir, tmp_path):
-    base = ["--domain", "cifar10", "--data-dir", cifar_dir, "--out-dir", tmp_path]
-    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "none.pt"), 1, "no checkpoint")
-    marker = tmp_path / "pwned"  # a crafted checkpoint runs no code: checkpoints are read with weights_only
-    torch.save(dict(model={}, model_config={}, payload=Payload(marker)), tmp_path / "evil.pt")
-    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "evil.pt"), 1, "refused: loading it would run code",
-                       "posix.system")
-    assert not marker.exists()
-    (tmp_path / "broken.pt").write_bytes(b"garbage")
-    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "broken.pt"), 1, "unreadable")
-    train_main(*base, *TINY, "--max-steps", "1", "--eval-interval", "0", "--probe-epochs", "1")
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    state["model_config"]["input_shape"] = [3, 16, 16]  # as if trained on another domain
-    torch.save(state, tmp_path / "other.pt")
-    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "other.pt"), 1, "--domain")
-
-
-@pytest.mark.parametrize("args,needle", [
-    ([], "name what to probe: --ckpt PATH"),
-    (["--baseline", "best"], "--baseline must be 'random' or 'raw'"),
-    (["--baseline", "raw", "--probe-lrs", "0"], "--probe-lrs must be positive finite numbers"),
-    (["--baseline", "raw", "--val-frac", "0"], "--val-frac must be in (0, 1)"),
-    (["--baseline", "raw", "--probe-domains", "google_speech"], "the model reads one input shape"),
-    (["--baseline", "raw", "--eval-only", "raw"], "unrecognized arguments: --eval-only"),
-    (["--baseline", "raw", "--probe-lrs", "1e30"], "--probe-lrs must be positive finite numbers of at most 1"),
-    (["--baseline", "raw", "--probe-weight-decay", "5e3"], "--probe-weight-decay 5000 with --probe-lrs 0.001"),
-    (["--baseline", "raw", "--threads", "100000"], "--threads 100000: this machine has"),  # a segmentation fault
-])
-def test_bad_options_are_refused_before_any_work_with_exit_2(cifar_dir, tmp_path, args, needle):
-    out_dir = tmp_path / "run"
-    assert_clean_error(probe_cli("--domain", "cifar10", "--data-dir", cifar_dir, "--out-dir", out_dir, *args), 2, needle)
-    assert not out_dir.exists()
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_out_dir_is_refused_before_work(cifar_dir, tmp_path):
-    tmp_path.chmod(0o555)
-    try:
-        assert_clean_error(probe_cli("--domain", "cifar10", "--data-dir", cifar_dir, "--baseline", "raw",
-                                     "--out-dir", tmp_path / "run"), 2, "not a writable folder")
-    finally:
-        tmp_path.chmod(0o755)
-
-
-@pytest.mark.parametrize("field,value", [("embed_dim", 33), ("depth", "one"), ("mlp_ratio", float("inf")),
-                                         ("mask_ratio", 0.999)])
-def test_a_checkpoint_with_an_invalid_model_config_is_one_line(cifar_dir, tmp_path, field, value):
-    base = ["--domain", "cifar10", "--data-dir", cifar_dir, "--out-dir", tmp_path]
-    train_main(*base, *TINY, "--max-steps", "1", "--eval-interval", "0", "--probe-epochs", "1")
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    state["model_config"][field] = value
-    torch.save(state, tmp_path / "bad.pt")
-    assert_clean_error(probe_cli(*base, "--ckpt", tmp_path / "bad.pt"), 1, "unreadable or not a checkpoint",
-                       f"MetaMAEConfig.{field}")
-
-
-def test_a_domain_with_no_training_inputs_is_one_line(tmp_path):
-    make_cifar(tmp_path / "cifar-10-batches-py", rows_per_file=0)
-    assert_clean_error(probe_cli("--domain", "cifar10", "--data-dir", tmp_path, "--baseline", "raw", "--out-dir",
-                                 tmp_path / "r"), 1, "has 0 training and 0 test inputs")
-
-
 def test_the_real_entry_point_exits_2_with_one_line(cifar_dir, tmp_path):
     assert_clean_error(run_cli("probe.py", "--domain", "cifar10", "--data-dir", cifar_dir, "--baseline", "best"), 2,
                        "--baseline must be 'random' or 'raw'")
@@ -322,38 +261,128 @@ def no_folder(name):
     return after
 
 
+def damaged(trained, tmp_path, change):
+    """The checkpoint with change(state) made to it."""
+    state = torch.load(trained, weights_only=True)
+    change(state)
+    torch.save(state, tmp_path / "damaged.pt")
+    return ["--ckpt", tmp_path / "damaged.pt"]
+
+
+def garbage_checkpoint(tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"garbage")
+    return ["--ckpt", tmp_path / "broken.pt"]
+
+
+def no_inputs(tmp_path):
+    make_cifar(tmp_path / "empty" / "cifar-10-batches-py", rows_per_file=0)
+    return ["--data-dir", tmp_path / "empty", "--baseline", "raw"]
+
+
+def read_only_parent(tmp_path):
+    tmp_path.chmod(0o555)
+    return ["--baseline", "raw", "--out-dir", tmp_path / "run"]
+
+
+def loaded(monkeypatch, name, splits):
+    """The raw baseline of a domain whose loader hands over splits, as a stale or broken cache would."""
+    monkeypatch.setitem(data.DOMAINS, name, dataclasses.replace(data.DOMAINS[name], load=lambda *args: splits))
+    return ["--domain", name, "--baseline", "raw"]
+
+
+def label_free_alone(tmp_path, monkeypatch):
+    write_fake("librispeech", tmp_path / "data", monkeypatch)
+    return ["--domain", "librispeech", "--baseline", "random", "--probe-domains", "none", "--data-dir",
+            tmp_path / "data"]
+
+
 def cuda_beside(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     return ["--baseline", "raw", "--device", "cuda:5"]
 
 
-PROBE_CASES = [  # setup(tmp_path, monkeypatch, trained) -> probe.py's options; exit code; words; after(tmp_path)
+def refused_before_work(args, words, id=None):
+    """An option that cannot work: exit 2 before any work, no folder made."""
+    return pytest.param(args, 2, [words], no_folder("run"), id=id or " ".join(args))
+
+
+PROBE_CASES = [  # setup(tmp_path, monkeypatch, trained) -> probe.py's options (or those options); exit code; words;
+    # after(tmp_path)
+    # options that cannot work, refused before any work
+    refused_before_work([], "name what to probe: --ckpt PATH", id="nothing-named"),
+    refused_before_work(["--baseline", "best"], "--baseline must be 'random' or 'raw'"),
+    refused_before_work(["--baseline", "raw", "--probe-lrs", "0"], "--probe-lrs must be positive finite numbers"),
+    refused_before_work(["--baseline", "raw", "--val-frac", "0"], "--val-frac must be in (0, 1)"),
+    refused_before_work(["--baseline", "raw", "--probe-domains", "google_speech"], "the model reads one input shape"),
+    refused_before_work(["--baseline", "raw", "--eval-only", "raw"], "unrecognized arguments: --eval-only"),
+    refused_before_work(["--baseline", "raw", "--probe-lrs", "1e30"],
+                        "--probe-lrs must be positive finite numbers of at most 1"),
+    refused_before_work(["--baseline", "raw", "--probe-weight-decay", "5e3"],
+                        "--probe-weight-decay 5000 with --probe-lrs 0.001"),
+    refused_before_work(["--baseline", "raw", "--threads", "100000"],
+                        "--threads 100000: this machine has"),  # was a segmentation fault
+    pytest.param(lambda t, mp, ck: label_free_alone(t, mp), 2, ["has no labels to probe"], no_folder("run"),
+                 id="a-label-free-domain-alone"),
+    pytest.param(lambda t, mp, ck: cuda_beside(mp), 2, ["--device cuda:5", "1 CUDA device"], lambda t: None,
+                 id="device-index-beyond-the-gpus"),
+    pytest.param(lambda t, mp, ck: read_only_parent(t), 2, ["not a writable folder"], lambda t: t.chmod(0o755),
+                 id="out-dir-in-a-read-only-folder",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")),
+    # checkpoints that cannot be probed: a crafted one runs no code (checkpoints are read with weights_only)
+    pytest.param(lambda t, mp, ck: ["--ckpt", t / "none.pt"], 1, ["no checkpoint"], lambda t: None,
+                 id="checkpoint-missing"),
     pytest.param(lambda t, mp, ck: ["--ckpt", t / "missing" / "ckpt.pt"], 1, ["no checkpoint at"],
                  no_folder("missing"), id="checkpoint-in-a-missing-folder"),
     pytest.param(lambda t, mp, ck: ["--baseline", "raw", "--ckpt", t / "missing" / "ckpt.pt"], 1, ["no checkpoint at"],
                  no_folder("missing"), id="raw-baseline-beside-a-missing-checkpoint"),
+    pytest.param(lambda t, mp, ck: evil(t), 1, ["refused: loading it would run code", "posix.system"],
+                 lambda t: not (t / "pwned").exists(), id="checkpoint-that-would-run-code"),
+    pytest.param(lambda t, mp, ck: garbage_checkpoint(t), 1, ["unreadable"], lambda t: None, id="checkpoint-garbage"),
+    pytest.param(lambda t, mp, ck: with_config(ck, t, input_shape=[3, 16, 16]), 1, ["--domain"], lambda t: None,
+                 id="checkpoint-of-another-domain"),
+    pytest.param(lambda t, mp, ck: with_config(ck, t, patch_size=[8, 8]), 1, ["patch_size (8, 8)", "(4, 4)"],
+                 lambda t: None, id="checkpoint-of-other-patches"),
+    *[pytest.param(lambda t, mp, ck, change=change: with_config(ck, t, **change), 1,
+                   ["unreadable or not a checkpoint", f"MetaMAEConfig.{field}"], lambda t: None,
+                   id=f"checkpoint-config-{field}-{value}")
+      for field, value in [("embed_dim", 33), ("depth", "one"), ("mlp_ratio", float("inf")), ("mask_ratio", 0.999)]
+      for change in [{field: value}]],
+    pytest.param(lambda t, mp, ck: damaged(ck, t, lambda s: s.pop("model")), 1, ["does not hold this model's weights"],
+                 lambda t: None, id="checkpoint-without-weights"),
+    pytest.param(lambda t, mp, ck: damaged(ck, t, lambda s: s["model"].pop("encoder.norm.weight")), 1,
+                 ["encoder.norm.weight"], lambda t: None, id="checkpoint-missing-a-weight"),
+    pytest.param(lambda t, mp, ck: damaged(ck, t, lambda s: s["model"].update({"encoder.norm.weight": torch.ones(3)})),
+                 1, ["encoder.norm.weight"], lambda t: None, id="checkpoint-weight-of-another-shape"),
+    pytest.param(lambda t, mp, ck: damaged(ck, t, lambda s: s["model"]["encoder.norm.bias"].fill_(float("nan"))), 1,
+                 ["non-finite weights (encoder.norm.bias)"], lambda t: None, id="checkpoint-weight-nan"),
+    # data that cannot be probed: nothing written, no folder made
     pytest.param(lambda t, mp, ck: ["--baseline", "raw", "--out-dir", t / "new" / "run", "--data-dir", t / "typo",
                                     "--download", "false"], 1, ["cifar-10-python.tar.gz"], no_folder("new"),
                  id="data-error-leaves-no-folder"),
+    pytest.param(lambda t, mp, ck: no_inputs(t), 1, ["has 0 training and 0 test inputs"], no_folder("run"),
+                 id="no-training-inputs"),
+    pytest.param(lambda t, mp, ck: higgs_with_nan_in_a_test_row(t, mp), 1, ["test inputs are not finite"],
+                 lambda t: not (t / "run" / "eval.jsonl").exists(), id="nan-in-a-test-row"),
+    pytest.param(lambda t, mp, ck: loaded(mp, "cifar10", data.Splits(
+        torch.zeros(20, 3, 32, 32, dtype=torch.uint8), torch.tensor([0] * 19 + [10]),
+        torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))), 1,
+        ["a train label is 10, but it has 10 classes"], no_folder("run"), id="a-label-outside-the-classes"),
+    pytest.param(lambda t, mp, ck: loaded(mp, "genomics", data.Splits(
+        torch.full((20, 250), 7, dtype=torch.uint8), torch.zeros(20, dtype=torch.long),
+        torch.zeros(1, 250, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))), 1,
+        ["a train token id is 7, but the vocabulary has 4"], no_folder("run"), id="a-token-id-outside-the-vocabulary"),
+    # the record: a folder where it goes is refused before any work; a full disk is one line
     pytest.param(lambda t, mp, ck: eval_log(t, "folder"), 2, ["eval.jsonl is a folder"],
                  lambda t: (t / "run" / "eval.jsonl").is_dir(), id="eval-log-a-folder"),
     pytest.param(lambda t, mp, ck: eval_log(t, "full"), 1, ["could not write", "No space left on device"],
                  lambda t: None, id="disk-full-while-eval-log-is-written"),
-    pytest.param(lambda t, mp, ck: with_config(ck, t, patch_size=[8, 8]), 1, ["patch_size (8, 8)", "(4, 4)"],
-                 lambda t: None, id="checkpoint-of-other-patches"),
-    pytest.param(lambda t, mp, ck: evil(t), 1, ["refused", "would run code"],
-                 lambda t: not (t / "pwned").exists(), id="checkpoint-that-would-run-code"),
-    pytest.param(lambda t, mp, ck: higgs_with_nan_in_a_test_row(t, mp), 1, ["test inputs are not finite"],
-                 lambda t: not (t / "run" / "eval.jsonl").exists(), id="nan-in-a-test-row"),
-    pytest.param(lambda t, mp, ck: cuda_beside(mp), 2, ["--device cuda:5", "1 CUDA device"], lambda t: None,
-                 id="device-index-beyond-the-gpus"),
 ]
 
 
 @pytest.mark.parametrize("setup,code,words,after", PROBE_CASES)
 def test_what_no_probe_may_do(cifar_dir, trained, tmp_path, monkeypatch, setup, code, words, after):
-    args = [str(a) for a in setup(tmp_path, monkeypatch, trained)]
+    args = [str(a) for a in (setup(tmp_path, monkeypatch, trained) if callable(setup) else setup)]
     if "--ckpt" not in args and "--out-dir" not in args:  # else the results go beside the checkpoint, or runs/cifar10
         args += ["--out-dir", tmp_path / "run"]
     args = ["--domain", "cifar10", "--data-dir", cifar_dir, "--probe-epochs", "1", *args]
@@ -361,12 +390,22 @@ def test_what_no_probe_may_do(cifar_dir, trained, tmp_path, monkeypatch, setup, 
     assert after(tmp_path) is not False
 
 
-@pytest.mark.parametrize("test_features,lr,needle", [
-    (lambda x: torch.full((len(x), 3072), float("nan")), "1e-3", "features of its test inputs are not finite"),
-    (lambda x: x.flatten(1).float(), "1e30", "the linear probe diverged at --probe-lrs 1e+30"),  # a NaN head
+def raw(x):
+    return x.flatten(1).float()
+
+
+def nan_features(x):
+    return torch.full((len(x), 4), float("nan"))
+
+
+@pytest.mark.parametrize("train_features,test_features,lr,needle", [
+    (nan_features, raw, "1e-3", "features of its training inputs are not finite"),
+    (raw, nan_features, "1e-3", "features of its test inputs are not finite"),
+    (raw, raw, "1e30", "the linear probe diverged at --probe-lrs 1e+30"),  # a NaN head (probe.py refuses the lr)
 ])
-def test_no_accuracy_from_non_finite_values(cifar_dir, test_features, lr, needle):
+def test_no_accuracy_from_non_finite_values(cifar_dir, train_features, test_features, lr, needle):
+    # what the encoder hands the probe, and a learning rate the command line cannot give: refused, not reported
     d = probe.load_data(parse(["--data-dir", cifar_dir]), data.DOMAINS["cifar10"], torch.device("cpu"))
-    featurize = lambda x: test_features(x) if len(x) == len(d.splits.test_x) else x.flatten(1).float()  # noqa: E731
+    featurize = lambda x: (test_features if len(x) == len(d.splits.test_x) else train_features)(x)  # noqa: E731
     with pytest.raises(cli.RunError, match=re.escape(needle)):
         probe.probe(featurize, d, data.DOMAINS["cifar10"], parse(["--probe-lrs", lr, "--probe-epochs", "2"]), True)
