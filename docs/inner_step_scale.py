@@ -59,6 +59,7 @@ def measure(path):
     model = MetaMAE(mcfg)
     cli.load_weights(model, state, Path(path))
     model.eval()
+    lr = model.log_inner_lr.exp()[0].item() if mcfg.learn_inner_lr else mcfg.inner_lr  # a learned one: where it ended
     domain = data.DOMAINS[cfg.domain]
     d = probe.load_data(cfg, domain, torch.device("cpu"))
     x = domain.to_input(d.splits.train_x[d.val_idx][:256])
@@ -74,10 +75,10 @@ def measure(path):
     rho = total.norm(dim=1) / sq.sum(1).sqrt()  # (B,)
     g_rms = (sq.sum(1) / n_s).sqrt()  # (B,)
     step = len(x) / s.sum() * total.norm(dim=1)  # (B,): ||Z* - Z|| / inner_lr
-    shift = (cfg.inner_lr * step / z.flatten(1).norm(dim=1)).mean()  # measured, as forward's 'shift'
+    shift = (lr * step / z.flatten(1).norm(dim=1)).mean()  # measured, as forward's 'shift'
     n, D = mcfg.num_visible, mcfg.embed_dim
     gamma = model.encoder.norm.weight.pow(2).mean().sqrt()
-    predicted = (cfg.inner_lr * rho * g_rms / (n_s.sqrt() * gamma * ((1 + n) * D) ** 0.5)).mean()
+    predicted = (lr * rho * g_rms / (n_s.sqrt() * gamma * ((1 + n) * D) ** 0.5)).mean()
     support_loss = recon_loss(model.decode(z, task.ids_restore), task.target, s).item()
     # what the step does to the query loss: to first order, -inner_lr * <grad_Z L_query, grad_Z (B L_support)>
     zq = z.detach().requires_grad_()
@@ -86,14 +87,14 @@ def measure(path):
     grad_s = (len(x) / s.sum() * g.sum(1))  # (B, 1+n, D): grad_Z (B L_support)
     cos = F.cosine_similarity(grad_q.flatten(), grad_s.flatten(), dim=0)
     with torch.no_grad():
-        adapted = recon_loss(model.decode(z - cfg.inner_lr * grad_s, task.ids_restore), task.target, task.mask)
+        adapted = recon_loss(model.decode(z - lr * grad_s, task.ids_restore), task.target, task.mask)
     at = (at_pred.pow(2) * s).sum().div(s.sum()).sqrt()  # RMS loss gradient at the prediction, support tokens
-    return dict(run=f"{cfg.domain} D{D} m{mcfg.mask_ratio}", n=n, n_s=n_s.mean().item(), D=D,
+    return dict(run=f"{cfg.domain} D{D} m{mcfg.mask_ratio}", inner_lr=lr, n=n, n_s=n_s.mean().item(), D=D,
                 z_norm=(z.flatten(1).norm(dim=1) / ((1 + n) * D) ** 0.5).mean().item(), gamma=gamma.item(),
                 support_loss=support_loss, at_pred=at.item(), gain=(g_rms.mean() / at).item(),
                 g=g_rms.mean().item(), rho=rho.mean().item(), predicted=predicted.item(), shift=shift.item(),
-                lr_for_1pct=(cfg.inner_lr * 0.01 / shift).item(), cos_query=cos.item(),
-                gap_first_order=(cfg.inner_lr * (grad_q * grad_s).sum() / query).item(),
+                lr_for_1pct=(lr * 0.01 / shift).item(), cos_query=cos.item(),
+                gap_first_order=(lr * (grad_q * grad_s).sum() / query).item(),
                 gap=((query - adapted) / query).item())
 
 
