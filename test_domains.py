@@ -1412,14 +1412,22 @@ def in_subset(split, i):
     return lambda c: c.tmp / 'speech_commands_v0.02_subset' / c.expected[split][i]
 
 
-def hapt(*changes):
-    """The fake HAPT sample as each change(its folder) leaves it."""
-    def setup(c):
-        write_fake_hapt(c.tmp)
-        for change in changes:
-            change(c.tmp / 'hapt_sample')
-        return c.load('hapt_sample')
-    return setup
+def fake_sample(domain, write, folder):
+    """sample(*changes): a case's setup that writes the fake sample of a domain, changes its folder with each
+    change(folder) and loads it."""
+    def sample(*changes):
+        def setup(c):
+            write(c.tmp)
+            for change in changes:
+                change(c.tmp / folder)
+            return c.load(domain)
+        return setup
+    return sample
+
+
+hapt = fake_sample('hapt_sample', write_fake_hapt, 'hapt_sample')
+higgs_sample = fake_sample('higgs_sample', write_fake_higgs_sample, 'higgs_lightgbm')
+splice = fake_sample('splice', write_fake_splice, 'splice')
 
 
 def lines(name, *changes):
@@ -1441,24 +1449,6 @@ def removed(*names):
 
 
 ACC, GYRO, LABELS = 'RawData/acc_exp03_user02.txt', 'RawData/gyro_exp03_user02.txt', 'RawData/labels.txt'
-
-
-def higgs_sample(*changes):
-    def setup(c):
-        write_fake_higgs_sample(c.tmp)
-        for change in changes:
-            change(c.tmp / 'higgs_lightgbm')
-        return c.load('higgs_sample')
-    return setup
-
-
-def splice(*changes):
-    def setup(c):
-        write_fake_splice(c.tmp)
-        for change in changes:
-            change(c.tmp / 'splice')
-        return c.load('splice')
-    return setup
 
 
 def failed_download(name, case):
