@@ -62,7 +62,9 @@ def bench(cfg):
         batch = lambda: torch.randint(mcfg.vocab_size, (B, *mcfg.input_shape), device=on)  # noqa: E731
     else:
         batch = lambda: torch.rand(B, *mcfg.input_shape, device=on)  # noqa: E731
-    variants = {"MAE": dict(inner_steps=0, contrast_weight=0.0), "MetaMAE 1st-order": dict(first_order=True),
+    # MAE has no step, so none to learn: it drops --learn-inner-lr (the MetaMAE variants keep it)
+    variants = {"MAE": dict(inner_steps=0, contrast_weight=0.0, learn_inner_lr=False),
+                "MetaMAE 1st-order": dict(first_order=True),
                 "MetaMAE 2nd-order": dict(first_order=False, inner_steps=max(1, mcfg.inner_steps))}
     runs = {}
     for name, change in variants.items():

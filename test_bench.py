@@ -61,3 +61,17 @@ def test_bench_help_lists_what_shapes_a_step_and_it_says_where_it_is():
     code, out, _ = run_in_process(bench.main, *TINY, "--bench-steps", "1", "--bench-repeats", "2")
     assert code == 0 and ["warming up", "repeat 1 of 2", "repeat 2 of 2"] == [
         line[len("bench: "):-len(" ...")] for line in out.splitlines() if line.endswith(" ...")]
+
+
+def test_bench_times_a_learned_step_size_against_plain_mae(monkeypatch):
+    """--learn-inner-lr: both MetaMAE variants learn their step size, MAE has none to learn (it has no step)."""
+    seen = []
+
+    def recording(model, opt, x, cfg, autocast):
+        seen.append((model.cfg.inner_steps, model.cfg.learn_inner_lr, hasattr(model, "log_inner_lr")))
+        return step(model, opt, x, cfg, autocast)
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", recording)
+    res = bench.bench(parse([*TINY, "--learn-inner-lr", "--bench-steps", "1", "--bench-repeats", "1"]))
+    assert list(res) == ["MAE", "MetaMAE 1st-order", "MetaMAE 2nd-order"]
+    assert sorted(set(seen)) == [(0, False, False), (1, True, True)] and all(r["ms_per_step"] > 0 for r in res.values())
