@@ -171,7 +171,7 @@ def panel(x_max, title, lines, dots, scale, legend):
     x = lambda step: LEFT + w * step / x_max  # noqa: E731
     y = lambda v: TOP + h * (y1 - f(scale * v)) / (y1 - y0)  # noqa: E731
     keys = sorted({*lines, *dots}, key=[*lines, *dots].index)
-    names = "".join(f'<tspan fill="{COLOURS[i]}" dx="8">{escape(k)}</tspan>' for i, k in enumerate(keys))
+    names = " ".join(f'<tspan fill="{COLOURS[i]}">{escape(k)}</tspan>' for i, k in enumerate(keys))
     out = [f'<text x="10" y="16" font-weight="bold">{escape(title)}</text>',
            f'<text x="{LEFT + w}" y="16" text-anchor="end">{names if legend else ""}</text>',
            f'<rect x="{LEFT}" y="{TOP}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
