@@ -135,16 +135,17 @@ def one_line(e: BaseException, limit: int = None) -> str:
     return text if limit is None or len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-def file_error(path: Path, e: OSError, fix: str):
-    """A DataError in the words of what the system said about `path`, or None for another OSError (the caller
-    says that one). Permission is permission: nothing is broken, so `fix` (delete, download again) is not said."""
+def file_error(path: Path, e: OSError, fix: str) -> DataError:
+    """A DataError in the words of what the system said about `path` (missing, no permission, a loop, a folder;
+    any other OSError in its own words). Permission is permission: nothing is broken, so `fix` (delete, download
+    again) is not said."""
     said = {errno.ENOENT: f"is missing: {fix}",
             errno.EACCES: "cannot be read by this user (permission denied): give it read access (chmod a+r), or run "
                           "as its owner; nothing needs deleting",
             errno.ELOOP: f"is a symbolic link that loops (it leads back to itself): point it at the file, or {fix}",
             errno.EISDIR: f"is a folder, where a file is expected: {fix}"}
     said[errno.EPERM] = said[errno.EACCES]
-    return DataError(f"{path} {said[e.errno]}") if e.errno in said else None
+    return DataError(f"{path} {said[e.errno]}" if e.errno in said else f"{path} is unreadable ({one_line(e)}): {fix}")
 
 
 def utf8_names(files: list, fix: str) -> list:
@@ -254,7 +255,7 @@ def read_image_batch(path: Path, num_classes: int, first_label: int = 0):
             # encoding='bytes': CIFAR-10 was pickled by Python 2, whose str is bytes
             d = _NumpyOnlyUnpickler(f, encoding='bytes').load()
     except OSError as e:  # missing, a folder, a loop, no permission: said as such
-        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
+        raise file_error(path, e, fix) from None
     except Exception as e:  # UnpicklingError, EOFError (truncated), ValueError, ...: a broken file
         raise DataError(f"{path} is corrupt or truncated ({one_line(e)}): {fix}") from e
     # CIFAR-10 has bytes keys (Python 2); the ImageNet32 pickles have str keys (Python 3)
@@ -355,7 +356,7 @@ def read_wav(path: Path, sample_rate: int, fix: str = "delete it and download th
     except EOFError:  # the wave module's word for a file that ends inside its header, or is empty
         raise DataError(f"{path} is empty or cut short inside its header ({path.stat().st_size} bytes): {fix}") from None
     except OSError as e:
-        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
+        raise file_error(path, e, fix) from None
     if width != 2:
         raise DataError(f"{path} has {8 * width}-bit samples, expected 16-bit PCM: {fix}")
     if rate != sample_rate:  # the dataset's clips all have one rate; a file with another was not among them
@@ -487,8 +488,7 @@ def speech_commands_splits(root: Path, cache: Path = None, fix: str = None) -> S
         except UnicodeDecodeError as e:
             raise DataError(f"{root / name} is not UTF-8 text (byte {e.start}): it is damaged; {refetch}") from None
         except OSError as e:
-            raise file_error(root / name, e, f"it comes with the dataset; {refetch}") or DataError(
-                f"{root / name} is unreadable ({one_line(e)}): it comes with the dataset; {refetch}") from None
+            raise file_error(root / name, e, f"it comes with the dataset; {refetch}") from None
     for f in files:
         if f.split('/')[0].lower() not in GOOGLE_SPEECH_WORDS:
             raise DataError(f"{root / f}: unknown word {f.split('/')[0]!r}; expected one of the 35 Speech Commands "
@@ -732,7 +732,7 @@ def read_pamap2(path: Path):
             pass
         a = quiet_loadtxt(path, dtype=np.float64, ndmin=2)
     except OSError as e:
-        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
+        raise file_error(path, e, fix) from None
     except ValueError as e:  # a row with another number of columns, or a value that is no number
         raise DataError(f"{path} is not a PAMAP2 .dat file ({one_line(e)}): {fix}") from None
     if not a.size:
@@ -912,7 +912,7 @@ def iter_json_array(path: Path, chunk_chars: int = 1 << 22):
         yield from _json_elements(path, chunk_chars, decoder, fix)
     except OSError as e:  # missing (an archive whose folder had another name), a folder, a loop, no permission
         fix = f"delete {path.parent} and download the dataset again"
-        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
+        raise file_error(path, e, fix) from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}): {fix}") from None
 
@@ -1285,7 +1285,7 @@ def read_table(path: Path, columns: int, dtype, fix: str, what: str, delimiter: 
     try:
         text = path.read_text(encoding='ascii')
     except OSError as e:
-        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
+        raise file_error(path, e, fix) from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     if not text.strip():  # np.loadtxt would only warn
@@ -1601,7 +1601,7 @@ def read_splice(path: Path, fix: str):
     try:
         lines = path.read_text(encoding='ascii').splitlines()
     except OSError as e:
-        raise file_error(path, e, fix) or DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
+        raise file_error(path, e, fix) from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is unreadable ({one_line(e)}): {fix}") from None
     seqs, labels = [], []

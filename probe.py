@@ -342,7 +342,7 @@ def check(cfg):
 
 def run(cfg):
     domain, targets = check(cfg)
-    if cfg.ckpt and not Path(cfg.ckpt).is_file():  # before a folder is made beside it
+    if cfg.ckpt and not Path(cfg.ckpt).is_file():  # now, not after the data are read
         raise RunError(f"no checkpoint at {cfg.ckpt}; train first, or pass the --ckpt of an existing run")
     with cli.made_folder(cfg.out_dir or (Path(cfg.ckpt).parent if cfg.ckpt else f"runs/{cfg.domain}")) as out_dir:
         cli.refuse_folders(out_dir, ["eval.jsonl"])
